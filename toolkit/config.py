@@ -1,0 +1,345 @@
+"""Layered, strict configuration.
+
+Layers, later wins:
+
+    DEFAULTS (below)  <  the recipe's `config`  <  each `--config file.yaml`  <  `key.sub=value`
+
+The first two layers define every valid key and its type; the recipe may add keys of its own
+(e.g. `data.root`). The later layers may only set keys that exist, with values of the key's type.
+All problems are collected and raised together as one `ConfigError`, one line per problem.
+
+YAML follows the 1.2 core schema, so `1e-4` is a float, `yes`/`on` stay text and `12:30` is not
+a number. The same rules read `--config` files, command-line values and the saved `config.yaml`.
+"""
+
+import difflib
+import re
+from collections.abc import Mapping
+
+import yaml
+
+from toolkit import UserError
+
+DEFAULTS = {
+    "seed": 0,                   # seeds python/numpy/torch; each rank draws augmentation from seed + rank
+    "epochs": 10,                # passes over the training split
+    "batch_size": 64,            # per process; the global batch is batch_size x number of processes
+    "eval_batch_size": 256,      # per process, for val/test (no gradients, so larger is cheaper)
+    "num_workers": 0,            # DataLoader workers; 0 is fastest for in-memory datasets
+    "optim": {
+        "name": "adamw",         # adamw | adam | sgd
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "momentum": 0.9,         # sgd only
+    },
+    "precision": None,           # no | bf16 | fp16; null: what `accelerate launch`/`accelerate config` set (no)
+    "log_every": 50,             # optimizer steps between train-metric reads (the only host syncs)
+    "trackers": ["tensorboard"], # besides metrics.jsonl, which is always written; [] for none
+    "output_dir": "runs",        # runs go to <output_dir>/<recipe>/<YYYYmmdd-HHMMSS>[-<name>]
+    "name": "",                  # optional suffix of the run folder name
+}
+
+CHOICES = {  # key -> allowed values (for a list: allowed elements)
+    "optim.name": ("adamw", "adam", "sgd"),
+    "precision": ("no", "bf16", "fp16"),
+    "trackers": ("tensorboard",),
+}
+MINIMUMS = {  # key -> smallest valid value
+    "epochs": 0, "batch_size": 1, "eval_batch_size": 1, "num_workers": 0, "log_every": 1,
+    "optim.lr": 0.0, "optim.weight_decay": 0.0,
+}
+
+
+class ConfigError(UserError):
+    """One or more configuration problems, reported together."""
+
+    def __init__(self, problems):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML 1.2 core schema on top of PyYAML (which implements YAML 1.1).
+
+_YAML12 = [
+    ("tag:yaml.org,2002:null", r"^(?:~|null|Null|NULL|)$", "~nN"),
+    ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("tag:yaml.org,2002:int", r"^(?:[-+]?[0-9]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+    ("tag:yaml.org,2002:float",
+     r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+     r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$", "-+.0123456789"),
+]
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes any text that either YAML 1.1 or 1.2 would read as something else."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
+_Loader.yaml_implicit_resolvers = {}
+for _tag, _pattern, _first in _YAML12:
+    _Loader.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
+    _Dumper.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
+_Loader.add_constructor("tag:yaml.org,2002:int",
+                        lambda loader, node: int(node.value, 16 if "x" in node.value else 10))
+_Loader.add_constructor("tag:yaml.org,2002:float",
+                        lambda loader, node: float(node.value.lower().replace(".inf", "inf").replace(".nan", "nan")))
+
+
+def yaml_load(text, source):
+    """Parse YAML text with the 1.2 rules; errors name `source` and the position."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        where = ""
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError([f"{source}: invalid YAML{where}: {problem}"]) from None
+
+
+_Dumper.add_representer(list, lambda dumper, value: dumper.represent_sequence(
+    "tag:yaml.org,2002:seq", value, flow_style=True))  # lists on one line: [a, b]
+
+
+def yaml_dump(values):
+    return yaml.dump(values, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The frozen result.
+
+class Config(Mapping):
+    """The resolved, read-only config: `cfg.optim.lr` or `cfg["optim"]["lr"]`."""
+
+    def __init__(self, values):
+        values = {k: Config(v) if isinstance(v, Mapping) else tuple(v) if isinstance(v, list) else v
+                  for k, v in values.items()}
+        object.__setattr__(self, "_values", values)
+
+    def __getitem__(self, key):
+        return self._values[key]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self):
+        return len(self._values)
+
+    def __getattr__(self, key):
+        if key.startswith("_"):
+            raise AttributeError(key)
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(f"config has no key {key!r} (keys here: {', '.join(self._values)})") from None
+
+    def __setattr__(self, key, value):
+        raise AttributeError("the config is read-only once resolved; set values with key=value overrides")
+
+    def __repr__(self):
+        return f"Config({self.to_dict()!r})"
+
+    def to_dict(self):
+        """Plain nested dicts and lists, e.g. for YAML or trackers."""
+        return {k: v.to_dict() if isinstance(v, Config) else list(v) if isinstance(v, tuple) else v
+                for k, v in self._values.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Building it.
+
+def parse_override(text):
+    """`optim.lr=3e-3` -> ("optim.lr", "3e-3"); the value is typed later, against the key."""
+    key, sep, value = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*", key):
+        raise ConfigError([f"malformed override {text!r}: expected key=value, e.g. optim.lr=3e-3"])
+    return key, value
+
+
+def resolve(recipe_config, files=(), overrides=()):
+    """Merge the layers and return a `Config`; raise `ConfigError` listing every problem."""
+    problems = []
+    schema = _merge(DEFAULTS, recipe_config, "the recipe's config", problems, schema=None)
+    values = schema
+    for path in files:
+        layer = _read_layer(path, problems)
+        if layer:
+            values = _merge(values, layer, path, problems, schema)
+    for text in overrides:
+        try:
+            key, raw = parse_override(text)
+            layer = _nest(key, _parse_value(key, raw, schema))
+        except ConfigError as e:
+            problems.extend(e.problems)
+            continue
+        values = _merge(values, layer, "the command line", problems, schema)
+    problems += _check_values(values)
+    if problems:
+        raise ConfigError(problems)
+    return Config(values)
+
+
+def diff(cfg, base):
+    """`key=value` strings for the leaves of `cfg` that differ from `base` (e.g. the recipe)."""
+    flat_base = dict(_leaves(base))
+    return [f"{k}={_short(v)}" for k, v in _leaves(cfg) if flat_base.get(k, object()) != v]
+
+
+def flatten(cfg):
+    """{"optim.lr": 0.001, ...}: the form trackers want for hyperparameters."""
+    return dict(_leaves(cfg))
+
+
+def _leaves(tree, prefix=""):
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", list(v) if isinstance(v, tuple) else v
+
+
+def _read_layer(path, problems):
+    try:
+        with open(path, encoding="utf-8") as f:
+            layer = yaml_load(f, path)
+    except OSError as e:
+        problems.append(f"cannot read config file {path}: {e.strerror}")
+        return None
+    except ConfigError as e:
+        problems.extend(e.problems)
+        return None
+    if layer is not None and not isinstance(layer, dict):
+        problems.append(f"{path}: expected a mapping of keys at the top level, got {_show(layer)}")
+        return None
+    return layer
+
+
+def _merge(values, layer, source, problems, schema, prefix="", root=None):
+    """A new dict: `values` updated from `layer`; problems are appended to `problems`.
+
+    Keys and types come from `schema`. With `schema=None` (the recipe's own layer) new keys are
+    welcome and the types come from the values they replace."""
+    merged = dict(values)
+    root = values if root is None else root
+    for key, new in layer.items():
+        name = f"{prefix}{key}"
+        if schema is not None and key not in schema:
+            problems.append(f"unknown key {name!r} from {source}{_suggest(name, root)}")
+            continue
+        if key not in merged:
+            merged[key] = new
+            continue
+        default = merged[key] if schema is None else schema[key]
+        if isinstance(default, dict):
+            if isinstance(new, dict):
+                sub_schema = None if schema is None else default
+                merged[key] = _merge(merged[key], new, source, problems, sub_schema, f"{name}.", root)
+            else:
+                problems.append(f"{name}: expected a mapping with keys {', '.join(default)}, "
+                                f"got {_show(new)}, from {source}")
+            continue
+        try:
+            merged[key] = _typed(new, default)
+        except TypeError as e:
+            problems.append(f"{name}: expected {e}, got {_show(new)}, from {source}")
+    return merged
+
+
+def _typed(value, default):
+    """`value` converted to the type of `default`, or TypeError naming the expected type."""
+    if default is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise TypeError("true or false")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError("an integer")
+    if isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError("a number")
+    if isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        raise TypeError("text")
+    if isinstance(default, (list, tuple)):
+        if isinstance(value, list):
+            return value
+        raise TypeError("a list, e.g. [a, b]")
+    return value
+
+
+def _parse_value(key, raw, schema):
+    """Type a command-line value: YAML rules, except that a text key takes the text as written
+    (so `name=2024` stays "2024")."""
+    if isinstance(_get(schema, key), str):
+        return raw
+    try:
+        return yaml_load(raw, f"value of {key}")
+    except ConfigError:
+        raise ConfigError([f"malformed override {key}={raw}: the value is not valid YAML"]) from None
+
+
+def _nest(key, value):
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def _check_values(values):
+    problems = []
+    for key, allowed in CHOICES.items():
+        value = _get(values, key)
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and item not in allowed:
+                problems.append(f"{key}: {item!r} is not one of {', '.join(allowed)}")
+    for key, minimum in MINIMUMS.items():
+        value = _get(values, key)
+        if isinstance(value, (int, float)) and value < minimum:
+            problems.append(f"{key}: {value} is below the minimum, {minimum}")
+    return problems
+
+
+def _get(values, dotted):
+    for part in dotted.split("."):
+        values = values.get(part) if isinstance(values, dict) else None
+    return values
+
+
+def _suggest(name, values):
+    keys = list(_all_keys(values))
+    close = difflib.get_close_matches(name, keys, n=3, cutoff=0.6)
+    leaf = name.rsplit(".", 1)[-1]
+    close += [k for k in keys if k.rsplit(".", 1)[-1] == leaf and k not in close]
+    return f"; closest valid keys: {', '.join(close[:3])}" if close else ""
+
+
+def _all_keys(tree, prefix=""):
+    for k, v in tree.items():
+        yield f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _all_keys(v, f"{prefix}{k}.")
+
+
+def _short(value):
+    text = yaml_dump(value).strip() if not isinstance(value, str) else value
+    text = text.removesuffix("\n...").strip()
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _show(value):
+    if value is None:
+        return "null"
+    text = repr(value)
+    return f"{text if len(text) <= 60 else text[:57] + '...'} ({type(value).__name__})"
