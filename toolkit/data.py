@@ -1,0 +1,126 @@
+"""Data helpers: an in-memory dataset served a batch at a time, and MNIST-format (IDX) files."""
+
+import gzip
+import struct
+from pathlib import Path
+
+import torch
+
+from toolkit import UserError
+
+
+class TensorDataset(torch.utils.data.Dataset):
+    """Equal-length tensors held in memory, served a whole batch per indexing operation.
+
+    A `DataLoader` calls `__getitems__` with the indices of one batch, so building a batch is one
+    `tensor[indices]` per tensor instead of a `__getitem__` per sample plus a collate: about twice
+    the throughput on CPU for MNIST-sized data. Sharding, shuffling, seeding and skipping still
+    come from the (prepared) `DataLoader` and its sampler, exactly as for any map-style dataset.
+
+    `transform(batch) -> batch`, if given, runs on each batch, e.g. augmentation drawn from torch's
+    global RNG (seeded per rank by the toolkit, so each rank draws differently).
+    """
+
+    def __init__(self, *tensors, transform=None):
+        if not tensors or any(len(t) != len(tensors[0]) for t in tensors):
+            raise ValueError("TensorDataset needs one or more tensors of equal length")
+        self.tensors = tensors
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.tensors[0])
+
+    def __getitems__(self, indices):
+        index = torch.as_tensor(indices, dtype=torch.long)
+        batch = tuple(t[index] for t in self.tensors)
+        return self.transform(batch) if self.transform else batch
+
+    def __getitem__(self, i):
+        return tuple(t[i] for t in self.__getitems__([i]))
+
+    @staticmethod
+    def collate_fn(batch):
+        """`__getitems__` already returns the batch; the DataLoader must not collate it again."""
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# MNIST-format data: IDX files, gzipped or not.
+
+MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+MNIST_SETS = {  # config name -> torchvision class, which also names the download folder
+    "mnist": "MNIST",
+    "fashion_mnist": "FashionMNIST",
+    "kmnist": "KMNIST",
+}
+
+
+def read_idx(path):
+    """An IDX file (the MNIST format; `.gz` is decompressed) as a uint8 tensor of its shape."""
+    path = Path(path)
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0:2] != b"\0\0" or data[2] != 0x08:
+        raise UserError(f"{path} is not an IDX file of unsigned bytes (the MNIST format)")
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    body = data[4 + 4 * ndim:]
+    if len(body) != torch.Size(shape).numel():
+        raise UserError(f"{path} is truncated: header says {shape}, found {len(body)} bytes of data")
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(shape)
+
+
+def load_mnist(name, root, download=True):
+    """{"train": (images, labels), "test": (images, labels)} for an MNIST-format data set.
+
+    Images are uint8 [N, 28, 28], labels int64 [N]. Files are looked for in `root` and in
+    `root/<MNIST|FashionMNIST|KMNIST>/raw` (torchvision's layout); if absent and `download`,
+    torchvision downloads them there.
+    """
+    if name not in MNIST_SETS:
+        raise UserError(f"data.name={name!r} is not one of {', '.join(MNIST_SETS)}")
+    root = Path(root)
+    folders = [root, root / MNIST_SETS[name] / "raw"]
+    files, error = _find_mnist_files(folders), None
+    if files is None and download:
+        error = _download_mnist(name, root)
+        files = _find_mnist_files(folders)
+    if files is None:
+        wanted = ", ".join(f"{f}[.gz]" for pair in MNIST_FILES.values() for f in pair)
+        hint = ("on Debian/Ubuntu, `apt-get install dataset-fashion-mnist` and "
+                "data.root=/usr/share/datasets/fashion-mnist" if name == "fashion_mnist"
+                else f"copy them there from a machine with internet (torchvision.datasets.{MNIST_SETS[name]})")
+        reason = f"; the download failed ({error})" if download else ""
+        raise UserError(f"{name} data not found: expected {wanted} in {' or '.join(map(str, folders))}"
+                        f"{reason}; {hint}")
+    return {split: (read_idx(images), read_idx(labels).long()) for split, (images, labels) in files.items()}
+
+
+def _find_mnist_files(folders):
+    for folder in folders:
+        found = {}
+        for split, names in MNIST_FILES.items():
+            paths = [next((p for p in (folder / n, folder / f"{n}.gz") if p.is_file()), None) for n in names]
+            if None in paths:
+                break
+            found[split] = paths
+        else:
+            return found
+    return None
+
+
+def _download_mnist(name, root):
+    """Download with torchvision (imported here: it costs a second of start-up). Returns the error."""
+    import torchvision
+
+    dataset = getattr(torchvision.datasets, MNIST_SETS[name])
+    try:
+        for train in (True, False):
+            dataset(str(root), train=train, download=True)
+    except Exception as e:  # noqa: BLE001 - any failure becomes the reason in one clear message
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        return lines[-1] if lines else type(e).__name__
+    return None

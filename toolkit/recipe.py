@@ -1,0 +1,49 @@
+"""Load a recipe file by path and check its contract.
+
+A recipe is one Python file with:
+
+    config = {...}                    # its default config (optional; adds keys such as data.root)
+    def datasets(cfg): ...            # -> {"train": ds, "val": ds, "test": ds}; val and test optional
+    def model(cfg): ...               # -> torch.nn.Module
+    def loss(model, batch): ...       # -> (scalar loss, {"samples": n, other summable counts...})
+
+and optionally `metrics(totals) -> dict` to turn summed counts into reported numbers.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+from toolkit import UserError
+
+REQUIRED = ("datasets", "model", "loss")
+OPTIONAL = ("metrics",)
+
+
+def load(path):
+    """Import the recipe at `path` and return the module; raise `UserError` if it breaks the contract."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe file not found: {path}")
+    if path.suffix != ".py":
+        raise UserError(f"a recipe is a Python file (.py), got {path}")
+    name = f"recipe_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # lets pickle and dataclasses inside the recipe find it
+    spec.loader.exec_module(module)  # errors in the recipe's own code keep their traceback
+
+    missing = [f for f in REQUIRED if not callable(getattr(module, f, None))]
+    if missing:
+        raise UserError(f"recipe {path} must define {', '.join(f'{f}()' for f in missing)}; "
+                        f"see recipes/lenet.py for the contract")
+    for hook in OPTIONAL:
+        if hasattr(module, hook) and not callable(getattr(module, hook)):
+            raise UserError(f"recipe {path}: {hook} must be a function")
+    config = getattr(module, "config", {})
+    if not isinstance(config, dict):
+        raise UserError(f"recipe {path}: `config` must be a dict, got {type(config).__name__}")
+    module.config = config
+    module.name = path.stem
+    module.path = path
+    return module
