@@ -1,0 +1,38 @@
+"""A test recipe that records, on every rank and step, which samples it trained on and the
+augmentation noise it drew, into <probe>.rank<RANK> (one JSON line per step)."""
+
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+from toolkit.data import TensorDataset
+
+config = {"probe": "", "samples": 256}
+_record = None
+
+
+def datasets(cfg):
+    global _record
+    _record = f"{cfg.probe}.rank{os.environ.get('RANK', '0')}"
+    x = torch.randn(cfg.samples, 4, generator=torch.Generator().manual_seed(0))
+    y = (x.sum(1) > 0).long()
+
+    def augment(batch):
+        x, y, index = batch
+        noise = torch.rand(len(x), 1)  # the global RNG, as augmentation would draw it
+        return x + 0.01 * noise, y, index, noise
+
+    return {"train": TensorDataset(x, y, torch.arange(cfg.samples), transform=augment)}
+
+
+def model(cfg):
+    return torch.nn.Linear(4, 2)
+
+
+def loss(model, batch):
+    x, y, index, noise = batch
+    with open(_record, "a") as f:
+        f.write(json.dumps({"index": index.tolist(), "noise": noise.flatten().tolist()}) + "\n")
+    return F.cross_entropy(model(x), y), {"samples": len(y)}

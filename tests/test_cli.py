@@ -1,0 +1,134 @@
+"""The command line end to end: train, the run folder, reproduction, and bad input."""
+
+import re
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import launch
+from helpers import LENET, REPO, accelerate_launch, launch as run_launch, only_run, read_jsonl, run_dirs, summary
+from toolkit.config import ConfigError
+
+
+@pytest.fixture(scope="module")
+def trained(mnist_root, tmp_path_factory):
+    """One 3-epoch LeNet run on the tiny data, shared by the tests that inspect it."""
+    tmp = tmp_path_factory.mktemp("trained")
+    args = [f"data.root={mnist_root}", "data.val_size=1001", "data.download=false",
+            f"output_dir={tmp / 'runs'}", "log_every=5", "epochs=3"]
+    result = run_launch([LENET, *args], cwd=tmp)
+    assert result.returncode == 0, result.stderr
+    return result, only_run(tmp / "runs"), tmp
+
+
+def test_training_learns_and_reports(trained):
+    result, run, _ = trained
+    records = read_jsonl(run / "metrics.jsonl")
+    train = [r for r in records if r["split"] == "train"]
+    assert train[-1]["loss"] < 0.5 * train[0]["loss"]  # the loss goes down
+    final = summary(run)
+    assert final["status"] == "finished" and final["epochs"] == 3
+    assert final["test"]["samples"] == 1001 and final["val"]["samples"] == 1001
+    assert final["test"]["accuracy"] > 0.9
+    # One final line on stdout: test accuracy and the run folder.
+    last = result.stdout.strip().splitlines()[-1]
+    assert re.match(rf"test accuracy={final['test']['accuracy']:.4g} .*\| run {re.escape(str(run))}$", last), last
+
+
+def test_run_folder_is_complete(trained):
+    _, run, _ = trained
+    for name in ("config.yaml", "lenet.py", "log.txt", "metrics.jsonl", "summary.json"):
+        assert (run / name).stat().st_size > 0, name
+    assert (run / "lenet.py").read_text() == (REPO / "recipes" / "lenet.py").read_text()
+    log = (run / "log.txt").read_text()
+    assert "command:" in log and "epoch 3/3 val accuracy=" in log and "test accuracy=" in log
+
+
+def test_metrics_jsonl_has_every_window_and_evaluation(trained):
+    _, run, _ = trained
+    records = read_jsonl(run / "metrics.jsonl")
+    assert [r["split"] for r in records if r["split"] != "train"] == ["val", "val", "val", "test"]
+    steps = [r["step"] for r in records]
+    assert steps == sorted(steps)
+    train = [r for r in records if r["split"] == "train"]
+    # 1999 training samples per epoch, every one counted in exactly one train window.
+    for epoch in (1, 2, 3):
+        assert sum(r["samples"] for r in train if r["epoch"] == epoch) == 1999
+    assert {"loss", "accuracy", "lr", "samples_per_s", "step", "epoch", "time"} <= set(train[0])
+
+
+def test_tensorboard_has_the_curves(trained):
+    _, run, _ = trained
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "train/accuracy", "train/lr", "val/accuracy", "test/accuracy"} <= set(tags)
+    assert len(events.Scalars("val/accuracy")) == 3
+
+
+def test_saved_config_reproduces_the_run(trained):
+    _, run, tmp = trained
+    result = run_launch([LENET, "--config", run / "config.yaml"], cwd=tmp)
+    assert result.returncode == 0, result.stderr
+    again = [r for r in run_dirs(tmp / "runs") if r != run]
+    assert len(again) == 1  # a new folder, never the old one
+    assert summary(again[0])["test"] == summary(run)["test"]
+    assert (again[0] / "config.yaml").read_text() == (run / "config.yaml").read_text()
+
+
+def test_accelerate_launch_runs_the_same_training(trained, tmp_path):
+    """`accelerate launch --config_file accelerate_configs/cpu.yaml` gives the plain run's result."""
+    _, run, _ = trained
+    launcher = accelerate_launch("--config_file", REPO / "accelerate_configs" / "cpu.yaml")
+    result = run_launch([LENET, "--config", run / "config.yaml", f"output_dir={tmp_path}"], cwd=tmp_path,
+                        launcher=launcher)
+    assert result.returncode == 0, result.stderr
+    assert summary(only_run(tmp_path))["test"] == summary(run)["test"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: exit status 2, one line on stderr, no traceback, no run folder.
+
+def bad_input_cases(tmp_path, mnist_root):
+    missing = tmp_path / "no-functions.py"
+    missing.write_text("config = {}\ndef model(cfg):\n    pass\n")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("optim: {lr: 1\n")
+    return {
+        "unknown key": ([LENET, "optim.lrr=1"], "unknown key 'optim.lrr' from the command line; "
+                                                "closest valid keys: optim.lr"),
+        "wrong type": ([LENET, "epochs=ten"], "epochs: expected an integer, got 'ten' (str)"),
+        "malformed override": ([LENET, "lr3e-3"], "malformed override 'lr3e-3'"),
+        "missing recipe": ([tmp_path / "nope.py"], "recipe file not found"),
+        "recipe without functions": ([missing], "must define datasets(), loss()"),
+        "invalid YAML": ([LENET, "--config", bad_yaml], f"{bad_yaml}: invalid YAML at line 2"),
+        "missing data offline": ([LENET, f"data.root={tmp_path / 'empty'}", "data.download=false"],
+                                 "mnist data not found: expected train-images-idx3-ubyte[.gz]"),
+    }
+
+
+@pytest.mark.parametrize("case", ["unknown key", "wrong type", "malformed override", "missing recipe",
+                                  "recipe without functions", "invalid YAML", "missing data offline"])
+def test_bad_input_is_one_line(case, tmp_path, mnist_root, capsys):
+    args, expected = bad_input_cases(tmp_path, mnist_root)[case]
+    code = launch.main([*map(str, args), f"output_dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert expected in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_input_from_the_real_command_line(tmp_path):
+    result = run_launch([LENET, "optim.lrr=1", "epoch=3", f"output_dir={tmp_path / 'runs'}"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "error: unknown key 'optim.lrr' from the command line; closest valid keys: optim.lr, optim, optim.name",
+        "error: unknown key 'epoch' from the command line; closest valid keys: epochs",
+    ]
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert not (tmp_path / "runs").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(ConfigError):
+        launch.main([LENET, "epochs=ten", "--debug"])

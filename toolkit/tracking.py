@@ -1,0 +1,141 @@
+"""The run folder and what is written into it. Only the main process writes.
+
+    runs/<recipe>/<YYYYmmdd-HHMMSS>[-<name>]/
+        config.yaml      the resolved config; `--config config.yaml` reproduces the run
+        <recipe>.py      a copy of the recipe file
+        log.txt          what the console showed, plus every train-metric line
+        metrics.jsonl    one JSON object per logged train window or evaluation
+        tensorboard/     event files (tracker "tensorboard")
+        summary.json     status, final metrics, steps and wall time
+"""
+
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from accelerate.utils import broadcast_object_list
+from tqdm.auto import tqdm
+
+from toolkit.config import yaml_dump
+
+log = logging.getLogger("toolkit")
+FILE_ONLY = {"file_only": True}  # `log.info(msg, extra=FILE_ONLY)`: into log.txt, not onto the console
+
+
+def create_run_dir(state, output_dir, recipe_name, name=""):
+    """Make a new run folder on the main process and share its path with every rank (and machine).
+
+    `mkdir` without `exist_ok` claims the name atomically; a taken name gets a -1, -2, ... suffix.
+    """
+    path = None
+    if state.is_main_process:
+        base = Path(output_dir) / recipe_name / (time.strftime("%Y%m%d-%H%M%S") + (f"-{name}" if name else ""))
+        for i in range(1000):
+            path = base.with_name(f"{base.name}-{i}") if i else base
+            try:
+                path.mkdir(parents=True)
+                break
+            except FileExistsError:
+                continue
+        path = str(path)
+    return Path(broadcast_object_list([path])[0])
+
+
+def write_run_files(run_dir, cfg, recipe_path):
+    """config.yaml and a copy of the recipe: what it takes to run this again."""
+    (run_dir / "config.yaml").write_text(yaml_dump(cfg.to_dict()), encoding="utf-8")
+    shutil.copy2(recipe_path, run_dir / Path(recipe_path).name)
+
+
+def write_summary(run_dir, summary):
+    _write_json(run_dir / "summary.json", summary)
+
+
+def setup_logging(run_dir, is_main):
+    """`toolkit` logger: console + log.txt on the main process; errors only elsewhere."""
+    log.handlers.clear()
+    log.propagate = False
+    if not is_main:
+        log.setLevel(logging.ERROR)
+        log.addHandler(logging.StreamHandler(sys.stderr))
+        return log
+    log.setLevel(logging.INFO)
+    to_file = logging.FileHandler(run_dir / "log.txt", encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    to_console = _TqdmHandler()
+    to_console.addFilter(lambda record: not getattr(record, "file_only", False))
+    log.addHandler(to_file)
+    log.addHandler(to_console)
+    return log
+
+
+def close_logging():
+    for handler in list(log.handlers):
+        handler.close()
+        log.removeHandler(handler)
+
+
+class _TqdmHandler(logging.Handler):
+    """Prints above the progress bar instead of through it."""
+
+    def emit(self, record):
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def progress_bar(accelerator, total, desc):
+    """A bar on the main process of an interactive terminal; elsewhere none (log lines instead)."""
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=True,
+                disable=None if accelerator.is_main_process else True)
+
+
+class Metrics:
+    """metrics.jsonl plus Accelerate's trackers (tensorboard, wandb): one call logs to all."""
+
+    def __init__(self, accelerator, run_dir, cfg):
+        self.accelerator = accelerator
+        self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if accelerator.is_main_process else None
+        self.start = time.time()
+        accelerator.init_trackers("tensorboard")  # event files in <run>/tensorboard
+
+    def log(self, split, metrics, step, epoch):
+        if self.file is not None:
+            record = {"step": step, "epoch": epoch, "split": split, **metrics,
+                      "time": round(time.time() - self.start, 3)}
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        self.accelerator.log({f"{split}/{k}": v for k, v in metrics.items()}, step=step)
+
+    def close(self):
+        """Flush and close metrics.jsonl and every tracker (e.g. tensorboard's event files)."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self.accelerator.trackers.clear()
+
+
+def result_line(summary):
+    """The last line a run prints: its final metrics and where its folder is."""
+    split = "test" if "test" in summary else "val" if "val" in summary else None
+    result = f"{split} {format_metrics(summary[split])}" if split else f"trained {summary['steps']} steps"
+    return f"{result} | {summary['wall_time_s']:.1f}s | run {summary['run_dir']}"
+
+
+def format_metrics(metrics):
+    return " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+
+
+def _fmt(value):
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)
+
+
+def _write_json(path, data):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
