@@ -43,7 +43,7 @@ def train(recipe, cfg):
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=cfg.precision,
-        log_with=list(cfg.trackers),
+        log_with=list(cfg.trackers) or None,
         project_dir=run_dir,
         # All ranks shuffle with the same seed, then each takes its own shard of every batch list:
         # the data order depends only on `seed` and the epoch.
