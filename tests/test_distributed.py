@@ -61,5 +61,7 @@ def test_each_rank_gets_its_own_data_and_randomness_reproducibly(tmp_path):
     assert probes["b"] == probes["a"]                           # reproducible for a fixed seed
     assert probes["seed1"][0][0]["index"] != rank0[0]["index"]  # and the seed matters
     # The data order depends on the seed only: two ranks interleave one process's batches.
+    # So does the augmentation, drawn per batch: the same samples get the same draws.
     (single,) = probes["one"]
-    assert [s["index"] for s in single[:16]] == [r[i]["index"] for i in range(8) for r in (rank0, rank1)]
+    for key in ("index", "noise"):
+        assert [s[key] for s in single[:16]] == [r[i][key] for i in range(8) for r in (rank0, rank1)]

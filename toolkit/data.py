@@ -2,6 +2,7 @@
 
 import gzip
 import struct
+import zlib
 from pathlib import Path
 
 import torch
@@ -17,15 +18,20 @@ class TensorDataset(torch.utils.data.Dataset):
     the throughput on CPU for MNIST-sized data. Sharding, shuffling, seeding and skipping still
     come from the (prepared) `DataLoader` and its sampler, exactly as for any map-style dataset.
 
-    `transform(batch) -> batch`, if given, runs on each batch, e.g. augmentation drawn from torch's
-    global RNG (seeded per rank by the toolkit, so each rank draws differently).
+    `transform(batch) -> batch`, if given, runs on each batch (e.g. augmentation). It may draw from
+    torch's global RNG, which is seeded for the batch from `seed` and the batch's sample indices:
+    the draws are a function of the batch alone, so they do not depend on prefetching, on the
+    number of processes or on a resume in the middle of an epoch, and they leave the training
+    step's randomness (dropout, ...) untouched. Ranks see different samples, so they draw
+    differently.
     """
 
-    def __init__(self, *tensors, transform=None):
+    def __init__(self, *tensors, transform=None, seed=0):
         if not tensors or any(len(t) != len(tensors[0]) for t in tensors):
             raise ValueError("TensorDataset needs one or more tensors of equal length")
         self.tensors = tensors
         self.transform = transform
+        self.seed = seed
 
     def __len__(self):
         return len(self.tensors[0])
@@ -33,7 +39,11 @@ class TensorDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices):
         index = torch.as_tensor(indices, dtype=torch.long)
         batch = tuple(t[index] for t in self.tensors)
-        return self.transform(batch) if self.transform else batch
+        if self.transform is None:
+            return batch
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + zlib.crc32(index.numpy().tobytes()))
+            return self.transform(batch)
 
     def __getitem__(self, i):
         return tuple(t[i] for t in self.__getitems__([i]))

@@ -1,5 +1,6 @@
-"""A test recipe that records, on every rank and step, which samples it trained on and the
-augmentation noise it drew, into <probe>.rank<RANK> (one JSON line per step)."""
+"""A test recipe that records, on every rank and step, which samples it trained on, the
+augmentation noise it drew and a draw of the training step's RNG, into <probe>.rank<RANK>
+(one JSON line per step)."""
 
 import json
 import os
@@ -24,15 +25,16 @@ def datasets(cfg):
         noise = torch.rand(len(x), 1)  # the global RNG, as augmentation would draw it
         return x + 0.01 * noise, y, index, noise
 
-    return {"train": TensorDataset(x, y, torch.arange(cfg.samples), transform=augment)}
+    return {"train": TensorDataset(x, y, torch.arange(cfg.samples), transform=augment, seed=cfg.seed)}
 
 
 def model(cfg):
-    return torch.nn.Linear(4, 2)
+    return torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(4, 2))
 
 
 def loss(model, batch):
     x, y, index, noise = batch
+    dropped = torch.rand(1).item() if model.training else None  # the training step's own randomness
     with open(_record, "a") as f:
-        f.write(json.dumps({"index": index.tolist(), "noise": noise.flatten().tolist()}) + "\n")
+        f.write(json.dumps({"index": index.tolist(), "noise": noise.flatten().tolist(), "step_rng": dropped}) + "\n")
     return F.cross_entropy(model(x), y), {"samples": len(y)}
