@@ -1,45 +1,121 @@
-"""Train a recipe.
+"""Train, resume and test recipes.
 
-    python launch.py recipes/lenet.py [--config a.yaml ...] [key.sub=value ...]
-    accelerate launch [launcher options] launch.py recipes/lenet.py [...]
+    python launch.py recipes/lenet.py [--config a.yaml ...] [key.sub=value ...]    train a new run
+    python launch.py resume runs/lenet/<run> [key=value ...]                        continue a run
+    python launch.py test runs/lenet/<run> [--checkpoint best|latest|step-N]        evaluate a run
+    accelerate launch [launcher options] launch.py ...                              the same, distributed
 
 Config layers, later wins: toolkit defaults < the recipe's `config` < each --config file < key=value.
 """
 
 import argparse
 import os
+import signal
 import sys
+from pathlib import Path
 
 from toolkit import UserError
 
+LAYERS = ("Config layers, later wins: toolkit defaults < the recipe's config < each --config file (in order) "
+          "< key=value overrides.")
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        prog="launch.py",
-        description="Train a recipe. Config layers, later wins: toolkit defaults < the recipe's config "
-                    "< each --config file (in order) < key=value overrides.",
-        epilog="example: python launch.py recipes/lenet.py --config my.yaml optim.lr=3e-3 epochs=5",
+
+def train(args):
+    from toolkit import config, loop, recipe as recipes
+
+    recipe = recipes.load(args.recipe)
+    cfg = config.resolve(recipe.config, args.config, args.overrides)
+    return exit_status(loop.train(recipe, cfg))
+
+
+def resume(args):
+    """Continue a run in its folder from its latest checkpoint, with its saved config and recipe.
+
+    Policy: the weights, optimizer, RNG, data position, step and best metric come from the
+    checkpoint; the config is the run's config.yaml plus what the command line changes, which may
+    only touch keys that leave the model and the data as they were (config.RESUMABLE) unless --force.
+    """
+    from toolkit import config, loop
+
+    run, recipe = load_run(args.run)
+    saved = config.resolve(recipe.config, [run / "config.yaml"])
+    cfg = config.resolve(recipe.config, [run / "config.yaml", *args.config], args.overrides)
+    changed = [f"{key} ({old} -> {new})" for key, old, new in config.changes(cfg, saved) if key not in config.RESUMABLE]
+    if changed and not args.force:
+        raise UserError(f"resuming {run} with a different {', '.join(changed)} would change the model or the "
+                        f"data of a run half done; start a new run, or pass --force to resume anyway")
+    return exit_status(loop.train(recipe, cfg, resume=run))
+
+
+def test(args):
+    from toolkit import config, loop
+
+    run, recipe = load_run(args.run)
+    cfg = config.resolve(recipe.config, [run / "config.yaml", *args.config], args.overrides)
+    loop.test(recipe, cfg, run, args.checkpoint, args.split)
+    return 0
+
+
+def load_run(path):
+    """A run folder and the copy of the recipe it ran with."""
+    from toolkit import recipe as recipes
+
+    run = Path(path)
+    if not (run / "config.yaml").is_file():
+        raise UserError(f"{run} is not a run folder (no config.yaml in it)")
+    copies = sorted(run.glob("*.py"))
+    if len(copies) != 1:
+        raise UserError(f"{run} should hold one copy of its recipe (*.py); found {len(copies)}")
+    return run, recipes.load(copies[0])
+
+
+def exit_status(summary):
+    """0 when the run finished; 128 + the signal's number when a signal stopped it."""
+    if summary.get("status") == "interrupted":
+        return 128 + signal.Signals[summary.get("signal", "SIGINT")].value
+    return 0
+
+
+def parser(command):
+    p = argparse.ArgumentParser(
+        prog="launch.py" if command == "train" else f"launch.py {command}",
+        description={"train": "Train a recipe in a new run folder. " + LAYERS,
+                     "resume": resume.__doc__.split("\n\n")[0],
+                     "test": "Evaluate a run's checkpoint on the test split (or val, if the recipe has no test)."
+                             " Prints the metrics and saves them as <run>/<split>-<checkpoint>.json."}[command],
+        epilog={"train": "example: python launch.py recipes/lenet.py --config my.yaml optim.lr=3e-3 epochs=5\n"
+                         "other commands: launch.py resume RUN | launch.py test RUN (each with --help)",
+                "resume": "example: python launch.py resume runs/lenet/20261124-130102 epochs=20",
+                "test": "example: python launch.py test runs/lenet/20261124-130102 --checkpoint latest"}[command],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("recipe", help="path to a recipe file, e.g. recipes/lenet.py")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides with dotted keys, e.g. optim.lr=3e-3 trackers=[]")
-    parser.add_argument("--config", action="append", default=[], metavar="FILE",
-                        help="a YAML file of config values; repeatable, later files win")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for configuration errors")
-    return parser.parse_intermixed_args(argv)
+    if command == "train":
+        p.add_argument("recipe", help="path to a recipe file, e.g. recipes/lenet.py")
+    else:
+        p.add_argument("run", help="a run folder, e.g. runs/lenet/20261124-130102")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides with dotted keys, e.g. optim.lr=3e-3 trackers=[]")
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="a YAML file of config values; repeatable, later files win")
+    if command == "resume":
+        p.add_argument("--force", action="store_true",
+                       help="resume even if the overrides change keys that shape the model or the data")
+    if command == "test":
+        p.add_argument("--checkpoint", default="best", help="best (default), latest, or a folder name: step-0000516")
+        p.add_argument("--split", default="", choices=["", "test", "val"], help="default: test, else val")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for configuration errors")
+    return p
+
+
+COMMANDS = {"train": train, "resume": resume, "test": test}
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in ("resume", "test") else "train"
+    args = parser(command).parse_intermixed_args(argv)
     try:
-        from toolkit import config, recipe as recipes
-
-        recipe = recipes.load(args.recipe)
-        cfg = config.resolve(recipe.config, args.config, args.overrides)
-
-        from toolkit import loop  # imports accelerate: only once the input is known to be good
-
-        loop.train(recipe, cfg)
+        return COMMANDS[command](args)
     except UserError as e:
         if args.debug:
             raise
@@ -51,7 +127,6 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ config = {
     },
     "epochs": 10,
     "batch_size": 64,
+    "checkpoint": {"monitor": "val/accuracy", "mode": "max"},
 }
 
 

@@ -32,6 +32,15 @@ DEFAULTS = {
         "weight_decay": 0.0,
         "momentum": 0.9,         # sgd only
     },
+    "max_steps": 0,              # stop after this many optimizer steps, even mid-epoch (0: no limit)
+    "checkpoint": {
+        "every_epochs": 1,       # save at the end of every N epochs (0: not on a schedule)
+        "every_steps": 0,        # also save every N optimizer steps, mid-epoch too (0: off)
+        "keep": 3,               # newest checkpoints kept (0: all); the best one is always kept
+        "monitor": "val/loss",   # the metric that picks the best checkpoint ("" for none)
+        "mode": "min",           # min | max: which way is better for the monitor
+    },
+    "init_from": "",             # start from these weights: a .safetensors file or a run folder
     "precision": None,           # no | bf16 | fp16; null: what `accelerate launch`/`accelerate config` set (no)
     "log_every": 50,             # optimizer steps between train-metric reads (the only host syncs)
     "trackers": ["tensorboard"], # besides metrics.jsonl, which is always written; [] for none
@@ -43,11 +52,17 @@ CHOICES = {  # key -> allowed values (for a list: allowed elements)
     "optim.name": ("adamw", "adam", "sgd"),
     "precision": ("no", "bf16", "fp16"),
     "trackers": ("tensorboard",),
+    "checkpoint.mode": ("min", "max"),
 }
 MINIMUMS = {  # key -> smallest valid value
     "epochs": 0, "batch_size": 1, "eval_batch_size": 1, "num_workers": 0, "log_every": 1,
-    "optim.lr": 0.0, "optim.weight_decay": 0.0,
+    "optim.lr": 0.0, "optim.weight_decay": 0.0, "max_steps": 0,
+    "checkpoint.every_epochs": 0, "checkpoint.every_steps": 0, "checkpoint.keep": 0,
 }
+# Keys a resumed run may change: they do not change the model, the data or the results so far.
+RESUMABLE = ("epochs", "max_steps", "log_every", "eval_batch_size", "num_workers", "trackers",
+             "checkpoint.every_epochs", "checkpoint.every_steps", "checkpoint.keep",
+             "data.root", "data.download")
 
 
 class ConfigError(UserError):
@@ -189,8 +204,13 @@ def resolve(recipe_config, files=(), overrides=()):
 
 def diff(cfg, base):
     """`key=value` strings for the leaves of `cfg` that differ from `base` (e.g. the recipe)."""
+    return [f"{key}={_short(new)}" for key, _, new in changes(cfg, base)]
+
+
+def changes(cfg, base):
+    """(key, old, new) for the leaves of `cfg` that differ from `base`."""
     flat_base = dict(_leaves(base))
-    return [f"{k}={_short(v)}" for k, v in _leaves(cfg) if flat_base.get(k, object()) != v]
+    return [(k, flat_base.get(k), v) for k, v in _leaves(cfg) if flat_base.get(k, object()) != v]
 
 
 def flatten(cfg):
@@ -304,6 +324,10 @@ def _check_values(values):
         for item in value if isinstance(value, list) else [value]:
             if item is not None and item not in allowed:
                 problems.append(f"{key}: {item!r} is not one of {', '.join(allowed)}")
+    monitor = _get(values, "checkpoint.monitor")
+    if monitor and not (isinstance(monitor, str) and monitor.startswith("val/") and len(monitor) > 4):
+        problems.append(f"checkpoint.monitor: {monitor!r} must name a validation metric, e.g. val/loss, "
+                        f"or be empty")
     for key, minimum in MINIMUMS.items():
         value = _get(values, key)
         if isinstance(value, (int, float)) and value < minimum:

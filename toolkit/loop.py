@@ -9,37 +9,39 @@ import os
 import shlex
 import sys
 import time
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, broadcast, parse_flag_from_env, set_seed
 
-from toolkit import UserError, config, tracking
+from toolkit import UserError, checkpoint, config, tracking
 from toolkit.metrics import Totals, summarize
+from toolkit.signals import StopRequest
 from toolkit.tracking import FILE_ONLY, format_metrics, log
 
 
-def train(recipe, cfg):
-    """Train `recipe` with the resolved `cfg` in a new run folder; return the summary."""
-    started = time.time()
+def train(recipe, cfg, resume=None):
+    """Train `recipe` with the resolved `cfg` in a new run folder, or, given `resume` (a run
+    folder), continue that run from its latest checkpoint. Return the summary."""
     # The process group first, so that ranks can agree on things (the run folder) before any work.
-    # Without a GPU, several processes talk over gloo; Accelerate alone does this only under
-    # ACCELERATE_USE_CPU=1 and otherwise runs N unaware copies of the same training.
-    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (
-        int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available())
-    state = PartialState(cpu=cpu)
+    processes, cpu = start_processes()
+    resume_from = checkpoint.find(resume) if resume else None
+    state = checkpoint.verify(resume_from, processes.num_processes) if resume else checkpoint.TrainState()
 
     # Build with one seed on every rank, so that data splits and initial weights agree everywhere.
     set_seed(cfg.seed)
-    with state.main_process_first():  # the main process downloads; the others then read its files
+    with processes.main_process_first():  # the main process downloads; the others then read its files
         splits = recipe.datasets(cfg)
+    check_splits(splits)
     model = recipe.model(cfg)
+    initialized = checkpoint.load_weights(model, cfg.init_from) if cfg.init_from and not resume else None
     optimizer = make_optimizer(cfg, model, recipe)
-    loaders = make_loaders(splits, cfg, recipe, state.device)
+    loaders = {split: make_loader(split, ds, cfg, recipe, processes) for split, ds in splits.items()}
     # From here on each rank draws its own randomness (augmentation, dropout).
-    set_seed(cfg.seed + state.process_index)
+    set_seed(cfg.seed + processes.process_index)
 
-    run_dir = tracking.create_run_dir(state, cfg.output_dir, recipe.name, cfg.name)
+    run_dir = Path(resume) if resume else tracking.create_run_dir(processes, cfg.output_dir, recipe.name, cfg.name)
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=cfg.precision,
@@ -50,10 +52,13 @@ def train(recipe, cfg):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
     if accelerator.is_main_process:
-        tracking.write_run_files(run_dir, cfg, recipe.path)
+        tracking.write_run_files(run_dir, cfg, None if resume else recipe.path)
     tracking.setup_logging(run_dir, accelerator.is_main_process)
-    metrics_log = tracking.Metrics(accelerator, run_dir, cfg)
+    metrics_log = tracking.Metrics(accelerator, run_dir, state.metrics_lines if resume else None, state.step + 1)
     log_header(accelerator, recipe, cfg, splits, model, run_dir)
+    if initialized:
+        log.info(f"init_from {cfg.init_from}: missing keys {initialized[0] or 'none'}, "
+                 f"unexpected keys {initialized[1] or 'none'}")
 
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, loaders.pop("train"))
     # Evaluation shards are not padded to equal length (even_batches=False), so every sample is
@@ -62,64 +67,163 @@ def train(recipe, cfg):
     accelerator.even_batches = False
     eval_loaders = {split: accelerator.prepare(loader) for split, loader in loaders.items()}
     accelerator.even_batches = True
+    if resume_from:
+        state = checkpoint.load(accelerator, resume_from)
+        log.info(f"resumed from {resume_from} (epoch {state.epoch}, batch {state.batch}, step {state.step})")
+        if state.num_processes != accelerator.num_processes:
+            log.warning(f"the checkpoint was written by {state.num_processes} process(es), this run has "
+                        f"{accelerator.num_processes}: the data shards differ, so the run continues but not "
+                        f"exactly as it would have")
 
-    summary = {"status": "running", "run_dir": str(run_dir), "epochs": 0, "steps": 0}
+    ckpt = cfg.checkpoint
+    monitor = ckpt.monitor if "val" in eval_loaders else ""
+    summary = {"status": "running", "run_dir": str(run_dir), "epochs": state.epoch, "steps": state.step}
+    stop = StopRequest(accelerator.num_processes)
+    session_start = time.time() - state.wall_time_s
+    state.num_processes = accelerator.num_processes
+
+    window, window_start = Totals(), time.perf_counter()
+
+    def log_train(epoch, bar):
+        """Read the train window's sums (the host sync), log them and start the next window."""
+        nonlocal window_start
+        metrics = summarize(window.reduce(accelerator), getattr(recipe, "metrics", None))
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
+        metrics["samples_per_s"] = metrics["samples"] / (time.perf_counter() - window_start)
+        metrics_log.log("train", metrics, state.step, epoch)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_per_s=f"{metrics['samples_per_s']:.0f}")
+        log.info(f"epoch {epoch} step {state.step} train {format_metrics(metrics)}",
+                 extra=FILE_ONLY if not bar.disable else None)  # the bar shows it on a terminal
+        window_start = time.perf_counter()
+
+    def save(best=False):
+        nonlocal window_start
+        state.wall_time_s = round(time.time() - session_start, 2)
+        state.metrics_lines = metrics_log.lines
+        path = checkpoint.save(accelerator, run_dir, state, ckpt.keep, best, model)
+        log.info(f"saved {path}" + (f" (best {monitor}={state.best:.6g})" if best else ""), extra=FILE_ONLY)
+        window_start = time.perf_counter()  # samples/s counts training time only
+
     try:
-        step = 0
-        window, window_start = Totals(), time.perf_counter()
-        for epoch in range(1, cfg.epochs + 1):
+        stopping = None  # why training ends before `epochs`: "max_steps" or a signal's name
+        last_epoch = state.epoch if cfg.max_steps and state.step >= cfg.max_steps else cfg.epochs
+        for epoch in range(state.epoch + 1, last_epoch + 1):
             model.train()
-            bar = tracking.progress_bar(accelerator, len(train_loader), f"epoch {epoch}/{cfg.epochs}")
-            for i, batch in enumerate(train_loader, 1):
+            train_loader.set_epoch(epoch - 1)  # the order is a function of (seed, epoch): resumable
+            batches = accelerator.skip_first_batches(train_loader, state.batch) if state.batch else train_loader
+            bar = tracking.progress_bar(accelerator, len(train_loader), state.batch, f"epoch {epoch}/{cfg.epochs}")
+            end_of_epoch = state.batch == len(train_loader)
+            for batch in batches:
                 loss, counts = recipe.loss(model, batch)
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                step += 1
+                state.step += 1
+                state.batch += 1
                 window.add(loss, counts)
                 bar.update()
 
-                if step % cfg.log_every == 0 or i == len(train_loader):
-                    metrics = summarize(window.reduce(accelerator), getattr(recipe, "metrics", None))
-                    seconds, window_start = time.perf_counter() - window_start, time.perf_counter()
-                    metrics["lr"] = optimizer.param_groups[0]["lr"]
-                    metrics["samples_per_s"] = metrics["samples"] / seconds
-                    metrics_log.log("train", metrics, step, epoch)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_per_s=f"{metrics['samples_per_s']:.0f}")
-                    log.info(f"epoch {epoch} step {step} train {format_metrics(metrics)}",
-                             extra=FILE_ONLY if not bar.disable else None)
+                stopping = stop.check() or ("max_steps" if state.step == cfg.max_steps else None)
+                end_of_epoch = state.batch == len(train_loader)
+                save_now = not end_of_epoch and (stopping or (ckpt.every_steps and state.step % ckpt.every_steps == 0))
+                if state.step % cfg.log_every == 0 or end_of_epoch or save_now:
+                    log_train(epoch, bar)
+                if save_now:
+                    save()
+                if stopping:
+                    break
             bar.close()
-            summary.update(epochs=epoch, steps=step)
+            if not end_of_epoch:  # stopped mid-epoch, saved above
+                break
+            state.epoch, state.batch = epoch, 0
+            summary.update(epochs=epoch, steps=state.step)
 
+            best = False
             if "val" in eval_loaders:
                 summary["val"] = evaluate(accelerator, model, eval_loaders["val"], recipe)
-                metrics_log.log("val", summary["val"], step, epoch)
+                metrics_log.log("val", summary["val"], state.step, epoch)
                 log.info(f"epoch {epoch}/{cfg.epochs} val {format_metrics(summary['val'])}")
-            window_start = time.perf_counter()  # samples/s counts training time only
+                if monitor:
+                    best = state.improves(monitored(summary["val"], monitor), ckpt.mode)
+                    state.best = monitored(summary["val"], monitor) if best else state.best
+            scheduled = (ckpt.every_epochs and epoch % ckpt.every_epochs == 0) or (
+                ckpt.every_steps and state.step % ckpt.every_steps == 0)
+            if best or scheduled or stopping or epoch == cfg.epochs:
+                save(best)
+            window_start = time.perf_counter()  # samples/s counts training time, not validation
+            if stopping:
+                break
 
-        if "test" in eval_loaders:
-            summary["test"] = evaluate(accelerator, model, eval_loaders["test"], recipe)
-            metrics_log.log("test", summary["test"], step, cfg.epochs)
-        summary["status"] = "finished"
+        stop.finish()
+        summary.update(epochs=state.epoch, steps=state.step)
+        if stopping and stopping != "max_steps":
+            summary.update(status="interrupted", signal=stopping)
+            log.info(f"stopped by {stopping} at step {state.step}; continue with: "
+                     f"python launch.py resume {run_dir}")
+        else:
+            if "test" in eval_loaders:
+                summary["test"] = evaluate(accelerator, model, eval_loaders["test"], recipe)
+                metrics_log.log("test", summary["test"], state.step, state.epoch)
+            summary["status"] = "finished"
     except BaseException as e:
         summary["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         summary["error"] = f"{type(e).__name__}: {e}"
         raise
     finally:
-        summary["wall_time_s"] = round(time.time() - started, 2)
+        stop.close()
+        summary["wall_time_s"] = round(time.time() - session_start, 2)
+        if state.best is not None:
+            summary["best"] = {"monitor": monitor, "value": state.best, "checkpoint": state.best_checkpoint}
         if accelerator.is_main_process:
             tracking.write_summary(run_dir, summary)
         if summary["status"] == "finished":
             log.info(tracking.result_line(summary), extra=FILE_ONLY)
         metrics_log.close()
         tracking.close_logging()
-    accelerator.print(tracking.result_line(summary))
+    if summary["status"] == "finished":
+        accelerator.print(tracking.result_line(summary))
     # Drop the DDP model before its process group: the other way round, gloo processes abort at
     # exit ("terminate called without an active exception").
     del model, optimizer
     accelerator.free_memory()
     accelerator.end_training()  # finishes the trackers and ends the process group
     return summary
+
+
+def test(recipe, cfg, run_dir, which="best", split=""):
+    """Evaluate checkpoint `which` (best, latest or a folder name) of the run in `run_dir` on `split`
+    (default: test, else val); print the metrics and save them as <run>/<split>-<checkpoint>.json."""
+    processes, cpu = start_processes()
+    path = checkpoint.find(run_dir, which)
+    set_seed(cfg.seed)
+    with processes.main_process_first():
+        splits = recipe.datasets(cfg)
+    split = split or ("test" if "test" in splits else "val")
+    if split not in splits:
+        raise UserError(f"the recipe has no {split!r} split; it has {', '.join(splits)}")
+    model = recipe.model(cfg)
+    checkpoint.load_weights(model, path, strict=True)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.precision)
+    accelerator.even_batches = False  # count every sample once; see train()
+    model, loader = accelerator.prepare(model, make_loader(split, splits[split], cfg, recipe, processes))
+    metrics = evaluate(accelerator, model, loader, recipe)
+    result = {"run_dir": str(run_dir), "checkpoint": path.name, "step": checkpoint.read_state(path).step,
+              "split": split, split: metrics}
+    if accelerator.is_main_process:
+        tracking.write_json(Path(run_dir) / f"{split}-{path.name}.json", result)
+    accelerator.print(f"{split} {format_metrics(metrics)} | checkpoint {which} ({path.name}) | run {run_dir}")
+    del model
+    accelerator.free_memory()
+    accelerator.end_training()
+    return result
+
+
+def monitored(metrics, monitor):
+    """The value of `monitor` (e.g. "val/accuracy") in a split's metrics."""
+    name = monitor.split("/", 1)[1]
+    if name not in metrics:
+        raise UserError(f"checkpoint.monitor={monitor}: validation reports {', '.join(metrics)}")
+    return metrics[name]
 
 
 @torch.no_grad()
@@ -157,9 +261,7 @@ def make_optimizer(cfg, model, recipe):
     return optimizer(params, lr=o.lr, weight_decay=o.weight_decay)
 
 
-def make_loaders(splits, cfg, recipe, device):
-    """DataLoaders for the recipe's splits; the training one shuffles. A dataset that serves whole
-    batches (`toolkit.data.TensorDataset`) brings its own `collate_fn`; a recipe's `collate` wins."""
+def check_splits(splits):
     if not isinstance(splits, dict) or "train" not in splits:
         raise UserError(f"the recipe's datasets() must return a dict with a 'train' entry "
                         f"(and optionally 'val', 'test'), got {type(splits).__name__}"
@@ -170,19 +272,34 @@ def make_loaders(splits, cfg, recipe, device):
                         f"expected train, val, test")
     if len(splits["train"]) == 0:
         raise UserError("the train split is empty")
-    loaders = {}
-    for split, dataset in splits.items():
-        training = split == "train"
-        loaders[split] = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=cfg.batch_size if training else cfg.eval_batch_size,
-            shuffle=training,
-            num_workers=cfg.num_workers,
-            persistent_workers=cfg.num_workers > 0,
-            pin_memory=device.type == "cuda",
-            collate_fn=getattr(recipe, "collate", None) or getattr(dataset, "collate_fn", None),
-        )
-    return loaders
+
+
+def make_loader(split, dataset, cfg, recipe, processes):
+    """A DataLoader for one split; the training one shuffles. A dataset that serves whole batches
+    (`toolkit.data.TensorDataset`) brings its own `collate_fn`; a recipe's `collate` wins."""
+    training = split == "train"
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=cfg.batch_size if training else cfg.eval_batch_size,
+        shuffle=training,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+        pin_memory=processes.device.type == "cuda",
+        collate_fn=getattr(recipe, "collate", None) or getattr(dataset, "collate_fn", None),
+        # Its own generator (it seeds the workers), so that starting an epoch, or resuming in the
+        # middle of one, draws nothing from the global RNG that the training step uses.
+        generator=torch.Generator().manual_seed(cfg.seed + processes.process_index),
+    )
+
+
+def start_processes():
+    """The process group (Accelerate's PartialState) and whether it runs on the CPU.
+
+    Without a GPU, several processes talk over gloo; Accelerate alone does this only under
+    ACCELERATE_USE_CPU=1 and otherwise runs N unaware copies of the same training."""
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (
+        int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available())
+    return PartialState(cpu=cpu), cpu
 
 
 def log_header(accelerator, recipe, cfg, splits, model, run_dir):

@@ -44,14 +44,16 @@ def create_run_dir(state, output_dir, recipe_name, name=""):
     return Path(broadcast_object_list([path])[0])
 
 
-def write_run_files(run_dir, cfg, recipe_path):
-    """config.yaml and a copy of the recipe: what it takes to run this again."""
+def write_run_files(run_dir, cfg, recipe_path=None):
+    """config.yaml (rewritten on resume, with the overrides it allowed) and a copy of the recipe:
+    what it takes to run this again."""
     (run_dir / "config.yaml").write_text(yaml_dump(cfg.to_dict()), encoding="utf-8")
-    shutil.copy2(recipe_path, run_dir / Path(recipe_path).name)
+    if recipe_path is not None:
+        shutil.copy2(recipe_path, run_dir / Path(recipe_path).name)
 
 
 def write_summary(run_dir, summary):
-    _write_json(run_dir / "summary.json", summary)
+    write_json(run_dir / "summary.json", summary)
 
 
 def setup_logging(run_dir, is_main):
@@ -85,20 +87,32 @@ class _TqdmHandler(logging.Handler):
         tqdm.write(self.format(record), file=sys.stderr)
 
 
-def progress_bar(accelerator, total, desc):
+def progress_bar(accelerator, total, initial, desc):
     """A bar on the main process of an interactive terminal; elsewhere none (log lines instead)."""
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=True,
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=True,
                 disable=None if accelerator.is_main_process else True)
 
 
 class Metrics:
-    """metrics.jsonl plus Accelerate's trackers (tensorboard, wandb): one call logs to all."""
+    """metrics.jsonl plus Accelerate's trackers (tensorboard, wandb): one call logs to all.
 
-    def __init__(self, accelerator, run_dir, cfg):
+    On resume, `keep_lines` cuts metrics.jsonl back to what the checkpoint had seen, and tensorboard
+    drops its events from `first_step` on, so nothing logged after the checkpoint appears twice.
+    """
+
+    def __init__(self, accelerator, run_dir, keep_lines=None, first_step=1):
         self.accelerator = accelerator
-        self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if accelerator.is_main_process else None
+        self.file, self.lines = None, 0
+        if accelerator.is_main_process:
+            path = run_dir / "metrics.jsonl"
+            if keep_lines is not None:
+                kept = path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep_lines] if path.exists() else []
+                path.write_text("".join(kept), encoding="utf-8")
+            self.file = open(path, "a", encoding="utf-8")
+            self.lines = keep_lines or 0
         self.start = time.time()
-        accelerator.init_trackers("tensorboard")  # event files in <run>/tensorboard
+        purge = {"tensorboard": {"purge_step": first_step}} if first_step > 1 else {}
+        accelerator.init_trackers("tensorboard", init_kwargs=purge)  # event files in <run>/tensorboard
 
     def log(self, split, metrics, step, epoch):
         if self.file is not None:
@@ -106,6 +120,7 @@ class Metrics:
                       "time": round(time.time() - self.start, 3)}
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+            self.lines += 1
         self.accelerator.log({f"{split}/{k}": v for k, v in metrics.items()}, step=step)
 
     def close(self):
@@ -135,7 +150,8 @@ def _fmt(value):
     return str(value)
 
 
-def _write_json(path, data):
+def write_json(path, data):
+    """Write JSON atomically (a temporary file, then a rename)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)

@@ -1,0 +1,283 @@
+"""Checkpoints: exact resume, atomic saves, safe loading, interrupts, test and init_from."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import LENET, REPO, accelerate_launch, free_port, launch, only_run, read_jsonl, summary
+from toolkit import UserError, checkpoint
+
+PROBE = REPO / "tests" / "recipes" / "probe.py"
+
+
+def weights(run, which="latest"):
+    return load_file(checkpoint.find(run, which) / "model.safetensors")
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def comparable(records):
+    """metrics.jsonl without what depends on the clock."""
+    return [{k: v for k, v in r.items() if k not in ("time", "samples_per_s")} for r in records]
+
+
+def ok(result):
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture
+def lenet_args(tiny):
+    return [LENET, *tiny, "epochs=3", "optim.lr=3e-4"]
+
+
+@pytest.mark.parametrize("stop", ["epochs=1", "max_steps=45"], ids=["after-epoch", "mid-epoch"])
+def test_resume_equals_the_unbroken_run(lenet_args, tmp_path, stop):
+    """1. train 3 epochs unbroken; 2. train the same run but stop (after epoch 1, or at step 45 of
+    96, in the middle of epoch 2); 3. resume it to 3 epochs; 4. compare weights and metrics."""
+    ok(launch([*lenet_args, f"output_dir={tmp_path / 'unbroken'}"], cwd=tmp_path))
+    unbroken = only_run(tmp_path / "unbroken")
+
+    ok(launch([*lenet_args, f"output_dir={tmp_path / 'stopped'}", stop], cwd=tmp_path))
+    stopped = only_run(tmp_path / "stopped")
+    state = checkpoint.read_state(checkpoint.find(stopped))
+    assert (state.epoch, state.batch) == ((1, 0) if stop == "epochs=1" else (1, 13))
+    ok(launch(["resume", stopped, "epochs=3", "max_steps=0"], cwd=tmp_path))
+
+    assert_same_weights(weights(stopped), weights(unbroken))  # bitwise
+    assert comparable(read_jsonl(stopped / "metrics.jsonl")) == comparable(read_jsonl(unbroken / "metrics.jsonl"))
+    assert summary(stopped)["best"] == summary(unbroken)["best"]
+    assert summary(stopped)["test"] == summary(unbroken)["test"]
+    assert "resumed from" in (stopped / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("stop", ["epochs=1", "max_steps=12"], ids=["after-epoch", "mid-epoch"])
+def test_two_process_resume_sees_the_same_batches_and_randomness(tmp_path, stop):
+    """Per rank, the resumed run trains on exactly the remaining batches, in the same order, with
+    the same augmentation draws, and ends with the unbroken run's weights."""
+    common = [PROBE, "batch_size=16", "log_every=4", "trackers=[]", "checkpoint.monitor="]
+    env = {"ACCELERATE_USE_CPU": "1"}
+
+    def two(args):
+        launcher = accelerate_launch("--config_file", REPO / "accelerate_configs" / "multi_gpu.yaml",
+                                     "--num_processes", "2", "--main_process_port", free_port())
+        return ok(launch(args, cwd=tmp_path, launcher=launcher, env=env))
+
+    two([*common, "epochs=2", f"probe={tmp_path / 'u'}", f"output_dir={tmp_path / 'unbroken'}"])
+    two([*common, "epochs=2", f"probe={tmp_path / 's'}", f"output_dir={tmp_path / 'stopped'}", stop])
+    stopped = only_run(tmp_path / "stopped")
+    two(["resume", stopped, "epochs=2", "max_steps=0"])
+
+    for rank in (0, 1):
+        assert open(f"{tmp_path / 's'}.rank{rank}").read() == open(f"{tmp_path / 'u'}.rank{rank}").read()
+    assert_same_weights(weights(stopped), weights(only_run(tmp_path / "unbroken")))
+    steps = [r["step"] for r in read_jsonl(stopped / "metrics.jsonl")]
+    assert steps == sorted(set(steps))  # monotonic, nothing twice
+
+
+def test_best_latest_keep_and_export(tiny, tmp_path):
+    result = ok(launch([LENET, *tiny, "epochs=3", "optim.lr=3e-4", "checkpoint.every_steps=10",
+                        "checkpoint.keep=2"], cwd=tmp_path))
+    run = only_run(tmp_path / "runs")
+    final = summary(run)
+    names = [p.name for p in checkpoint.complete(run)]
+    best = final["best"]["checkpoint"]
+    assert names[-2:] == ["step-0000090", "step-0000096"] and best in names
+    assert len(names) == 2 + (best not in names[-2:])  # the newest two, and the best one
+    assert os.readlink(run / "checkpoints" / "latest") == "step-0000096"
+    assert os.readlink(run / "checkpoints" / "best") == best
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+    # model.safetensors: the best weights, loadable with safetensors + the recipe's model(cfg)
+    sys.path.insert(0, str(REPO / "recipes"))
+    import lenet
+
+    exported = load_file(run / "model.safetensors")
+    assert_same_weights(exported, weights(run, "best"))
+    lenet.model(None).load_state_dict(exported)
+
+    # `test` evaluates a checkpoint and saves the result
+    out = ok(launch(["test", run, "--checkpoint", "latest"], cwd=tmp_path)).stdout.strip()
+    assert out.startswith(f"test accuracy={final['test']['accuracy']:.4g} ")
+    saved = json.loads((run / "test-step-0000096.json").read_text())
+    assert saved["test"] == final["test"] and saved["step"] == 96
+    assert "val accuracy=" in ok(launch(["test", run, "--split", "val"], cwd=tmp_path)).stdout
+    assert result.returncode == 0
+
+
+def test_resume_refuses_changes_to_the_model_or_data(lenet_args, tmp_path):
+    ok(launch([*lenet_args, "epochs=1", f"output_dir={tmp_path}"], cwd=tmp_path))
+    run = only_run(tmp_path)
+    refused = launch(["resume", run, "optim.lr=0.1", "epochs=2"], cwd=tmp_path)
+    assert refused.returncode == 2
+    assert refused.stderr.startswith(f"error: resuming {run} with a different optim.lr (0.0003 -> 0.1) would")
+    assert "--force" in refused.stderr
+    assert summary(run)["epochs"] == 1  # nothing ran
+    ok(launch(["resume", run, "optim.lr=0.1", "epochs=2", "--force"], cwd=tmp_path))
+    assert summary(run)["epochs"] == 2
+
+
+def test_resume_needs_a_checkpoint(tmp_path):
+    (tmp_path / "config.yaml").write_text("epochs: 1\n")
+    (tmp_path / "lenet.py").write_text((REPO / "recipes" / "lenet.py").read_text())
+    result = launch(["resume", tmp_path], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == f"error: {tmp_path} has no complete checkpoint in {tmp_path / 'checkpoints'}\n"
+
+
+def test_init_from_a_run(lenet_args, tmp_path):
+    ok(launch([*lenet_args, "epochs=2", f"output_dir={tmp_path / 'a'}"], cwd=tmp_path))
+    source = only_run(tmp_path / "a")
+    best = ok(launch(["test", source], cwd=tmp_path)).stdout.split(" | ")[0]
+    ok(launch([*lenet_args, "epochs=0", f"init_from={source}", f"output_dir={tmp_path / 'b'}"], cwd=tmp_path))
+    run = only_run(tmp_path / "b")
+    assert f"test {' '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in summary(run)['test'].items())}" == best
+    assert "init_from" in (run / "log.txt").read_text() and "missing keys none" in (run / "log.txt").read_text()
+
+
+def test_init_from_is_not_strict_and_names_the_keys(tmp_path):
+    from safetensors.torch import save_file
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    save_file({"0.weight": torch.ones(3, 2), "extra": torch.zeros(1)}, tmp_path / "w.safetensors")
+    missing, unexpected = checkpoint.load_weights(model, tmp_path / "w.safetensors")
+    assert missing == ["0.bias", "1.weight", "1.bias"] and unexpected == ["extra"]
+    assert torch.equal(model[0].weight, torch.ones(3, 2))
+
+
+class CreatesAFile:
+    """A pickle that runs code on load: it creates `path`."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+@pytest.mark.parametrize("target", ["random_states_0.pkl", "optimizer.bin", "custom_checkpoint_0.pkl"])
+def test_a_crafted_checkpoint_runs_no_code(lenet_args, tmp_path, target):
+    ok(launch([*lenet_args, "epochs=1", f"output_dir={tmp_path}"], cwd=tmp_path))
+    run = only_run(tmp_path)
+    marker = tmp_path / "pwned"
+    torch.save(CreatesAFile(marker), checkpoint.find(run) / target)
+
+    result = launch(["resume", run, "epochs=2"], cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (message,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert target in message and "refusing" in message or "cannot load" in message
+    ok(launch(["test", run], cwd=tmp_path))  # only reads safetensors
+    assert not marker.exists()
+
+    evil = tmp_path / "evil.pt"
+    torch.save(CreatesAFile(marker), evil)
+    with pytest.raises(UserError, match="cannot be loaded safely"):
+        checkpoint.load_weights(torch.nn.Linear(1, 1), evil)
+    assert not marker.exists()
+
+
+def test_kill_9_during_saves_never_leaves_a_broken_latest(tiny, tmp_path):
+    """Save every step and kill -9 the process at random moments, 20 times: `latest` is always a
+    complete, loadable checkpoint, and the run still resumes to the end."""
+    rng = random.Random(0)
+    args = [LENET, *tiny, "epochs=40", "checkpoint.every_steps=1", "checkpoint.keep=2", "trackers=[]"]
+    command = [sys.executable, REPO / "launch.py", *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run, last_step, mid_save = None, 0, 0
+    for attempt in range(20):
+        process = subprocess.Popen(list(map(str, command)), cwd=tmp_path, env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while True:  # wait until this process has saved a newer checkpoint than the last one seen
+            run = run or next(iter((tmp_path / "runs").glob("*/*")), None)
+            latest = checkpoint.complete(run) if run else []
+            if latest and checkpoint.read_state(latest[-1]).step > last_step:
+                break
+            assert process.poll() is None, "training ended before it was killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.2))  # then a random moment, most likely inside a save
+        process.kill()
+        process.wait()
+        mid_save += any((run / "checkpoints").glob(".tmp-*"))  # killed while writing one
+
+        latest = checkpoint.find(run)  # complete ...
+        state = checkpoint.read_state(latest)
+        assert state.step >= last_step
+        last_step = state.step
+        load_file(latest / "model.safetensors")  # ... and loadable
+        torch.load(latest / "optimizer.bin", weights_only=True)
+        command = [sys.executable, REPO / "launch.py", "resume", run]
+    assert last_step < 40 * 32, "the run finished before the kills were done; make it longer"
+    assert mid_save >= 1, "no kill landed inside a save"
+    ok(launch(["resume", run, "checkpoint.every_steps=0"], cwd=tmp_path))
+    assert summary(run)["status"] == "finished" and summary(run)["steps"] == 40 * 32
+
+
+def wait_for_first_log_line(run_root, process, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not any(p.stat().st_size for p in run_root.glob("*/*/metrics.jsonl")):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_sigterm_saves_then_resume_finishes_like_the_unbroken_run(tiny, tmp_path):
+    args = [LENET, *tiny, "epochs=4", "batch_size=8", "optim.lr=3e-4"]
+    ok(launch([*args, f"output_dir={tmp_path / 'unbroken'}"], cwd=tmp_path))
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, REPO / "launch.py", *args, f"output_dir={tmp_path / 'stopped'}"]
+    process = subprocess.Popen(list(map(str, command)), cwd=tmp_path, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_first_log_line(tmp_path / "stopped", process)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    run = only_run(tmp_path / "stopped")
+    assert summary(run)["status"] == "interrupted" and summary(run)["signal"] == "SIGTERM"
+    stopped_at = checkpoint.read_state(checkpoint.find(run)).step
+    assert 0 < stopped_at < 4 * 250
+    assert f"stopped by SIGTERM at step {stopped_at}; continue with: python launch.py resume {run}" in err
+
+    ok(launch(["resume", run], cwd=tmp_path))
+    assert summary(run)["status"] == "finished"
+    assert_same_weights(weights(run), weights(only_run(tmp_path / "unbroken")))
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_at_one_step(tmp_path):
+    args = [PROBE, "batch_size=2", "samples=4096", "epochs=3", "trackers=[]", "checkpoint.monitor=",
+            f"probe={tmp_path / 'p'}", f"output_dir={tmp_path / 'runs'}"]
+    launcher = accelerate_launch("--config_file", REPO / "accelerate_configs" / "multi_gpu.yaml",
+                                 "--num_processes", "2", "--main_process_port", free_port())
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "1"}
+    process = subprocess.Popen(list(map(str, [*launcher, REPO / "launch.py", *args])), cwd=tmp_path, env=env,
+                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_first_log_line(tmp_path / "runs", process)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode != 0
+    run = only_run(tmp_path / "runs")
+    assert summary(run)["status"] == "interrupted"
+    state = checkpoint.read_state(checkpoint.find(run))
+    # Both ranks stopped after the same step: each recorded exactly that many steps.
+    for rank in (0, 1):
+        steps = len(open(f"{tmp_path / 'p'}.rank{rank}").readlines())
+        assert steps == state.step
+
+    launcher = accelerate_launch("--config_file", REPO / "accelerate_configs" / "multi_gpu.yaml",
+                                 "--num_processes", "2", "--main_process_port", free_port())
+    ok(launch(["resume", run], cwd=tmp_path, launcher=launcher, env={"ACCELERATE_USE_CPU": "1"}))
+    assert summary(run)["status"] == "finished" and summary(run)["steps"] == 3 * 1024

@@ -1,0 +1,248 @@
+"""Checkpoints that never lie: complete, atomic, safe to load.
+
+    <run>/checkpoints/
+        step-0000516/          Accelerate's save_state files (model.safetensors, optimizer.bin,
+                               random_states_<rank>.pkl, ...) and train_state.json, written last
+        latest -> step-...     symlinks for people; the code finds checkpoints by listing folders
+        best -> step-...
+    <run>/model.safetensors    the best model's weights: safetensors + recipe.model(cfg) load them
+
+Atomic: every rank writes into checkpoints/.tmp-<name>, then the main process renames it into
+place. A `step-*` folder is therefore always complete; a crash mid-save leaves only a `.tmp-*`
+folder, which the next save removes.
+
+Safe: our own state is JSON. Accelerate reads the rest with `torch.load(weights_only=True)` or
+safetensors; we register nothing with `register_for_checkpointing` (which Accelerate unpickles with
+weights_only=False), and we check the RNG files first because Accelerate ignores a failure to
+load them, which would make a resumed run silently differ.
+"""
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate.utils import load as safe_torch_load
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+from toolkit import UserError
+
+FORMAT = 1
+STATE_FILE = "train_state.json"
+_NAME = re.compile(r"^step-(\d+)$")
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where training is; saved as JSON beside Accelerate's files (its `load_state` forgets these)."""
+
+    epoch: int = 0              # completed epochs
+    batch: int = 0              # batches done in the next epoch (per rank)
+    step: int = 0               # optimizer steps
+    best: float | None = None   # best value of checkpoint.monitor so far
+    best_checkpoint: str = ""   # the checkpoint that holds it
+    metrics_lines: int = 0      # lines in metrics.jsonl when the checkpoint was written
+    wall_time_s: float = 0.0    # training time before this checkpoint, over all sessions
+    num_processes: int = 1      # world size that wrote it (the data shards depend on it)
+
+    def improves(self, value, mode):
+        return value is not None and (self.best is None or (value > self.best if mode == "max" else value < self.best))
+
+
+def save(accelerator, run_dir, state, keep, best, model):
+    """Save a checkpoint of everything prepared on `accelerator` plus `state`; if `best`, also
+    export `model`'s weights to <run>/model.safetensors. Call on every rank."""
+    folder = Path(run_dir) / "checkpoints"
+    name = f"step-{state.step:07d}"
+    tmp = folder / f".tmp-{name}"
+    if accelerator.is_main_process:
+        for leftover in folder.glob(".tmp-*"):  # from a save that a crash interrupted
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)  # the model and optimizer from the main process, RNG from every rank
+    weights = accelerator.get_state_dict(model) if best else None  # unwrapped keys; gathered if sharded
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if best:
+            state.best_checkpoint = name
+        for written in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
+            _fsync(written)
+        _write_json(tmp / STATE_FILE, {"format": FORMAT, **dataclasses.asdict(state)})
+        _fsync(tmp)
+        final = folder / name
+        if final.exists():  # the same step saved again (e.g. mid-epoch, then at the epoch's end)
+            _remove(final)
+        tmp.rename(final)
+        _fsync(folder)
+        _point(folder / "latest", name)
+        if best:
+            _point(folder / "best", name)
+            _export(weights, Path(run_dir) / "model.safetensors")
+        _prune(run_dir, keep, state.best_checkpoint)
+    accelerator.wait_for_everyone()
+    return Path(run_dir) / "checkpoints" / name
+
+
+def complete(run_dir):
+    """The complete checkpoints of a run, oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    found = [p for p in folder.iterdir() if _NAME.match(p.name) and (p / STATE_FILE).is_file()] \
+        if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def find(run_dir, which="latest"):
+    """`latest`, `best` or a checkpoint's folder name -> its path; UserError if there is none."""
+    checkpoints = complete(run_dir)
+    if not checkpoints:
+        raise UserError(f"{run_dir} has no complete checkpoint in {Path(run_dir) / 'checkpoints'}")
+    if which == "latest":
+        return checkpoints[-1]
+    if which == "best":
+        name = read_state(checkpoints[-1]).best_checkpoint
+        if not name:
+            raise UserError(f"{run_dir} has no best checkpoint yet (nothing was validated); use latest")
+        which = name
+    path = Path(run_dir) / "checkpoints" / which
+    if path not in checkpoints:
+        raise UserError(f"no complete checkpoint {which!r} in {run_dir}; there are: "
+                        f"{', '.join(p.name for p in checkpoints)}")
+    return path
+
+
+def read_state(checkpoint):
+    data = json.loads((Path(checkpoint) / STATE_FILE).read_text())
+    if data.pop("format", None) != FORMAT:
+        raise UserError(f"{checkpoint} was written by another version of the toolkit (format), cannot resume it")
+    return TrainState(**data)
+
+
+def verify(checkpoint, num_processes):
+    """Check before any work that `checkpoint` can be resumed safely and exactly; return its state.
+
+    Accelerate reads its files with weights_only=True, but it skips an RNG file it cannot read
+    without a word (the run would silently differ), and it unpickles `custom_checkpoint_*.pkl`
+    with weights_only=False. So: the RNG files must load safely, and those pickles must not exist."""
+    checkpoint = Path(checkpoint)
+    state = read_state(checkpoint)
+    custom = sorted(p.name for p in checkpoint.glob("custom_checkpoint_*"))
+    if custom:
+        raise UserError(f"{checkpoint} holds {', '.join(custom)}, which this toolkit never writes and which "
+                        f"would be unpickled with code execution; refusing to resume from it")
+    for rank in range(num_processes):
+        rng_file = checkpoint / f"random_states_{rank}.pkl"
+        if rng_file.exists():
+            _safe_load(rng_file)
+    return state
+
+
+def load(accelerator, checkpoint):
+    """Restore everything `save` wrote; return the TrainState. Call on every rank after `verify`."""
+    try:
+        accelerator.load_state(checkpoint)
+    except Exception as e:  # noqa: BLE001 - e.g. a file that is not a plain tensor pickle
+        raise UserError(f"cannot load {checkpoint}: {_reason(e)}") from e
+    return read_state(checkpoint)
+
+
+def _safe_load(path):
+    try:
+        return safe_torch_load(path)  # weights_only=True, with the numpy types RNG states need
+    except Exception as e:  # noqa: BLE001 - any failure means the run could not continue exactly
+        raise UserError(f"{path} cannot be loaded safely ({_reason(e)}); refusing to resume from it") from e
+
+
+def _reason(error):
+    """The informative line of an exception: for a refused pickle, the global it wanted."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    refused = [line for line in lines if "GLOBAL" in line or "WeightsUnpickler" in line]
+    return f"{type(error).__name__}: {(refused or lines or [''])[0]}"
+
+
+def load_weights(model, source, strict=False):
+    """Load weights into `model` from a .safetensors file, a .pt/.pth/.bin state dict (read with
+    weights_only=True), a run folder (its best `model.safetensors`) or a checkpoint folder.
+    Non-strict unless `strict`; returns (missing, unexpected) key lists."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise UserError(f"{source}: no such file (give a .safetensors file, a run folder or a checkpoint)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        weights = load_file(path)
+    elif path.suffix in (".pt", ".pth", ".bin"):
+        try:
+            weights = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - e.g. a pickle that would run code
+            raise UserError(f"{source} cannot be loaded safely ({_reason(e)})") from e
+        if isinstance(weights, dict) and isinstance(weights.get("state_dict", weights.get("model")), dict):
+            weights = weights.get("state_dict", weights.get("model"))
+    else:
+        raise UserError(f"{source}: expected a .safetensors, .pt, .pth or .bin file or a folder")
+    consume_prefix_in_state_dict_if_present(weights, "module.")  # saved from a DDP-wrapped model
+    try:
+        result = model.load_state_dict(weights, strict=strict)
+    except RuntimeError as e:
+        raise UserError(f"{source} does not fit the model: {str(e).splitlines()[1].strip()}") from e
+    return result.missing_keys, result.unexpected_keys
+
+
+def _point(link, name):
+    """Atomically make `link` a relative symlink to `name`."""
+    tmp = link.with_name(f".{link.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        tmp.symlink_to(name)
+        os.replace(tmp, link)
+    except OSError:  # a file system without symlinks: the code does not need them
+        tmp.unlink(missing_ok=True)
+
+
+def _prune(run_dir, keep, best):
+    """Keep the `keep` newest checkpoints (0: all) and the best one."""
+    if keep <= 0:
+        return
+    for old in complete(run_dir)[:-keep]:
+        if old.name != best:
+            _remove(old)
+
+
+def _remove(path):
+    """Rename first (atomic), so that a crash mid-delete never leaves a half checkpoint that looks whole."""
+    doomed = path.with_name(f".tmp-del-{path.name}")
+    path.rename(doomed)
+    shutil.rmtree(doomed)
+
+
+def _export(weights, target):
+    from safetensors.torch import save_file
+
+    tmp = target.with_name(f".{target.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp, metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; others may read a model as any other file
+    _fsync(tmp)
+    os.replace(tmp, target)
+
+
+def _write_json(path, data):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    _fsync(path)
+
+
+def _fsync(path):
+    """Flush a file's or a folder's entries to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,52 @@
+"""Stopping cleanly on SIGTERM or Ctrl-C, with every rank stopping at the same step."""
+
+import signal
+
+import torch
+import torch.distributed as dist
+
+
+class StopRequest:
+    """`check()` once per training step on every rank; it returns the signal's name once a stop
+    is agreed. The first SIGTERM or SIGINT asks for a stop at the next step boundary (the loop then
+    saves a checkpoint); a second Ctrl-C aborts at once.
+
+    With several processes the ranks must agree on the step, or one would wait in a collective the
+    others never reach. They agree through an all-reduce of the flag on a CPU (gloo) group, started
+    at one step and read at the next, so the accelerator never waits for it.
+    """
+
+    def __init__(self, num_processes):
+        self.requested = None
+        self.group = dist.new_group(backend="gloo") if num_processes > 1 else None
+        self.flag = torch.zeros(1)
+        self.pending = None
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        if self.requested == "SIGINT" and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: abort now
+        self.requested = self.requested or signal.Signals(signum).name
+
+    def check(self):
+        if self.group is None:
+            return self.requested
+        agreed = None
+        if self.pending is not None:
+            self.pending.wait()
+            if self.flag.item():
+                agreed = self.requested or "SIGTERM"  # another rank got the signal
+        self.flag.fill_(1.0 if self.requested else 0.0)
+        self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return agreed
+
+    def finish(self):
+        """Wait for the last all-reduce (every rank calls this when training ends normally)."""
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None
+
+    def close(self):
+        """Give the signals back to their previous handlers."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
