@@ -52,7 +52,7 @@ def test(args):
 
     run, recipe = load_run(args.run)
     cfg = config.resolve(recipe.config, [run / "config.yaml", *args.config], args.overrides)
-    loop.test(recipe, cfg, run, args.checkpoint, args.split)
+    loop.test(recipe, cfg, run, args.checkpoint, args.split, args.ema)
     return 0
 
 
@@ -70,9 +70,14 @@ def load_run(path):
 
 
 def exit_status(summary):
-    """0 when the run finished; 128 + the signal's number when a signal stopped it."""
+    """0 when the run finished; 128 + the signal's number when a signal stopped it; 1 when it failed
+    (the error is printed)."""
     if summary.get("status") == "interrupted":
         return 128 + signal.Signals[summary.get("signal", "SIGINT")].value
+    if summary.get("status") == "failed":
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {summary['error']}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -103,6 +108,7 @@ def parser(command):
     if command == "test":
         p.add_argument("--checkpoint", default="best", help="best (default), latest, or a folder name: step-0000516")
         p.add_argument("--split", default="", choices=["", "test", "val"], help="default: test, else val")
+        p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights (ema.decay > 0)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for configuration errors")
     return p
 

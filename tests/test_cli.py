@@ -41,7 +41,7 @@ def test_run_folder_is_complete(trained):
         assert (run / name).stat().st_size > 0, name
     assert (run / "lenet.py").read_text() == (REPO / "recipes" / "lenet.py").read_text()
     log = (run / "log.txt").read_text()
-    assert "command:" in log and "epoch 3/3 val accuracy=" in log and "test accuracy=" in log
+    assert "command:" in log and "epoch 3/3 step 96 val accuracy=" in log and "test accuracy=" in log
 
 
 def test_metrics_jsonl_has_every_window_and_evaluation(trained):
@@ -122,7 +122,7 @@ def test_bad_input_from_the_real_command_line(tmp_path):
     result = run_launch([LENET, "optim.lrr=1", "epoch=3", f"output_dir={tmp_path / 'runs'}"], cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        "error: unknown key 'optim.lrr' from the command line; closest valid keys: optim.lr, optim, optim.name",
+        "error: unknown key 'optim.lrr' from the command line; closest valid keys: optim.lr, optim.lr_mult, optim",
         "error: unknown key 'epoch' from the command line; closest valid keys: epochs",
     ]
     assert "Traceback" not in result.stderr and result.stdout == ""

@@ -67,7 +67,7 @@ def test_text_keys_take_the_text_as_written():
 
 def test_unknown_keys_name_the_closest_valid_ones():
     assert problems("optim.lrr=1") == [
-        "unknown key 'optim.lrr' from the command line; closest valid keys: optim.lr, optim, optim.name"]
+        "unknown key 'optim.lrr' from the command line; closest valid keys: optim.lr, optim.lr_mult, optim"]
     assert problems("lr=1") == ["unknown key 'lr' from the command line; closest valid keys: optim.lr"]
     assert problems("zzz=1") == ["unknown key 'zzz' from the command line"]
 
@@ -82,7 +82,7 @@ def test_wrong_types_name_key_value_and_expected_type():
     assert problems("epochs=1.5") == ["epochs: expected an integer, got 1.5 (float), from the command line"]
     assert problems("optim.lr=fast") == ["optim.lr: expected a number, got 'fast' (str), from the command line"]
     assert problems("trackers=tensorboard")[0].startswith("trackers: expected a list, e.g. [a, b], got 'tensorboard'")
-    assert problems("optim=3")[0] == ("optim: expected a mapping with keys name, lr, weight_decay, momentum, "
+    assert problems("optim=3")[0] == ("optim: expected a mapping with keys name, lr, weight_decay, betas, momentum, lr_mult, "
                                       "got 3 (int), from the command line")
 
 

@@ -47,14 +47,18 @@ class TrainState:
     metrics_lines: int = 0      # lines in metrics.jsonl when the checkpoint was written
     wall_time_s: float = 0.0    # training time before this checkpoint, over all sessions
     num_processes: int = 1      # world size that wrote it (the data shards depend on it)
+    stale_validations: int = 0  # validations since the monitor last improved (early stopping)
+    bad_steps: int = 0          # optimizer steps skipped in a row for a non-finite loss or gradient
+    ema_updates: int = 0        # updates averaged into the EMA weights
 
     def improves(self, value, mode):
         return value is not None and (self.best is None or (value > self.best if mode == "max" else value < self.best))
 
 
-def save(accelerator, run_dir, state, keep, best, model):
-    """Save a checkpoint of everything prepared on `accelerator` plus `state`; if `best`, also
-    export `model`'s weights to <run>/model.safetensors. Call on every rank."""
+def save(accelerator, run_dir, state, keep, best, model, ema=None):
+    """Save a checkpoint of everything prepared on `accelerator`, `state` and the `ema` weights
+    (an AveragedModel, as ema.safetensors); if `best`, also export the weights to
+    <run>/model.safetensors (and model_ema.safetensors). Call on every rank."""
     folder = Path(run_dir) / "checkpoints"
     name = f"step-{state.step:07d}"
     tmp = folder / f".tmp-{name}"
@@ -67,6 +71,9 @@ def save(accelerator, run_dir, state, keep, best, model):
     weights = accelerator.get_state_dict(model) if best else None  # unwrapped keys; gathered if sharded
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if ema is not None:
+            state.ema_updates = int(ema.n_averaged)
+            _write_safetensors(ema.module.state_dict(), tmp / "ema.safetensors")
         if best:
             state.best_checkpoint = name
         for written in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
@@ -82,6 +89,8 @@ def save(accelerator, run_dir, state, keep, best, model):
         if best:
             _point(folder / "best", name)
             _export(weights, Path(run_dir) / "model.safetensors")
+            if ema is not None:
+                _export(ema.module.state_dict(), Path(run_dir) / "model_ema.safetensors")
         _prune(run_dir, keep, state.best_checkpoint)
     accelerator.wait_for_everyone()
     return Path(run_dir) / "checkpoints" / name
@@ -140,13 +149,21 @@ def verify(checkpoint, num_processes):
     return state
 
 
-def load(accelerator, checkpoint):
+def load(accelerator, checkpoint, ema=None):
     """Restore everything `save` wrote; return the TrainState. Call on every rank after `verify`."""
     try:
         accelerator.load_state(checkpoint)
     except Exception as e:  # noqa: BLE001 - e.g. a file that is not a plain tensor pickle
         raise UserError(f"cannot load {checkpoint}: {_reason(e)}") from e
-    return read_state(checkpoint)
+    state = read_state(checkpoint)
+    if ema is not None:
+        from safetensors.torch import load_file
+
+        if not (Path(checkpoint) / "ema.safetensors").is_file():
+            raise UserError(f"{checkpoint} has no EMA weights (ema.decay was 0 when it was saved)")
+        ema.module.load_state_dict(load_file(Path(checkpoint) / "ema.safetensors", device=str(accelerator.device)))
+        ema.n_averaged.fill_(state.ema_updates)
+    return state
 
 
 def _safe_load(path):
@@ -221,15 +238,19 @@ def _remove(path):
 
 
 def _export(weights, target):
+    tmp = target.with_name(f".{target.name}.tmp")
+    _write_safetensors(weights, tmp)
+    os.replace(tmp, target)
+
+
+def _write_safetensors(weights, path):
     from safetensors.torch import save_file
 
-    tmp = target.with_name(f".{target.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp, metadata={"format": "pt"})
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, path, metadata={"format": "pt"})
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; others may read a model as any other file
-    _fsync(tmp)
-    os.replace(tmp, target)
+    os.chmod(path, 0o666 & ~umask)  # safetensors writes 0600; others may read a model as any other file
+    _fsync(path)
 
 
 def _write_json(path, data):

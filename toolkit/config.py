@@ -15,34 +15,68 @@ a number. The same rules read `--config` files, command-line values and the save
 import difflib
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import yaml
 
 from toolkit import UserError
 
 DEFAULTS = {
-    "seed": 0,                   # seeds python/numpy/torch; each rank draws augmentation from seed + rank
+    "seed": 0,                   # seeds python/numpy/torch; rank r draws its randomness from seed + r
+    "deterministic": False,      # torch.use_deterministic_algorithms: bitwise repeatable on GPU, slower
     "epochs": 10,                # passes over the training split
-    "batch_size": 64,            # per process; the global batch is batch_size x number of processes
+    "max_steps": 0,              # stop after this many optimizer steps, even mid-epoch (0: no limit)
+    "max_minutes": 0.0,          # stop after this much training time, even mid-epoch (0: no limit)
+    "batch_size": 64,            # per process and micro-batch
+    "grad_accum": 1,             # micro-batches per optimizer step; global batch = batch_size x grad_accum x processes
     "eval_batch_size": 256,      # per process, for val/test (no gradients, so larger is cheaper)
     "num_workers": 0,            # DataLoader workers; 0 is fastest for in-memory datasets
     "optim": {
         "name": "adamw",         # adamw | adam | sgd
-        "lr": 1e-3,
-        "weight_decay": 0.0,
-        "momentum": 0.9,         # sgd only
+        "lr": 1e-3,              # base learning rate (times the schedule's factor)
+        "weight_decay": 0.0,     # applied to matrices and kernels only, not to biases or norm weights
+        "betas": [0.9, 0.999],   # adam and adamw
+        "momentum": 0.9,         # sgd
+        "lr_mult": {},           # LR multiplier per module prefix, e.g. optim.lr_mult.features=0.1
     },
-    "max_steps": 0,              # stop after this many optimizer steps, even mid-epoch (0: no limit)
+    "freeze": [],                # parameter-name prefixes not to train, e.g. [features]
+    "sched": {
+        "name": "constant",      # constant | cosine | linear | step | onecycle
+        "warmup_steps": 0,       # linear warmup from 0, in optimizer steps
+        "warmup_epochs": 0.0,    # the same in epochs, when warmup_steps is 0
+        "min_lr": 0.0,           # cosine and linear end at min_lr x lr
+        "step_epochs": 1.0,      # step: multiply the LR by gamma every step_epochs epochs
+        "gamma": 0.1,            # step: the factor
+    },
+    "clip_grad_norm": 0.0,       # clip the global gradient norm to this (0: off); the norm is logged either way
+    "nan_tolerance": 3,          # non-finite steps are skipped; stop after more in a row (-1: no check, no host sync)
+    "ema": {
+        "decay": 0.0,            # keep an exponential moving average of the weights, e.g. 0.999 (0: off)
+    },
+    "val_every": 1,              # validate every N epochs (0: only when training ends)
+    "val_every_steps": 0,        # also every N optimizer steps (0: off)
+    "early_stop": {
+        "patience": 0,           # stop after N validations without a better checkpoint.monitor (0: off)
+    },
+    "limit_batches": {           # use only the first N batches of a split (0: all), e.g. to debug
+        "train": 0,
+        "val": 0,
+        "test": 0,
+    },
+    "debug": {
+        "overfit_batches": 0,    # train and validate on the same N batches (the model should reach ~100%)
+        "fast_run": False,       # one train, val and test step, a checkpoint saved and loaded, then exit
+    },
+    "precision": None,           # no | bf16 | fp16 (GPU); null: what `accelerate launch`/`accelerate config` set (no)
+    "log_every": 50,             # optimizer steps between reads of the train metrics (host syncs)
     "checkpoint": {
         "every_epochs": 1,       # save at the end of every N epochs (0: not on a schedule)
         "every_steps": 0,        # also save every N optimizer steps, mid-epoch too (0: off)
         "keep": 3,               # newest checkpoints kept (0: all); the best one is always kept
-        "monitor": "val/loss",   # the metric that picks the best checkpoint ("" for none)
+        "monitor": "val/loss",   # the metric that picks the best checkpoint: val/<metric> or val_ema/<metric> ("": none)
         "mode": "min",           # min | max: which way is better for the monitor
     },
-    "init_from": "",             # start from these weights: a .safetensors file or a run folder
-    "precision": None,           # no | bf16 | fp16; null: what `accelerate launch`/`accelerate config` set (no)
-    "log_every": 50,             # optimizer steps between train-metric reads (the only host syncs)
+    "init_from": "",             # start from these weights: a .safetensors/.pt file or a run folder
     "trackers": ["tensorboard"], # besides metrics.jsonl, which is always written; [] for none
     "output_dir": "runs",        # runs go to <output_dir>/<recipe>/<YYYYmmdd-HHMMSS>[-<name>]
     "name": "",                  # optional suffix of the run folder name
@@ -50,17 +84,17 @@ DEFAULTS = {
 
 CHOICES = {  # key -> allowed values (for a list: allowed elements)
     "optim.name": ("adamw", "adam", "sgd"),
+    "sched.name": ("constant", "cosine", "linear", "step", "onecycle"),
     "precision": ("no", "bf16", "fp16"),
     "trackers": ("tensorboard",),
     "checkpoint.mode": ("min", "max"),
 }
-MINIMUMS = {  # key -> smallest valid value
-    "epochs": 0, "batch_size": 1, "eval_batch_size": 1, "num_workers": 0, "log_every": 1,
-    "optim.lr": 0.0, "optim.weight_decay": 0.0, "max_steps": 0,
-    "checkpoint.every_epochs": 0, "checkpoint.every_steps": 0, "checkpoint.keep": 0,
+MINIMUMS = {  # key -> smallest valid value (every other number in DEFAULTS must be >= 0)
+    "batch_size": 1, "eval_batch_size": 1, "log_every": 1, "grad_accum": 1, "nan_tolerance": -1,
 }
 # Keys a resumed run may change: they do not change the model, the data or the results so far.
-RESUMABLE = ("epochs", "max_steps", "log_every", "eval_batch_size", "num_workers", "trackers",
+RESUMABLE = ("epochs", "max_steps", "max_minutes", "log_every", "eval_batch_size", "num_workers", "trackers",
+             "val_every", "val_every_steps", "early_stop.patience", "nan_tolerance",
              "checkpoint.every_epochs", "checkpoint.every_steps", "checkpoint.keep",
              "data.root", "data.download")
 
@@ -196,10 +230,18 @@ def resolve(recipe_config, files=(), overrides=()):
             problems.extend(e.problems)
             continue
         values = _merge(values, layer, "the command line", problems, schema)
+    if _get(values, "debug.fast_run") is True and isinstance(values["grad_accum"], int):
+        values = _merge(values, _fast_run(values["grad_accum"]), "debug.fast_run", problems, schema)
     problems += _check_values(values)
     if problems:
         raise ConfigError(problems)
     return Config(values)
+
+
+def _fast_run(grad_accum):
+    """What debug.fast_run=true means: one optimizer step, one val and one test batch."""
+    return {"epochs": 1, "max_steps": 0, "max_minutes": 0.0,
+            "limit_batches": {"train": grad_accum, "val": 1, "test": 1}}
 
 
 def diff(cfg, base):
@@ -251,10 +293,10 @@ def _merge(values, layer, source, problems, schema, prefix="", root=None):
     root = values if root is None else root
     for key, new in layer.items():
         name = f"{prefix}{key}"
-        if schema is not None and key not in schema:
+        if schema is not None and key not in schema and schema != {}:  # a {} default takes any keys
             problems.append(f"unknown key {name!r} from {source}{_suggest(name, root)}")
             continue
-        if key not in merged:
+        if key not in merged or (schema is not None and key not in schema):
             merged[key] = new
             continue
         default = merged[key] if schema is None else schema[key]
@@ -324,14 +366,19 @@ def _check_values(values):
         for item in value if isinstance(value, list) else [value]:
             if item is not None and item not in allowed:
                 problems.append(f"{key}: {item!r} is not one of {', '.join(allowed)}")
-    monitor = _get(values, "checkpoint.monitor")
-    if monitor and not (isinstance(monitor, str) and monitor.startswith("val/") and len(monitor) > 4):
-        problems.append(f"checkpoint.monitor: {monitor!r} must name a validation metric, e.g. val/loss, "
-                        f"or be empty")
-    for key, minimum in MINIMUMS.items():
-        value = _get(values, key)
-        if isinstance(value, (int, float)) and value < minimum:
+    for key, default in _leaves(DEFAULTS):
+        value, minimum = _get(values, key), MINIMUMS.get(key, 0)
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and value < minimum:
             problems.append(f"{key}: {value} is below the minimum, {minimum}")
+    for prefix, mult in (_get(values, "optim.lr_mult") or {}).items():
+        if isinstance(mult, bool) or not isinstance(mult, (int, float)) or mult < 0:
+            problems.append(f"optim.lr_mult.{prefix}: expected a number >= 0, got {_show(mult)}")
+    if not _get(values, "ema.decay") < 1:
+        problems.append("ema.decay: must be below 1 (e.g. 0.999), or 0 for no EMA")
+    monitor = _get(values, "checkpoint.monitor")
+    if monitor and not re.fullmatch(r"val(_ema)?/\S+", str(monitor)):
+        problems.append(f"checkpoint.monitor: {monitor!r} must name a validation metric, e.g. val/loss or "
+                        f"val_ema/accuracy, or be empty")
     return problems
 
 
@@ -367,3 +414,31 @@ def _show(value):
         return "null"
     text = repr(value)
     return f"{text if len(text) <= 60 else text[:57] + '...'} ({type(value).__name__})"
+
+
+def markdown_table():
+    """Every key of DEFAULTS with its default and its comment above, as a Markdown table (the
+    README's, checked by a test so it never drifts): `python -m toolkit.config`."""
+    source = Path(__file__).read_text(encoding="utf-8")
+    block = source[source.index("DEFAULTS = {"):source.index("\n}\n", source.index("DEFAULTS = {"))]
+    rows, groups = ["| key | default | meaning |", "| --- | --- | --- |"], []
+    for line in block.splitlines()[1:]:
+        if line.strip().startswith("}"):
+            groups.pop()
+            continue
+        match = re.match(r'\s*"(\w+)": (.*?)(?:\s+#\s*(.*))?$', line)
+        if not match:
+            continue
+        key, value, comment = match.groups()
+        if value.rstrip(",") == "{":
+            groups.append((key, comment or ""))
+            continue
+        dotted = ".".join([g for g, _ in groups] + [key])
+        meaning = (comment or (groups[-1][1] if groups else "")).replace("|", "\\|").replace("<", "&lt;")
+        default = _get(DEFAULTS, dotted)
+        rows.append(f"| `{dotted}` | `{_short(default) if default != '' else repr('')}` | {meaning} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -1,10 +1,13 @@
 """The training loop. Read `train` top to bottom: build, prepare, train, evaluate, log.
 
-Accelerate does device placement, DDP and mixed precision; everything else is plain PyTorch.
-Performance rules kept here: no host sync per step (the loss and counts stay on the device and
-are read every `log_every` steps), no barrier in the hot loop, gradients freed with set_to_none.
+Accelerate does device placement, DDP, mixed precision and gradient accumulation; everything else
+is plain PyTorch. Performance rules kept here: the loss and metric counts stay on the device and
+are read every `log_every` steps; the one other host sync is the non-finite check once per
+optimizer step (`nan_tolerance=-1` turns it off); no barrier in the hot loop; gradients freed
+with set_to_none.
 """
 
+import math
 import os
 import shlex
 import sys
@@ -13,10 +16,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DataLoaderConfiguration, broadcast, parse_flag_from_env, set_seed
+from accelerate.utils import DataLoaderConfiguration, broadcast, broadcast_object_list, parse_flag_from_env, set_seed
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from toolkit import UserError, checkpoint, config, tracking
 from toolkit.metrics import Totals, summarize
+from toolkit.optim import lr_schedule, make_optimizer, set_lr
 from toolkit.signals import StopRequest
 from toolkit.tracking import FILE_ONLY, format_metrics, log
 
@@ -25,18 +30,21 @@ def train(recipe, cfg, resume=None):
     """Train `recipe` with the resolved `cfg` in a new run folder, or, given `resume` (a run
     folder), continue that run from its latest checkpoint. Return the summary."""
     # The process group first, so that ranks can agree on things (the run folder) before any work.
-    processes, cpu = start_processes()
+    processes, cpu = start_processes(cfg)
     resume_from = checkpoint.find(resume) if resume else None
     state = checkpoint.verify(resume_from, processes.num_processes) if resume else checkpoint.TrainState()
 
     # Build with one seed on every rank, so that data splits and initial weights agree everywhere.
-    set_seed(cfg.seed)
+    set_seed(cfg.seed, deterministic=cfg.deterministic)
     with processes.main_process_first():  # the main process downloads; the others then read its files
         splits = recipe.datasets(cfg)
     check_splits(splits)
+    splits = limit_splits(splits, cfg, processes.num_processes)
     model = recipe.model(cfg)
     initialized = checkpoint.load_weights(model, cfg.init_from) if cfg.init_from and not resume else None
-    optimizer = make_optimizer(cfg, model, recipe)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema.decay), use_buffers=True) \
+        if cfg.ema.decay else None
+    optimizer, groups = make_optimizer(cfg, model, recipe)
     loaders = {split: make_loader(split, ds, cfg, recipe, processes) for split, ds in splits.items()}
     # From here on each rank draws its own randomness (augmentation, dropout).
     set_seed(cfg.seed + processes.process_index)
@@ -45,6 +53,7 @@ def train(recipe, cfg, resume=None):
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=cfg.precision,
+        gradient_accumulation_steps=cfg.grad_accum,
         log_with=list(cfg.trackers) or None,
         project_dir=run_dir,
         # All ranks shuffle with the same seed, then each takes its own shard of every batch list:
@@ -55,7 +64,7 @@ def train(recipe, cfg, resume=None):
         tracking.write_run_files(run_dir, cfg, None if resume else recipe.path)
     tracking.setup_logging(run_dir, accelerator.is_main_process)
     metrics_log = tracking.Metrics(accelerator, run_dir, state.metrics_lines if resume else None, state.step + 1)
-    log_header(accelerator, recipe, cfg, splits, model, run_dir)
+    log_header(accelerator, recipe, cfg, splits, model, run_dir, groups)
     if initialized:
         log.info(f"init_from {cfg.init_from}: missing keys {initialized[0] or 'none'}, "
                  f"unexpected keys {initialized[1] or 'none'}")
@@ -67,8 +76,12 @@ def train(recipe, cfg, resume=None):
     accelerator.even_batches = False
     eval_loaders = {split: accelerator.prepare(loader) for split, loader in loaders.items()}
     accelerator.even_batches = True
+    if ema is not None:
+        ema.to(accelerator.device)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    lr_factor = lr_schedule(cfg, steps_per_epoch=math.ceil(len(train_loader) / cfg.grad_accum))
     if resume_from:
-        state = checkpoint.load(accelerator, resume_from)
+        state = checkpoint.load(accelerator, resume_from, ema)
         log.info(f"resumed from {resume_from} (epoch {state.epoch}, batch {state.batch}, step {state.step})")
         if state.num_processes != accelerator.num_processes:
             log.warning(f"the checkpoint was written by {state.num_processes} process(es), this run has "
@@ -76,20 +89,21 @@ def train(recipe, cfg, resume=None):
                         f"exactly as it would have")
 
     ckpt = cfg.checkpoint
-    monitor = ckpt.monitor if "val" in eval_loaders else ""
+    monitor = ckpt.monitor if "val" in eval_loaders and (ema or not ckpt.monitor.startswith("val_ema/")) else ""
     summary = {"status": "running", "run_dir": str(run_dir), "epochs": state.epoch, "steps": state.step}
     stop = StopRequest(accelerator.num_processes)
     session_start = time.time() - state.wall_time_s
     state.num_processes = accelerator.num_processes
-
+    check_finite = cfg.nan_tolerance >= 0
     window, window_start = Totals(), time.perf_counter()
+    steps = StepStats(accelerator.device)  # grad norms and skipped steps of the window
 
     def log_train(epoch, bar):
         """Read the train window's sums (the host sync), log them and start the next window."""
         nonlocal window_start
         metrics = summarize(window.reduce(accelerator), getattr(recipe, "metrics", None))
-        metrics["lr"] = optimizer.param_groups[0]["lr"]
-        metrics["samples_per_s"] = metrics["samples"] / (time.perf_counter() - window_start)
+        metrics.update(steps.read(), lr=optimizer.param_groups[0]["lr"],
+                       samples_per_s=metrics["samples"] / (time.perf_counter() - window_start))
         metrics_log.log("train", metrics, state.step, epoch)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_per_s=f"{metrics['samples_per_s']:.0f}")
         log.info(f"epoch {epoch} step {state.step} train {format_metrics(metrics)}",
@@ -100,12 +114,32 @@ def train(recipe, cfg, resume=None):
         nonlocal window_start
         state.wall_time_s = round(time.time() - session_start, 2)
         state.metrics_lines = metrics_log.lines
-        path = checkpoint.save(accelerator, run_dir, state, ckpt.keep, best, model)
+        path = checkpoint.save(accelerator, run_dir, state, ckpt.keep, best, model, ema)
         log.info(f"saved {path}" + (f" (best {monitor}={state.best:.6g})" if best else ""), extra=FILE_ONLY)
         window_start = time.perf_counter()  # samples/s counts training time only
 
+    def validate(epoch):
+        """Validate (the EMA weights too), log, and decide on rank 0 for all: (is it the best so
+        far, should training stop early)."""
+        nonlocal window_start
+        for split, net in (("val", model), ("val_ema", ema)):
+            if net is not None:
+                summary[split] = evaluate(accelerator, net, eval_loaders["val"], recipe)
+                metrics_log.log(split, summary[split], state.step, epoch)
+                log.info(f"epoch {epoch}/{cfg.epochs} step {state.step} {split} {format_metrics(summary[split])}")
+        window_start = time.perf_counter()
+        if not monitor:
+            return False, False
+        value = monitored(summary, monitor)
+        # Rank 0 decides for all: the collectives that follow (a save, stopping) must match.
+        best = broadcast_object_list([state.improves(value, ckpt.mode)])[0]
+        state.best = value if best else state.best
+        state.stale_validations = 0 if best else state.stale_validations + 1
+        return best, bool(cfg.early_stop.patience) and state.stale_validations >= cfg.early_stop.patience
+
     try:
-        stopping = None  # why training ends before `epochs`: "max_steps" or a signal's name
+        stopping = None  # why training ends before `epochs`: max_steps, max_minutes, early_stop, a signal, nan
+        finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
         last_epoch = state.epoch if cfg.max_steps and state.step >= cfg.max_steps else cfg.epochs
         for epoch in range(state.epoch + 1, last_epoch + 1):
             model.train()
@@ -114,22 +148,57 @@ def train(recipe, cfg, resume=None):
             bar = tracking.progress_bar(accelerator, len(train_loader), state.batch, f"epoch {epoch}/{cfg.epochs}")
             end_of_epoch = state.batch == len(train_loader)
             for batch in batches:
-                loss, counts = recipe.loss(model, batch)
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.step += 1
-                state.batch += 1
+                with accelerator.accumulate(model):  # no DDP all-reduce until the last micro-batch
+                    loss, counts = recipe.loss(model, batch)
+                    accelerator.backward(loss)
+                    if check_finite:
+                        finite &= torch.isfinite(loss.detach())
+                    if accelerator.sync_gradients:
+                        grad_norm = None
+                        if cfg.clip_grad_norm or check_finite:
+                            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm or math.inf)
+                        # Gradients are all-reduced, so every rank sees the same norm; the loss is
+                        # per rank, so the flag is all-reduced too: all ranks skip, or none.
+                        good = not check_finite or all_finite(accelerator, finite, grad_norm, cfg.precision)
+                        if good:
+                            set_lr(optimizer, base_lrs, lr_factor(state.step))
+                            optimizer.step()
+                        updated = good and not optimizer.step_was_skipped  # fp16's scaler skips some
+                        optimizer.zero_grad(set_to_none=True)
                 window.add(loss, counts)
+                state.batch += 1
                 bar.update()
-
-                stopping = stop.check() or ("max_steps" if state.step == cfg.max_steps else None)
                 end_of_epoch = state.batch == len(train_loader)
+                if not accelerator.sync_gradients:
+                    continue  # micro-batches of one optimizer step; everything below is per step
+
+                state.step += 1
+                steps.add(grad_norm, updated)
+                if ema is not None and updated:
+                    ema.update_parameters(accelerator.unwrap_model(model))
+                state.bad_steps = 0 if good else state.bad_steps + 1
+                if not good:
+                    finite.fill_(True)
+                    log.warning(f"step {state.step}: non-finite loss or gradient norm; step skipped "
+                                f"({state.bad_steps} in a row, nan_tolerance={cfg.nan_tolerance})")
+
+                over_time = cfg.max_minutes and time.time() - session_start > 60 * cfg.max_minutes
+                stopping = (stop.check("max_minutes" if over_time else None)
+                            or ("max_steps" if state.step == cfg.max_steps else None)
+                            or ("nan" if state.bad_steps > cfg.nan_tolerance >= 0 else None))
+                validate_now = not end_of_epoch and cfg.val_every_steps and state.step % cfg.val_every_steps == 0
                 save_now = not end_of_epoch and (stopping or (ckpt.every_steps and state.step % ckpt.every_steps == 0))
-                if state.step % cfg.log_every == 0 or end_of_epoch or save_now:
+                if state.step % cfg.log_every == 0 or end_of_epoch or save_now or validate_now:
                     log_train(epoch, bar)
+                if validate_now and "val" in eval_loaders:
+                    best, early = validate(epoch)
+                    stopping = stopping or ("early_stop" if early else None)
+                    save_now = save_now or best or bool(stopping)
+                    model.train()
+                else:
+                    best = False
                 if save_now:
-                    save()
+                    save(best)
                 if stopping:
                     break
             bar.close()
@@ -139,31 +208,36 @@ def train(recipe, cfg, resume=None):
             summary.update(epochs=epoch, steps=state.step)
 
             best = False
-            if "val" in eval_loaders:
-                summary["val"] = evaluate(accelerator, model, eval_loaders["val"], recipe)
-                metrics_log.log("val", summary["val"], state.step, epoch)
-                log.info(f"epoch {epoch}/{cfg.epochs} val {format_metrics(summary['val'])}")
-                if monitor:
-                    best = state.improves(monitored(summary["val"], monitor), ckpt.mode)
-                    state.best = monitored(summary["val"], monitor) if best else state.best
+            last = epoch == cfg.epochs or stopping in ("max_steps", "max_minutes")
+            if "val" in eval_loaders and ((cfg.val_every and epoch % cfg.val_every == 0) or last):
+                best, early = validate(epoch)
+                stopping = stopping or ("early_stop" if early else None)
             scheduled = (ckpt.every_epochs and epoch % ckpt.every_epochs == 0) or (
                 ckpt.every_steps and state.step % ckpt.every_steps == 0)
-            if best or scheduled or stopping or epoch == cfg.epochs:
+            if best or scheduled or stopping or last:
                 save(best)
-            window_start = time.perf_counter()  # samples/s counts training time, not validation
             if stopping:
                 break
 
         stop.finish()
         summary.update(epochs=state.epoch, steps=state.step)
-        if stopping and stopping != "max_steps":
+        if stopping == "nan":
+            summary.update(status="failed", error=(
+                f"{state.bad_steps} optimizer steps in a row had a non-finite loss or gradient norm (more than "
+                f"nan_tolerance={cfg.nan_tolerance}); they were skipped and the last good state is saved in "
+                f"{checkpoint.find(run_dir)}"))
+        elif stopping in ("SIGTERM", "SIGINT"):
             summary.update(status="interrupted", signal=stopping)
-            log.info(f"stopped by {stopping} at step {state.step}; continue with: "
-                     f"python launch.py resume {run_dir}")
+            log.info(f"stopped by {stopping} at step {state.step}; continue with: python launch.py resume {run_dir}")
         else:
+            if stopping:
+                log.info(f"stopped at step {state.step}: {stopping}")
             if "test" in eval_loaders:
                 summary["test"] = evaluate(accelerator, model, eval_loaders["test"], recipe)
                 metrics_log.log("test", summary["test"], state.step, state.epoch)
+            if cfg.debug.fast_run:
+                checkpoint.load(accelerator, checkpoint.find(run_dir), ema)
+                log.info("fast_run: one train, val and test step done, a checkpoint saved and loaded back")
             summary["status"] = "finished"
     except BaseException as e:
         summary["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
@@ -190,11 +264,15 @@ def train(recipe, cfg, resume=None):
     return summary
 
 
-def test(recipe, cfg, run_dir, which="best", split=""):
+def test(recipe, cfg, run_dir, which="best", split="", use_ema=False):
     """Evaluate checkpoint `which` (best, latest or a folder name) of the run in `run_dir` on `split`
-    (default: test, else val); print the metrics and save them as <run>/<split>-<checkpoint>.json."""
-    processes, cpu = start_processes()
+    (default: test, else val), with its EMA weights if `use_ema`; print the metrics and save them
+    as <run>/<split>[_ema]-<checkpoint>.json."""
+    processes, cpu = start_processes(cfg)
     path = checkpoint.find(run_dir, which)
+    weights = path / ("ema.safetensors" if use_ema else "model.safetensors")
+    if not weights.is_file():
+        raise UserError(f"{path} has no {weights.name}" + (" (the run had no EMA: ema.decay=0)" if use_ema else ""))
     set_seed(cfg.seed)
     with processes.main_process_first():
         splits = recipe.datasets(cfg)
@@ -202,28 +280,64 @@ def test(recipe, cfg, run_dir, which="best", split=""):
     if split not in splits:
         raise UserError(f"the recipe has no {split!r} split; it has {', '.join(splits)}")
     model = recipe.model(cfg)
-    checkpoint.load_weights(model, path, strict=True)
+    checkpoint.load_weights(model, weights, strict=True)
     accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.precision)
     accelerator.even_batches = False  # count every sample once; see train()
     model, loader = accelerator.prepare(model, make_loader(split, splits[split], cfg, recipe, processes))
     metrics = evaluate(accelerator, model, loader, recipe)
+    name = f"{split}_ema" if use_ema else split
     result = {"run_dir": str(run_dir), "checkpoint": path.name, "step": checkpoint.read_state(path).step,
-              "split": split, split: metrics}
+              "split": name, name: metrics}
     if accelerator.is_main_process:
-        tracking.write_json(Path(run_dir) / f"{split}-{path.name}.json", result)
-    accelerator.print(f"{split} {format_metrics(metrics)} | checkpoint {which} ({path.name}) | run {run_dir}")
+        tracking.write_json(Path(run_dir) / f"{name}-{path.name}.json", result)
+    accelerator.print(f"{name} {format_metrics(metrics)} | checkpoint {which} ({path.name}) | run {run_dir}")
     del model
     accelerator.free_memory()
     accelerator.end_training()
     return result
 
 
-def monitored(metrics, monitor):
-    """The value of `monitor` (e.g. "val/accuracy") in a split's metrics."""
-    name = monitor.split("/", 1)[1]
-    if name not in metrics:
-        raise UserError(f"checkpoint.monitor={monitor}: validation reports {', '.join(metrics)}")
-    return metrics[name]
+def monitored(summary, monitor):
+    """The value of `monitor` (e.g. "val/accuracy") in the latest validation."""
+    split, name = monitor.split("/", 1)
+    if name not in summary[split]:
+        raise UserError(f"checkpoint.monitor={monitor}: validation reports {', '.join(summary[split])}")
+    return summary[split][name]
+
+
+def all_finite(accelerator, finite, grad_norm, precision):
+    """Whether this optimizer step's loss (on every rank) and gradient norm are finite: the same
+    answer on every rank, from one all-reduce and one host sync. Under fp16 the gradient scaler
+    already skips steps with infinite gradients (that is how it finds its scale), so only the
+    loss counts."""
+    flag = ~finite
+    if grad_norm is not None and precision != "fp16":
+        flag = flag | ~torch.isfinite(grad_norm)
+    flag = flag.float()
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum")
+    return flag.item() == 0
+
+
+class StepStats:
+    """Per-window sums of the gradient norm and skipped steps, kept on the device."""
+
+    def __init__(self, device):
+        self.norm, self.steps, self.measured, self.skipped = torch.zeros((), device=device), 0, 0, 0
+
+    def add(self, grad_norm, good):
+        self.steps += 1
+        self.skipped += not good
+        if grad_norm is not None and good:
+            self.norm += grad_norm.detach().float()
+            self.measured += 1
+
+    def read(self):
+        result = {"skipped_steps": self.skipped}
+        if self.measured:
+            result["grad_norm"] = self.norm.item() / self.measured
+        self.__init__(self.norm.device)
+        return result
 
 
 @torch.no_grad()
@@ -239,26 +353,15 @@ def evaluate(accelerator, model, loader, recipe):
         # statistics) drift apart between its broadcasts.
         for buffer in net.buffers():
             broadcast(buffer, from_process=0)
+    was_training = net.training
     net.eval()
     totals = Totals()
-    for batch in loader:
-        loss, counts = recipe.loss(net, batch)
-        totals.add(loss, counts)
+    with accelerator.autocast():  # the same precision for the EMA copy as for the prepared model
+        for batch in loader:
+            loss, counts = recipe.loss(net, batch)
+            totals.add(loss, counts)
+    net.train(was_training)
     return summarize(totals.reduce(accelerator), getattr(recipe, "metrics", None))
-
-
-def make_optimizer(cfg, model, recipe):
-    """The recipe's `optimizer(cfg, model)` if it has one, else `optim.*` from the config."""
-    if hasattr(recipe, "optimizer"):
-        return recipe.optimizer(cfg, model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise UserError("the model has no trainable parameters")
-    o = cfg.optim
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[o.name]
-    return optimizer(params, lr=o.lr, weight_decay=o.weight_decay)
 
 
 def check_splits(splits):
@@ -274,10 +377,28 @@ def check_splits(splits):
         raise UserError("the train split is empty")
 
 
+def limit_splits(splits, cfg, num_processes):
+    """`limit_batches` and `debug.overfit_batches`: the first N batches' worth of samples (over all
+    processes) of a split; overfitting trains and validates on the same ones."""
+    def first(split, batches, batch_size):
+        n = batches * batch_size * num_processes
+        return torch.utils.data.Subset(splits[split], range(min(n, len(splits[split]))))
+
+    limited = dict(splits)
+    for split, batches in cfg.limit_batches.items():
+        if batches and split in splits:
+            limited[split] = first(split, batches, cfg.batch_size if split == "train" else cfg.eval_batch_size)
+    if cfg.debug.overfit_batches:
+        limited["train"] = limited["val"] = first("train", cfg.debug.overfit_batches, cfg.batch_size)
+    return limited
+
+
 def make_loader(split, dataset, cfg, recipe, processes):
     """A DataLoader for one split; the training one shuffles. A dataset that serves whole batches
-    (`toolkit.data.TensorDataset`) brings its own `collate_fn`; a recipe's `collate` wins."""
+    (`toolkit.data.TensorDataset`, also inside a Subset) brings its own `collate_fn`; a recipe's
+    `collate` wins."""
     training = split == "train"
+    base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=cfg.batch_size if training else cfg.eval_batch_size,
@@ -285,24 +406,31 @@ def make_loader(split, dataset, cfg, recipe, processes):
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
         pin_memory=processes.device.type == "cuda",
-        collate_fn=getattr(recipe, "collate", None) or getattr(dataset, "collate_fn", None),
+        collate_fn=getattr(recipe, "collate", None) or getattr(base, "collate_fn", None),
         # Its own generator (it seeds the workers), so that starting an epoch, or resuming in the
         # middle of one, draws nothing from the global RNG that the training step uses.
         generator=torch.Generator().manual_seed(cfg.seed + processes.process_index),
     )
 
 
-def start_processes():
+def start_processes(cfg):
     """The process group (Accelerate's PartialState) and whether it runs on the CPU.
 
     Without a GPU, several processes talk over gloo; Accelerate alone does this only under
     ACCELERATE_USE_CPU=1 and otherwise runs N unaware copies of the same training."""
     cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (
         int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available())
-    return PartialState(cpu=cpu), cpu
+    processes = PartialState(cpu=cpu)
+    precision = cfg.precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision == "fp16" and processes.device.type == "cpu":
+        raise UserError("precision=fp16 needs a GPU (on the CPU it would silently train in fp32); "
+                        "use precision=bf16 or precision=no")
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
+    return processes, cpu
 
 
-def log_header(accelerator, recipe, cfg, splits, model, run_dir):
+def log_header(accelerator, recipe, cfg, splits, model, run_dir, groups):
     """The opening lines of log.txt: what ran, where, on what."""
     changed = config.diff(cfg, config.resolve(recipe.config))
     params = sum(p.numel() for p in model.parameters())
@@ -315,3 +443,5 @@ def log_header(accelerator, recipe, cfg, splits, model, run_dir):
              f"accelerate {__import__('accelerate').__version__}")
     log.info(f"data: {', '.join(f'{split} {len(ds)}' for split, ds in splits.items())} | "
              f"model {type(model).__name__}: {params:,} parameters ({trainable:,} trainable)")
+    for line in groups:
+        log.info(f"optimizer {line}", extra=FILE_ONLY)

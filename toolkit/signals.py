@@ -7,8 +7,8 @@ import torch.distributed as dist
 
 
 class StopRequest:
-    """`check()` once per training step on every rank; it returns the signal's name once a stop
-    is agreed. The first SIGTERM or SIGINT asks for a stop at the next step boundary (the loop then
+    """`check()` once per training step on every rank; it returns the signal's name (or another
+    agreed reason) once a stop is agreed. The first SIGTERM or SIGINT asks for a stop at the next step boundary (the loop then
     saves a checkpoint); a second Ctrl-C aborts at once.
 
     With several processes the ranks must agree on the step, or one would wait in a collective the
@@ -28,15 +28,18 @@ class StopRequest:
             raise KeyboardInterrupt  # the second Ctrl-C: abort now
         self.requested = self.requested or signal.Signals(signum).name
 
-    def check(self):
+    def check(self, local=None):
+        """The agreed reason to stop, or None. `local` is this rank's own reason besides a signal
+        (a time budget): ranks whose clocks disagree must still stop at the same step."""
+        reasons = (None, local or "budget", self.requested or "SIGTERM")
+        mine = 2 if self.requested else 1 if local else 0
         if self.group is None:
-            return self.requested
+            return reasons[mine]
         agreed = None
         if self.pending is not None:
             self.pending.wait()
-            if self.flag.item():
-                agreed = self.requested or "SIGTERM"  # another rank got the signal
-        self.flag.fill_(1.0 if self.requested else 0.0)
+            agreed = reasons[int(self.flag.item())]  # the strongest reason of any rank
+        self.flag.fill_(mine)
         self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         return agreed
 

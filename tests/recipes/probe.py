@@ -10,13 +10,20 @@ import torch.nn.functional as F
 
 from toolkit.data import TensorDataset
 
-config = {"probe": "", "samples": 256}
-_record = None
+config = {
+    "probe": "",        # where to write the records ("": nowhere)
+    "samples": 256,
+    "nan_rank": -1,     # on this rank ...
+    "nan_steps": [],    # ... the loss of these training steps (1-based, per process) is NaN
+}
+_record, _nan_steps, _steps = None, (), 0
 
 
 def datasets(cfg):
-    global _record
-    _record = f"{cfg.probe}.rank{os.environ.get('RANK', '0')}"
+    global _record, _nan_steps
+    rank = int(os.environ.get("RANK", "0"))
+    _record = f"{cfg.probe}.rank{rank}" if cfg.probe else None
+    _nan_steps = cfg.nan_steps if rank == cfg.nan_rank else ()
     x = torch.randn(cfg.samples, 4, generator=torch.Generator().manual_seed(0))
     y = (x.sum(1) > 0).long()
 
@@ -33,8 +40,16 @@ def model(cfg):
 
 
 def loss(model, batch):
+    global _steps
     x, y, index, noise = batch
     dropped = torch.rand(1).item() if model.training else None  # the training step's own randomness
-    with open(_record, "a") as f:
-        f.write(json.dumps({"index": index.tolist(), "noise": noise.flatten().tolist(), "step_rng": dropped}) + "\n")
-    return F.cross_entropy(model(x), y), {"samples": len(y)}
+    if _record:
+        with open(_record, "a") as f:
+            f.write(json.dumps({"index": index.tolist(), "noise": noise.flatten().tolist(),
+                                "step_rng": dropped}) + "\n")
+    value = F.cross_entropy(model(x), y)
+    if model.training:
+        _steps += 1
+        if _steps in _nan_steps:
+            value = value * float("nan")
+    return value, {"samples": len(y)}

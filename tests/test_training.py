@@ -1,0 +1,298 @@
+"""Training features configured, not coded: accumulation, precision, clipping, the non-finite
+guard, optimizers, schedules, EMA, validation cadence, budgets, early stopping, debug modes."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import launch as launch_module
+from helpers import FASHION_MNIST, LENET, REPO, accelerate_launch, free_port, launch, only_run, read_jsonl, summary
+from toolkit import UserError, checkpoint, config, recipe
+from toolkit.loop import make_loader
+from toolkit.optim import lr_schedule, make_optimizer
+
+PROBE = REPO / "tests" / "recipes" / "probe.py"
+
+
+def ok(result):
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def two_processes():
+    return accelerate_launch("--config_file", REPO / "accelerate_configs" / "multi_gpu.yaml",
+                             "--num_processes", "2", "--main_process_port", free_port())
+
+
+def records(run, split):
+    return [r for r in read_jsonl(run / "metrics.jsonl") if r["split"] == split]
+
+
+def lenet_cfg(*overrides):
+    return config.resolve(recipe.load(LENET).config, [], overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient accumulation, precision, clipping
+
+def test_accumulation_matches_the_larger_batch(tiny, tmp_path):
+    """Batch 16 x 4 micro-batches and batch 64 take the same optimizer steps, with the same LR
+    schedule, the same losses (averaged over the effective batch) and nearly the same weights."""
+    common = [LENET, *tiny, "data.val_size=1080", "epochs=2", "log_every=3", "sched.name=cosine",
+              "sched.warmup_steps=5", "optim.lr=3e-3"]  # 1920 training samples: 30 batches of 64
+    ok(launch([*common, "batch_size=16", "grad_accum=4", f"output_dir={tmp_path / 'accum'}"], cwd=tmp_path))
+    ok(launch([*common, "batch_size=64", f"output_dir={tmp_path / 'big'}"], cwd=tmp_path))
+    accum, big = only_run(tmp_path / "accum"), only_run(tmp_path / "big")
+    a, b = records(accum, "train"), records(big, "train")
+    assert [r["step"] for r in a] == [r["step"] for r in b] and a[-1]["step"] == 60
+    assert [r["lr"] for r in a] == [r["lr"] for r in b]
+    assert [r["samples"] for r in a] == [r["samples"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-3)
+    wa = load_file(checkpoint.find(accum) / "model.safetensors")
+    wb = load_file(checkpoint.find(big) / "model.safetensors")
+    for key in wa:
+        assert torch.allclose(wa[key], wb[key], atol=1e-4), key
+
+
+def test_fp16_on_cpu_is_refused(tiny, tmp_path, capsys):
+    code = launch_module.main([LENET, *tiny, "precision=fp16"])
+    assert code == 2
+    assert capsys.readouterr().err == ("error: precision=fp16 needs a GPU (on the CPU it would silently train in "
+                                       "fp32); use precision=bf16 or precision=no\n")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bf16_on_cpu_trains(tiny, tmp_path):
+    ok(launch([LENET, *tiny, "precision=bf16", "epochs=2"], cwd=tmp_path))
+    run = only_run(tmp_path / "runs")
+    assert "precision bf16" in (run / "log.txt").read_text()
+    assert summary(run)["test"]["accuracy"] > 0.9
+
+
+def parameter_change(run, a, b):
+    wa = load_file(checkpoint.find(run, a) / "model.safetensors")
+    wb = load_file(checkpoint.find(run, b) / "model.safetensors")
+    return math.sqrt(sum(((wa[k] - wb[k]) ** 2).sum().item() for k in wa))
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.01])
+def test_clipping_bounds_the_update_and_the_norm_is_logged(tiny, tmp_path, clip):
+    """With plain SGD (lr 1) one step moves the weights by exactly the clipped gradient norm."""
+    ok(launch([LENET, *tiny, "optim.name=sgd", "optim.momentum=0", "optim.lr=1", "max_steps=2",
+               "checkpoint.every_steps=1", f"clip_grad_norm={clip}", "log_every=1", "checkpoint.monitor="],
+              cwd=tmp_path))
+    run = only_run(tmp_path / "runs")
+    moved = parameter_change(run, "step-0000001", "step-0000002")
+    norm = records(run, "train")[1]["grad_norm"]  # the norm before clipping, logged either way
+    assert norm > 0.05
+    assert moved == pytest.approx(min(norm, clip) if clip else norm, rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite steps
+
+def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    args = [PROBE, "batch_size=8", "epochs=1", "log_every=4", "trackers=[]", "checkpoint.monitor=",
+            "nan_rank=1", "nan_steps=[3, 4]", f"output_dir={tmp_path}"]
+    result = ok(launch(args, cwd=tmp_path, launcher=two_processes(), env={"ACCELERATE_USE_CPU": "1"}, timeout=180))
+    run = only_run(tmp_path)
+    train = records(run, "train")
+    assert [r["skipped_steps"] for r in train][:2] == [2, 0]
+    assert summary(run)["status"] == "finished" and summary(run)["steps"] == 16
+    assert all(torch.isfinite(w).all() for w in load_file(run / "checkpoints" / "latest" / "model.safetensors").values())
+    assert "step 3: non-finite loss or gradient norm; step skipped (1 in a row" in result.stderr
+
+
+def test_too_many_non_finite_steps_stop_the_run_with_the_last_good_state(tmp_path):
+    args = [PROBE, "batch_size=8", "epochs=3", "log_every=4", "trackers=[]", "checkpoint.monitor=",
+            "checkpoint.every_steps=2", "nan_rank=1", f"nan_steps={list(range(5, 40))}", "nan_tolerance=3",
+            f"output_dir={tmp_path}"]
+    result = launch(args, cwd=tmp_path, launcher=two_processes(), env={"ACCELERATE_USE_CPU": "1"}, timeout=180)
+    assert result.returncode != 0
+    run = only_run(tmp_path)
+    final = summary(run)
+    assert final["status"] == "failed" and final["steps"] == 8  # steps 5, 6, 7, 8 skipped: more than 3
+    assert "4 optimizer steps in a row had a non-finite loss or gradient norm" in final["error"]
+    assert f"error: {final['error']}" in result.stderr
+    last = checkpoint.find(run)
+    assert checkpoint.read_state(last).step == 8
+    saved, good = load_file(last / "model.safetensors"), load_file(run / "checkpoints" / "step-0000004" /
+                                                                    "model.safetensors")
+    for key in saved:  # the skipped steps changed nothing
+        assert torch.equal(saved[key], good[key])
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer, parameter groups, schedules
+
+def test_parameter_groups_decay_multipliers_and_freezing():
+    cfg = lenet_cfg("optim.weight_decay=0.1", "optim.lr_mult.features=0.1", "freeze=[classifier.5]")
+    model = recipe.load(LENET).model(cfg)
+    optimizer, lines = make_optimizer(cfg, model, SimpleNamespace())
+    groups = {(round(g["lr"], 8), g["weight_decay"]): g["params"] for g in optimizer.param_groups}
+    named = {id(p): n for n, p in model.named_parameters()}
+    names = {key: sorted(named[id(p)] for p in ps) for key, ps in groups.items()}
+    assert names == {
+        (1e-4, 0.1): ["features.0.weight", "features.3.weight"],
+        (1e-4, 0.0): ["features.0.bias", "features.3.bias"],
+        (1e-3, 0.1): ["classifier.1.weight", "classifier.3.weight"],
+        (1e-3, 0.0): ["classifier.1.bias", "classifier.3.bias"],
+    }
+    assert not model.classifier[5].weight.requires_grad
+    assert lines[-1] == "frozen: 2 tensors, 850 parameters"
+    assert optimizer.defaults["betas"] == (0.9, 0.999)
+
+
+def test_unknown_module_prefixes_are_named():
+    cfg = lenet_cfg("freeze=[backbone]")
+    with pytest.raises(UserError, match="no parameter of the model starts with 'backbone'.*features, classifier"):
+        make_optimizer(cfg, recipe.load(LENET).model(cfg), SimpleNamespace())
+
+
+@pytest.mark.parametrize("name, values", [
+    ("constant", {0: 0.0, 5: 0.5, 10: 1.0, 99: 1.0}),
+    ("cosine", {10: 1.0, 55: 0.55, 100: 0.1}),
+    ("linear", {10: 1.0, 55: 0.55, 100: 0.1}),
+    ("step", {10: 1.0, 19: 1.0, 20: 0.1, 40: 0.01}),
+    ("onecycle", {0: 0.04, 10: 1.0, 100: 0.0}),
+])
+def test_lr_schedules(name, values):
+    cfg = lenet_cfg(f"sched.name={name}", "sched.warmup_steps=10", "sched.min_lr=0.1", "epochs=5",
+                    "sched.step_epochs=1")
+    factor = lr_schedule(cfg, steps_per_epoch=20)
+    for step, expected in values.items():
+        assert factor(step) == pytest.approx(expected, abs=1e-9), step
+
+
+def test_onecycle_warms_up_for_30_percent_by_default():
+    factor = lr_schedule(lenet_cfg("sched.name=onecycle", "epochs=1"), steps_per_epoch=100)
+    assert factor(29) < factor(30) == 1.0 > factor(31)
+
+
+def test_lr_trace_is_the_same_with_two_processes(tmp_path):
+    """2 processes x batch 8 take the steps 1 process x batch 16 takes: the LR is stepped once per
+    optimizer step, not once per process."""
+    common = [PROBE, "epochs=2", "log_every=1", "trackers=[]", "checkpoint.monitor=", "sched.name=cosine",
+              "sched.warmup_epochs=0.5"]
+    ok(launch([*common, "batch_size=16", f"output_dir={tmp_path / 'one'}"], cwd=tmp_path))
+    ok(launch([*common, "batch_size=8", f"output_dir={tmp_path / 'two'}"], cwd=tmp_path, launcher=two_processes(),
+              env={"ACCELERATE_USE_CPU": "1"}))
+    one, two = records(only_run(tmp_path / "one"), "train"), records(only_run(tmp_path / "two"), "train")
+    assert len(one) == 32 and [r["lr"] for r in one] == [r["lr"] for r in two]
+    assert one[0]["lr"] == 0.0 and one[8]["lr"] == pytest.approx(1e-3) and one[-1]["lr"] < 1e-5  # warmup, cosine
+
+
+# ---------------------------------------------------------------------------------------------
+# EMA
+
+def test_ema_is_validated_monitored_saved_resumed_and_tested(tiny, tmp_path):
+    common = [LENET, *tiny, "epochs=3", "optim.lr=3e-4", "ema.decay=0.9", "checkpoint.monitor=val_ema/accuracy"]
+    ok(launch([*common, f"output_dir={tmp_path / 'unbroken'}"], cwd=tmp_path))
+    ok(launch([*common, "max_steps=45", f"output_dir={tmp_path / 'stopped'}"], cwd=tmp_path))
+    stopped = only_run(tmp_path / "stopped")
+    ok(launch(["resume", stopped, "max_steps=0"], cwd=tmp_path))
+    unbroken = only_run(tmp_path / "unbroken")
+
+    assert len(records(unbroken, "val_ema")) == 3 and summary(unbroken)["best"]["monitor"] == "val_ema/accuracy"
+    ema_a = load_file(checkpoint.find(stopped) / "ema.safetensors")
+    ema_b = load_file(checkpoint.find(unbroken) / "ema.safetensors")
+    for key in ema_b:  # resumed bitwise
+        assert torch.equal(ema_a[key], ema_b[key]), key
+    raw = load_file(checkpoint.find(unbroken) / "model.safetensors")
+    assert any(not torch.equal(raw[k], ema_b[k]) for k in raw)  # an average, not a copy
+    assert (unbroken / "model_ema.safetensors").is_file()
+
+    out = ok(launch(["test", unbroken, "--ema", "--checkpoint", "latest", "--split", "val"], cwd=tmp_path)).stdout
+    assert out.startswith(f"val_ema accuracy={summary(unbroken)['val_ema']['accuracy']:.4g} ")
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation cadence, budgets, early stopping
+
+def test_val_every_epochs_and_steps(tiny, tmp_path):
+    ok(launch([LENET, *tiny, "epochs=4", "val_every=2", "val_every_steps=20", "checkpoint.every_epochs=0"],
+              cwd=tmp_path))
+    run = only_run(tmp_path / "runs")
+    assert [r["step"] for r in records(run, "val")] == [20, 40, 60, 64, 80, 100, 120, 128]
+
+
+def test_max_minutes_stops_on_time(tiny, tmp_path):
+    ok(launch([LENET, *tiny, "epochs=50", "max_minutes=0.0001"], cwd=tmp_path))
+    run = only_run(tmp_path / "runs")
+    assert summary(run)["status"] == "finished" and summary(run)["steps"] < 50 * 32
+    assert "stopped at step" in (run / "log.txt").read_text() and "test" in summary(run)
+
+
+def test_early_stopping_stops_every_rank_together(tiny, tmp_path):
+    """lr=0: the monitor never improves after the first validation, so patience 2 ends at epoch 3."""
+    ok(launch([LENET, *tiny, "epochs=10", "optim.lr=0", "early_stop.patience=2"], cwd=tmp_path,
+              launcher=two_processes(), env={"ACCELERATE_USE_CPU": "1"}, timeout=180))
+    run = only_run(tmp_path / "runs")
+    assert summary(run)["status"] == "finished" and summary(run)["epochs"] == 3
+    assert "stopped at step 48: early_stop" in (run / "log.txt").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# Debug modes, seeding
+
+@pytest.mark.skipif(not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
+                    reason=f"no Fashion-MNIST in {FASHION_MNIST}: apt-get install dataset-fashion-mnist")
+def test_overfit_batches_reaches_100_percent(tmp_path):
+    ok(launch([LENET, "data.name=fashion_mnist", f"data.root={FASHION_MNIST}", "debug.overfit_batches=2",
+               "epochs=100", "val_every=0", "checkpoint.every_epochs=0", "trackers=[]", f"output_dir={tmp_path}"],
+              cwd=tmp_path))
+    run = only_run(tmp_path)
+    assert summary(run)["val"]["samples"] == 128  # validated on the same 2 batches
+    assert records(run, "train")[-1]["accuracy"] == 1.0 and summary(run)["val"]["accuracy"] == 1.0
+
+
+def test_fast_run_on_two_processes(tiny, tmp_path):
+    result = ok(launch([LENET, *tiny, "debug.fast_run=true"], cwd=tmp_path, launcher=two_processes(),
+                       env={"ACCELERATE_USE_CPU": "1"}, timeout=180))
+    run = only_run(tmp_path / "runs")
+    final = summary(run)
+    assert final["steps"] == 1 and final["val"]["samples"] == final["test"]["samples"] == 2 * 256
+    assert "checkpoint saved and loaded back" in result.stderr
+
+
+def test_limit_batches(tiny, tmp_path):
+    ok(launch([LENET, *tiny, "epochs=2", "limit_batches.train=3", "limit_batches.val=2", "eval_batch_size=100"],
+              cwd=tmp_path))
+    final = summary(only_run(tmp_path / "runs"))
+    assert final["steps"] == 6 and final["val"]["samples"] == 200 and final["test"]["samples"] == 1001
+
+
+def test_deterministic_runs_repeat(tiny, tmp_path):
+    for name in ("a", "b"):
+        ok(launch([LENET, *tiny, "epochs=1", "deterministic=true", f"output_dir={tmp_path / name}"], cwd=tmp_path))
+    assert summary(only_run(tmp_path / "a"))["test"] == summary(only_run(tmp_path / "b"))["test"]
+
+
+class Seeds(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return torch.initial_seed()
+
+
+def test_dataloader_workers_and_ranks_get_different_seeds():
+    cfg = lenet_cfg("num_workers=2", "eval_batch_size=1")
+    seeds = []
+    for rank in (0, 1):
+        processes = SimpleNamespace(process_index=rank, device=torch.device("cpu"))
+        loader = make_loader("val", Seeds(), cfg, SimpleNamespace(), processes)
+        seeds.append({int(s) for batch in loader for s in batch})
+    assert len(seeds[0]) == len(seeds[1]) == 2 and not seeds[0] & seeds[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Documentation
+
+def test_readme_lists_every_key_with_its_default():
+    readme = (REPO / "README.md").read_text()
+    assert config.markdown_table() in readme, "README's key table is stale: python -m toolkit.config"

@@ -1,0 +1,99 @@
+"""The optimizer (parameter groups, freezing, LR multipliers) and the learning-rate schedule.
+
+The schedule is a plain function of the optimizer step, applied before every optimizer step:
+nothing to prepare (Accelerate's prepared schedulers step once per process), nothing to save (the
+step is in the checkpoint), and the same trace whatever the number of processes.
+"""
+
+import math
+
+import torch
+
+from toolkit import UserError
+
+
+def make_optimizer(cfg, model, recipe):
+    """The recipe's `optimizer(cfg, model)` if it has one, else `optim.*` from the config.
+
+    Parameters whose name starts with a `freeze` prefix are frozen. Each other parameter gets the
+    LR multiplier of the longest `optim.lr_mult` prefix it matches; weight decay applies to
+    matrices and kernels only (not to biases or normalisation weights: anything 1-D).
+    Returns (optimizer, lines describing the groups for the log)."""
+    names = [name for name, _ in model.named_parameters()]
+    unknown = [prefix for prefix in (*cfg.freeze, *cfg.optim.lr_mult) if not any(_matches(n, [prefix]) for n in names)]
+    if unknown:
+        raise UserError(f"no parameter of the model starts with {', '.join(map(repr, unknown))} "
+                        f"(freeze / optim.lr_mult); its top-level modules are "
+                        f"{', '.join(name for name, _ in model.named_children())}")
+    frozen = [name for name in names if _matches(name, cfg.freeze)]
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
+    if hasattr(recipe, "optimizer"):
+        return recipe.optimizer(cfg, model), [f"the recipe's optimizer(); frozen: {len(frozen)} tensors"]
+
+    o = cfg.optim
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        prefixes = [prefix for prefix in o.lr_mult if _matches(name, [prefix])]
+        mult = o.lr_mult[max(prefixes, key=len)] if prefixes else 1.0
+        decay = o.weight_decay if p.ndim >= 2 else 0.0
+        groups.setdefault((mult, decay), []).append(p)
+    if not groups:
+        raise UserError("the model has no trainable parameters (check `freeze`)")
+    param_groups = [{"params": ps, "lr": o.lr * mult, "weight_decay": decay} for (mult, decay), ps in groups.items()]
+    if o.name == "sgd":
+        optimizer = torch.optim.SGD(param_groups, lr=o.lr, momentum=o.momentum)
+    else:
+        optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[o.name](param_groups, lr=o.lr,
+                                                                                  betas=tuple(o.betas))
+    lines = [f"{o.name}: group {i}: lr {g['lr']:.3g}, weight_decay {g['weight_decay']:.3g}: "
+             f"{len(g['params'])} tensors, {sum(p.numel() for p in g['params']):,} parameters"
+             for i, g in enumerate(param_groups)]
+    if frozen:
+        lines.append(f"frozen: {len(frozen)} tensors, "
+                     f"{sum(p.numel() for n, p in model.named_parameters() if n in frozen):,} parameters")
+    return optimizer, lines
+
+
+def _matches(name, prefixes):
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
+
+
+def lr_schedule(cfg, steps_per_epoch):
+    """factor(step) -> the multiplier of each group's base LR at optimizer step `step` (0-based).
+
+    Warmup rises linearly from 0 over `sched.warmup_steps` (or `warmup_epochs`); then `constant`,
+    `cosine` or `linear` decay to `sched.min_lr` x the LR at the last step, `step` multiplies by
+    `sched.gamma` every `sched.step_epochs` epochs, `onecycle` warms up for 30% of training unless
+    told otherwise, from LR/25, then anneals by a cosine to about 0."""
+    s = cfg.sched
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    warmup = s.warmup_steps or round(s.warmup_epochs * steps_per_epoch)
+    if s.name == "onecycle" and not warmup:
+        warmup = round(0.3 * total)
+    start = 1 / 25 if s.name == "onecycle" else 0.0
+    floor = 0.0 if s.name == "onecycle" else s.min_lr
+
+    def factor(step):
+        if step < warmup:
+            return start + (1 - start) * step / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if s.name == "constant":
+            return 1.0
+        if s.name == "step":
+            return s.gamma ** (step // max(1, round(s.step_epochs * steps_per_epoch)))
+        if s.name == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))  # cosine, onecycle
+
+    return factor
+
+
+def set_lr(optimizer, base_lrs, factor):
+    for group, base in zip(optimizer.param_groups, base_lrs):
+        group["lr"] = base * factor
