@@ -6,6 +6,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import launch
+from conftest import TINY_TRAINING
 from helpers import LENET, REPO, accelerate_launch, launch as run_launch, only_run, read_jsonl, run_dirs, summary
 from toolkit.config import ConfigError
 
@@ -15,7 +16,7 @@ def trained(mnist_root, tmp_path_factory):
     """One 3-epoch LeNet run on the tiny data, shared by the tests that inspect it."""
     tmp = tmp_path_factory.mktemp("trained")
     args = [f"data.root={mnist_root}", "data.val_size=1001", "data.download=false",
-            f"output_dir={tmp / 'runs'}", "log_every=5", "epochs=3"]
+            f"output_dir={tmp / 'runs'}", "log_every=5", "epochs=3", *TINY_TRAINING]
     result = run_launch([LENET, *args], cwd=tmp)
     assert result.returncode == 0, result.stderr
     return result, only_run(tmp / "runs"), tmp

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import launch as launch_module
+from conftest import TINY_TRAINING
 from helpers import FASHION_MNIST, LENET, REPO, accelerate_launch, free_port, launch, only_run, read_jsonl, summary
 from toolkit import UserError, checkpoint, config, recipe
 from toolkit.loop import make_loader
@@ -82,7 +83,7 @@ def parameter_change(run, a, b):
 @pytest.mark.parametrize("clip", [0.0, 0.01])
 def test_clipping_bounds_the_update_and_the_norm_is_logged(tiny, tmp_path, clip):
     """With plain SGD (lr 1) one step moves the weights by exactly the clipped gradient norm."""
-    ok(launch([LENET, *tiny, "optim.name=sgd", "optim.momentum=0", "optim.lr=1", "max_steps=2",
+    ok(launch([LENET, *tiny, "optim.name=sgd", "optim.momentum=0", "optim.lr=1", "max_steps=2", "skip_nonfinite=true",
                "checkpoint.every_steps=1", f"clip_grad_norm={clip}", "log_every=1", "checkpoint.monitor="],
               cwd=tmp_path))
     run = only_run(tmp_path / "runs")
@@ -97,7 +98,7 @@ def test_clipping_bounds_the_update_and_the_norm_is_logged(tiny, tmp_path, clip)
 
 def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     args = [PROBE, "batch_size=8", "epochs=1", "log_every=4", "trackers=[]", "checkpoint.monitor=",
-            "nan_rank=1", "nan_steps=[3, 4]", f"output_dir={tmp_path}"]
+            "skip_nonfinite=true", "nan_rank=1", "nan_steps=[3, 4]", f"output_dir={tmp_path}"]
     result = ok(launch(args, cwd=tmp_path, launcher=two_processes(), env={"ACCELERATE_USE_CPU": "1"}, timeout=180))
     run = only_run(tmp_path)
     train = records(run, "train")
@@ -109,7 +110,8 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
 
 def test_too_many_non_finite_steps_stop_the_run_with_the_last_good_state(tmp_path):
     args = [PROBE, "batch_size=8", "epochs=3", "log_every=4", "trackers=[]", "checkpoint.monitor=",
-            "checkpoint.every_steps=2", "nan_rank=1", f"nan_steps={list(range(5, 40))}", "nan_tolerance=3",
+            "checkpoint.every_steps=2", "skip_nonfinite=true", "nan_rank=1", f"nan_steps={list(range(5, 40))}",
+            "nan_tolerance=3",
             f"output_dir={tmp_path}"]
     result = launch(args, cwd=tmp_path, launcher=two_processes(), env={"ACCELERATE_USE_CPU": "1"}, timeout=180)
     assert result.returncode != 0
@@ -130,7 +132,7 @@ def test_too_many_non_finite_steps_stop_the_run_with_the_last_good_state(tmp_pat
 # Optimizer, parameter groups, schedules
 
 def test_parameter_groups_decay_multipliers_and_freezing():
-    cfg = lenet_cfg("optim.weight_decay=0.1", "optim.lr_mult.features=0.1", "freeze=[classifier.5]")
+    cfg = lenet_cfg("optim.lr=1e-3", "optim.weight_decay=0.1", "optim.lr_mult.features=0.1", "freeze=[classifier.5]")
     model = recipe.load(LENET).model(cfg)
     optimizer, lines = make_optimizer(cfg, model, SimpleNamespace())
     groups = {(round(g["lr"], 8), g["weight_decay"]): g["params"] for g in optimizer.param_groups}
@@ -169,7 +171,7 @@ def test_lr_schedules(name, values):
 
 
 def test_onecycle_warms_up_for_30_percent_by_default():
-    factor = lr_schedule(lenet_cfg("sched.name=onecycle", "epochs=1"), steps_per_epoch=100)
+    factor = lr_schedule(lenet_cfg("sched.name=onecycle", "sched.warmup_epochs=0", "epochs=1"), steps_per_epoch=100)
     assert factor(29) < factor(30) == 1.0 > factor(31)
 
 
@@ -242,7 +244,7 @@ def test_early_stopping_stops_every_rank_together(tiny, tmp_path):
 @pytest.mark.skipif(not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
                     reason=f"no Fashion-MNIST in {FASHION_MNIST}: apt-get install dataset-fashion-mnist")
 def test_overfit_batches_reaches_100_percent(tmp_path):
-    ok(launch([LENET, "data.name=fashion_mnist", f"data.root={FASHION_MNIST}", "debug.overfit_batches=2",
+    ok(launch([LENET, *TINY_TRAINING, "data.name=fashion_mnist", f"data.root={FASHION_MNIST}", "debug.overfit_batches=2",
                "epochs=100", "val_every=0", "checkpoint.every_epochs=0", "trackers=[]", f"output_dir={tmp_path}"],
               cwd=tmp_path))
     run = only_run(tmp_path)

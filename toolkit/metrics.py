@@ -18,20 +18,20 @@ class Totals:
         self.sums = {}
 
     def add(self, loss, counts):
-        """Add one batch. No host sync: everything stays on the device."""
+        """Add one batch. No host sync: tensors stay on the device (plain numbers, such as a
+        `len(labels)` sample count, are summed on the host, which costs no device op)."""
         if not self.sums and "samples" not in counts:
             raise UserError("the recipe's loss() must return counts with a 'samples' entry "
                             "(the number of samples in the batch), e.g. {'samples': len(labels)}")
-        samples = torch.as_tensor(counts["samples"], device=loss.device)
-        self._add("loss", loss.detach().float() * samples)  # the loss is a batch mean: weight it
+        self._add("loss", loss.detach() * counts["samples"])  # the loss is a batch mean: weight it
         for key, value in counts.items():
-            self._add(key, value.detach() if torch.is_tensor(value) else torch.as_tensor(value, device=loss.device))
+            self._add(key, value.detach() if torch.is_tensor(value) else value)
 
     def _add(self, key, value):
         if key in self.sums:
             self.sums[key] += value
         else:
-            self.sums[key] = value.clone()
+            self.sums[key] = value.clone() if torch.is_tensor(value) else value
 
     def reduce(self, accelerator):
         """Sums over all ranks as Python floats, and start again from zero.
@@ -44,7 +44,8 @@ class Totals:
             names = sorted(set(gather_object(names)))
         dtype = torch.float32 if accelerator.device.type == "mps" else torch.float64  # exact counts up to 2**53
         zero = torch.zeros((), dtype=dtype, device=accelerator.device)
-        stacked = torch.stack([self.sums[k].to(dtype) if k in self.sums else zero for k in names])
+        stacked = torch.stack([torch.as_tensor(self.sums[k], device=accelerator.device).to(dtype)
+                               if k in self.sums else zero for k in names])
         values = accelerator.reduce(stacked, reduction="sum").tolist()  # the host sync
         self.sums = {}
         return dict(zip(names, values))
