@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from toolkit import UserError
+from toolkit import PeerFailure, UserError
 
 LAYERS = ("Config layers, later wins: toolkit defaults < the recipe's config < each --config file (in order) "
           "< key=value overrides.")
@@ -130,6 +130,9 @@ def main(argv=None):
             for line in str(e).splitlines():
                 print(f"error: {line}", file=sys.stderr)
         return 2
+    except PeerFailure as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,6 +1,8 @@
 """Every file in accelerate_configs/ is valid for `accelerate launch --config_file`.
 (cpu.yaml and multi_gpu.yaml also run real trainings in test_cli.py and test_distributed.py.)"""
 
+import subprocess
+
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 
@@ -12,6 +14,7 @@ EXPECTED = {  # file -> (distributed_type, num_machines, use_cpu)
     "single_gpu.yaml": ("NO", 1, False),
     "multi_gpu.yaml": ("MULTI_GPU", 1, False),
     "multi_node.yaml": ("MULTI_GPU", 2, False),
+    "fsdp.yaml": ("FSDP", 1, False),
 }
 
 
@@ -27,3 +30,11 @@ def test_accelerate_loads_it(path):
     assert config.num_machines == num_machines and config.use_cpu == use_cpu
     assert config.mixed_precision == "no"
     assert "EDIT" in path.read_text() or path.name == "cpu.yaml"  # says what a user changes
+    if path.name == "fsdp.yaml":
+        assert config.fsdp_config["fsdp_version"] == 2
+
+
+def test_the_slurm_script_is_valid_bash():
+    script = REPO / "accelerate_configs" / "slurm.sh"
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    assert "--signal=TERM@" in script.read_text()  # so that SLURM's time limit ends in a checkpoint

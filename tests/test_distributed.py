@@ -1,8 +1,14 @@
 """Several processes through the real launcher (CPU, gloo): exact metrics and per-rank data."""
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from helpers import LENET, REPO, accelerate_launch, free_port, launch, only_run, summary
 
@@ -65,3 +71,91 @@ def test_each_rank_gets_its_own_data_and_randomness_reproducibly(tmp_path):
     (single,) = probes["one"]
     for key in ("index", "noise"):
         assert [s[key] for s in single[:16]] == [r[i][key] for i in range(8) for r in (rank0, rank1)]
+
+
+@pytest.fixture(scope="module")
+def one_process_eval(mnist_root, tmp_path_factory):
+    """Val and test metrics of 1 process on the initial weights (lr=0): what every launch path
+    must reproduce."""
+    tmp = tmp_path_factory.mktemp("one")
+    args = eval_args(mnist_root, tmp)
+    run(args, tmp, 1)
+    return summary(only_run(tmp / "runs")), args
+
+
+def eval_args(mnist_root, tmp):
+    return [LENET, f"data.root={mnist_root}", "data.val_size=1001", "data.download=false", "epochs=1",
+            "optim.lr=0", "eval_batch_size=100", "trackers=[]", f"output_dir={tmp / 'runs'}"]
+
+
+def same_evaluation(result, expected):
+    for split in ("val", "test"):
+        assert result[split]["samples"] == expected[split]["samples"] == 1001
+        assert result[split]["accuracy"] == expected[split]["accuracy"]
+        assert result[split]["loss"] == pytest.approx(expected[split]["loss"], rel=1e-6)
+
+
+def test_torchrun_without_accelerate_launch(one_process_eval, tmp_path):
+    expected, args = one_process_eval
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", free_port()]
+    result = launch([*args, f"output_dir={tmp_path}"], cwd=tmp_path, launcher=torchrun, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es) on cpu" in (only_run(tmp_path) / "log.txt").read_text()  # gloo, no env needed
+    same_evaluation(summary(only_run(tmp_path)), expected)
+
+
+def two_machines(args, tmp_path, processes_per_machine):
+    """Two `accelerate launch` commands with machine ranks 0 and 1, meeting on 127.0.0.1."""
+    port = free_port()
+    commands = [[*accelerate_launch("--config_file", REPO / "accelerate_configs" / "multi_node.yaml",
+                                    "--num_processes", 2 * processes_per_machine, "--machine_rank", rank,
+                                    "--main_process_ip", "127.0.0.1", "--main_process_port", port),
+                 REPO / "launch.py", *args] for rank in (0, 1)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "1"}
+    machines = [subprocess.Popen(list(map(str, c)), cwd=tmp_path, env=env, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for c in commands]
+    outputs = [m.communicate(timeout=300) for m in machines]
+    for machine, (out, err) in zip(machines, outputs):
+        assert machine.returncode == 0, err[-3000:]
+    return outputs
+
+
+def test_two_machines_of_two_processes_count_every_sample_once(one_process_eval, tmp_path):
+    expected, args = one_process_eval
+    outputs = two_machines([*args, f"output_dir={tmp_path}"], tmp_path, processes_per_machine=2)
+    run = only_run(tmp_path)  # one run folder for both machines
+    assert "4 process(es) on cpu" in (run / "log.txt").read_text()
+    same_evaluation(summary(run), expected)
+    assert [out.count("test accuracy=") for out, _ in outputs] == [1, 0]  # printed once, by the main process
+
+
+def test_two_machines_train_as_one_machine_with_the_same_world_size(tiny, tmp_path):
+    common = [LENET, *tiny, "epochs=2", "trackers=[]"]
+    two_machines([*common, f"output_dir={tmp_path / 'machines'}"], tmp_path, processes_per_machine=1)
+    run([*common, f"output_dir={tmp_path / 'one'}"], tmp_path, 2)
+    machines, one = only_run(tmp_path / "machines"), only_run(tmp_path / "one")
+    assert summary(machines)["test"] == summary(one)["test"]
+    a = load_file(machines / "checkpoints" / "latest" / "model.safetensors")
+    b = load_file(one / "checkpoints" / "latest" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_error_on_one_rank_ends_every_process_quickly(tmp_path):
+    args = [PROBE, "batch_size=8", "epochs=2", "trackers=[]", "fail_rank=1", "fail_step=3", f"output_dir={tmp_path}"]
+    started = time.monotonic()
+    result = launch(args, cwd=tmp_path, launcher=two_processes(), env={"ACCELERATE_USE_CPU": "1"}, timeout=60)
+    assert result.returncode != 0 and time.monotonic() - started < 60
+    assert result.stderr.count("ValueError: sample") == 1  # the original error, once
+    assert "error: rank 0 stopped: another process failed (rank 1)" in result.stderr
+    assert "Connection closed by peer" not in result.stderr  # no second traceback from rank 0
+    final = summary(only_run(tmp_path))
+    assert final["status"] == "failed" and final["error"].startswith("another process failed: rank 1: ValueError")
+
+
+def test_accelerate_launch_cpu_with_several_processes_is_refused(tiny, tmp_path):
+    launcher = accelerate_launch("--cpu", "--num_processes", "2", "--main_process_port", free_port())
+    result = launch([LENET, *tiny], cwd=tmp_path, launcher=launcher, timeout=120)
+    assert result.returncode != 0
+    assert "error: accelerate launch was asked for several CPU processes but started only this one" in result.stderr
+    assert not (tmp_path / "runs").exists()

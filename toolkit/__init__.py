@@ -9,3 +9,10 @@ class UserError(Exception):
     `launch.py` prints it as one line per message, without a traceback (unless `--debug`),
     and exits with status 2. Raise it from a recipe for problems the user can fix.
     """
+
+
+class PeerFailure(Exception):
+    """This process stopped because another one failed (a collective lost its peer).
+
+    `launch.py` prints it as one line, not a traceback: the failing process prints the real error.
+    """

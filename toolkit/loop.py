@@ -14,15 +14,17 @@ import shlex
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import accelerate.optimizer
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DataLoaderConfiguration, broadcast, broadcast_object_list, parse_flag_from_env, set_seed
+from accelerate.utils import (DataLoaderConfiguration, DistributedType, broadcast, broadcast_object_list,
+                               parse_flag_from_env, set_seed)
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from toolkit import UserError, checkpoint, config, tracking
+from toolkit import PeerFailure, UserError, checkpoint, config, tracking
 from toolkit.metrics import Totals, summarize
 from toolkit.optim import lr_schedule, make_optimizer, set_lr
 from toolkit.signals import StopRequest
@@ -257,10 +259,21 @@ def train(recipe, cfg, resume=None):
     except BaseException as e:
         summary["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         summary["error"] = f"{type(e).__name__}: {e}"
+        if accelerator.num_processes > 1 and lost_a_peer(e):
+            # The process that failed first wrote its error (below) before it exited, which is
+            # what broke this collective.
+            causes = [p.read_text().strip().splitlines()[-1] for p in sorted(run_dir.glob("error-rank*.txt"))]
+            summary["error"] = f"another process failed: {'; '.join(causes) or 'see its error'}"
+            raise PeerFailure(f"rank {accelerator.process_index} stopped: another process failed "
+                              f"({', '.join(p.split(':')[0] for p in causes) or 'see its error above'})") from e
+        if accelerator.num_processes > 1 and not isinstance(e, KeyboardInterrupt):
+            (run_dir / f"error-rank{accelerator.process_index}.txt").write_text(
+                "".join(traceback.format_exception(e)).rstrip() + f"\nrank {accelerator.process_index}: "
+                f"{type(e).__name__}: {e}\n", encoding="utf-8")
         raise
     finally:
         stop.close()
-        summary["wall_time_s"] = round(time.time() - session_start, 2)
+        summary.update(epochs=state.epoch, steps=state.step, wall_time_s=round(time.time() - session_start, 2))
         if state.best is not None:
             summary["best"] = {"monitor": monitor, "value": state.best, "checkpoint": state.best_checkpoint}
         if accelerator.is_main_process:
@@ -269,8 +282,8 @@ def train(recipe, cfg, resume=None):
             log.info(tracking.result_line(summary), extra=FILE_ONLY)
         metrics_log.close()
         tracking.close_logging()
-    if summary["status"] == "finished":
-        accelerator.print(tracking.result_line(summary))
+    if summary["status"] == "finished" and accelerator.is_main_process:  # once, not once per machine
+        print(tracking.result_line(summary))
     # Drop the DDP model before its process group: the other way round, gloo processes abort at
     # exit ("terminate called without an active exception").
     del model, optimizer
@@ -305,11 +318,19 @@ def test(recipe, cfg, run_dir, which="best", split="", use_ema=False):
               "split": name, name: metrics}
     if accelerator.is_main_process:
         tracking.write_json(Path(run_dir) / f"{name}-{path.name}.json", result)
-    accelerator.print(f"{name} {format_metrics(metrics)} | checkpoint {which} ({path.name}) | run {run_dir}")
+        print(f"{name} {format_metrics(metrics)} | checkpoint {which} ({path.name}) | run {run_dir}")
     del model
     accelerator.free_memory()
     accelerator.end_training()
     return result
+
+
+def lost_a_peer(error):
+    """Whether `error` is a collective that failed because another process went away."""
+    text = str(error)
+    return isinstance(error, torch.distributed.DistError) or any(
+        sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                  "NCCL communicator was aborted", "remote process exited"))
 
 
 def monitored(summary, monitor):
@@ -359,11 +380,14 @@ class StepStats:
 def evaluate(accelerator, model, loader, recipe):
     """Exact metrics of `model` over `loader`'s whole split, summed over all ranks.
 
-    Runs the unwrapped model: no DDP collective happens per batch, so ranks may run different
-    numbers of batches. The one collective is the final reduce, reached by every rank.
+    Ranks may hold different numbers of batches (the split is not padded). With DDP that is safe:
+    the unwrapped model runs no collective, and the one collective is the final reduce. FSDP
+    gathers weights inside every forward, so there each rank runs as many forwards as the busiest
+    one, repeating its last batch and ignoring the result.
     """
-    net = accelerator.unwrap_model(model)
-    if accelerator.num_processes > 1:
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    net = model if sharded else accelerator.unwrap_model(model)
+    if accelerator.num_processes > 1 and not sharded:
         # Every rank evaluates rank 0's model: DDP keeps weights in sync but buffers (BatchNorm
         # statistics) drift apart between its broadcasts.
         for buffer in net.buffers():
@@ -372,9 +396,17 @@ def evaluate(accelerator, model, loader, recipe):
     net.eval()
     totals = Totals()
     with accelerator.autocast():  # the same precision for the EMA copy as for the prepared model
+        batch = None
         for batch in loader:
             loss, counts = recipe.loss(net, batch)
             totals.add(loss, counts)
+        if sharded:
+            most = max(accelerator.gather(torch.tensor([len(loader)], device=accelerator.device)).tolist())
+            if most > len(loader) and batch is None:
+                raise UserError("under FSDP every process needs at least one evaluation batch: lower "
+                                "eval_batch_size or use fewer processes")
+            for _ in range(most - len(loader)):
+                recipe.loss(net, batch)
     net.train(was_training)
     return summarize(totals.reduce(accelerator), getattr(recipe, "metrics", None))
 
@@ -435,6 +467,13 @@ def start_processes(cfg):
     ACCELERATE_USE_CPU=1 and otherwise runs N unaware copies of the same training."""
     cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (
         int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available())
+    mpi = any(key in os.environ for key in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
+    if cpu and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ and not mpi:
+        # What `accelerate launch --cpu --num_processes N` and MULTI_CPU configs do without mpirun.
+        raise UserError("accelerate launch was asked for several CPU processes but started only this one (with "
+                        "--cpu or a MULTI_CPU config it expects mpirun); for N processes on CPUs run "
+                        "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N launch.py ..., "
+                        "or torchrun --nproc_per_node N launch.py ...")
     processes = PartialState(cpu=cpu)
     precision = cfg.precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if precision == "fp16" and processes.device.type == "cpu":

@@ -15,15 +15,18 @@ config = {
     "samples": 256,
     "nan_rank": -1,     # on this rank ...
     "nan_steps": [],    # ... the loss of these training steps (1-based, per process) is NaN
+    "fail_rank": -1,    # on this rank ...
+    "fail_step": 0,     # ... this training step raises, as a bad sample would
 }
-_record, _nan_steps, _steps = None, (), 0
+_record, _nan_steps, _fail_step, _steps = None, (), 0, 0
 
 
 def datasets(cfg):
-    global _record, _nan_steps
+    global _record, _nan_steps, _fail_step
     rank = int(os.environ.get("RANK", "0"))
     _record = f"{cfg.probe}.rank{rank}" if cfg.probe else None
     _nan_steps = cfg.nan_steps if rank == cfg.nan_rank else ()
+    _fail_step = cfg.fail_step if rank == cfg.fail_rank else 0
     x = torch.randn(cfg.samples, 4, generator=torch.Generator().manual_seed(0))
     y = (x.sum(1) > 0).long()
 
@@ -50,6 +53,8 @@ def loss(model, batch):
     value = F.cross_entropy(model(x), y)
     if model.training:
         _steps += 1
+        if _steps == _fail_step:
+            raise ValueError(f"sample {index[0].item()} is corrupt")
         if _steps in _nan_steps:
             value = value * float("nan")
     return value, {"samples": len(y)}
