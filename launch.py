@@ -1,9 +1,12 @@
-"""Train, resume and test recipes.
+"""Train, resume, test, sweep and look at runs.
 
     python launch.py recipes/lenet.py [--config a.yaml ...] [key.sub=value ...]    train a new run
     python launch.py resume runs/lenet/<run> [key=value ...]                        continue a run
     python launch.py test runs/lenet/<run> [--checkpoint best|latest|step-N]        evaluate a run
-    accelerate launch [launcher options] launch.py ...                              the same, distributed
+    python launch.py sweep recipes/lenet.py optim.lr=1e-3,3e-3 [...]               a grid of runs
+    python launch.py runs [runs/lenet]                                              list runs
+    python launch.py plot runs/lenet/<run> [...]                                    draw their curves
+    accelerate launch [launcher options] launch.py ...                              distributed
 
 Config layers, later wins: toolkit defaults < the recipe's `config` < each --config file < key=value.
 """
@@ -40,7 +43,7 @@ def resume(args):
     run, recipe = load_run(args.run)
     saved = config.resolve(recipe.config, [run / "config.yaml"])
     cfg = config.resolve(recipe.config, [run / "config.yaml", *args.config], args.overrides)
-    changed = [f"{key} ({old} -> {new})" for key, old, new in config.changes(cfg, saved) if key not in config.RESUMABLE]
+    changed = [f"{key} ({old} -> {new})" for key, old, new in config.changes(cfg, saved) if not config.resumable(key)]
     if changed and not args.force:
         raise UserError(f"resuming {run} with a different {', '.join(changed)} would change the model or the "
                         f"data of a run half done; start a new run, or pass --force to resume anyway")
@@ -81,27 +84,64 @@ def exit_status(summary):
     return 0
 
 
+def sweep(args):
+    from toolkit import recipe as recipes, sweep as sweeps
+
+    sweeps.sweep(recipes.load(args.recipe), args.config, args.overrides, args.launcher)
+    return 0
+
+
+def runs(args):
+    from toolkit import report
+
+    print(report.list_runs(args.folder))
+    return 0
+
+
+def plot(args):
+    from toolkit import report
+
+    print(report.plot(args.runs, args.out))
+    return 0
+
+
+HELP = {  # command -> (description, example)
+    "train": ("Train a recipe in a new run folder. " + LAYERS,
+              "python launch.py recipes/lenet.py --config my.yaml optim.lr=3e-3 epochs=5\n"
+              "other commands: resume, test, sweep, runs, plot (each with --help)"),
+    "resume": (resume.__doc__.split("\n\n")[0], "python launch.py resume runs/lenet/20261124-130102 epochs=20"),
+    "test": ("Evaluate a run's checkpoint on the test split (or val, if the recipe has no test). Prints the "
+             "metrics and saves them as <run>/<split>-<checkpoint>.json.",
+             "python launch.py test runs/lenet/20261124-130102 --checkpoint latest"),
+    "sweep": ("Train every combination of the values given as key=v1,v2 (or in a sweep: block of a --config file),"
+              " one run after another, under one sweep folder; then print the runs, best first.",
+              "python launch.py sweep recipes/lenet.py optim.lr=1e-3,3e-3 batch_size=64,128"),
+    "runs": ("List the run folders under FOLDER with their status, epochs, best metric and time.",
+             "python launch.py runs runs/lenet"),
+    "plot": ("Draw the loss and metric curves of runs into a PNG (needs matplotlib: pip install -e '.[plot]').",
+             "python launch.py plot runs/lenet/20261124-130102 runs/lenet/20261124-140311"),
+}
+
+
 def parser(command):
-    p = argparse.ArgumentParser(
-        prog="launch.py" if command == "train" else f"launch.py {command}",
-        description={"train": "Train a recipe in a new run folder. " + LAYERS,
-                     "resume": resume.__doc__.split("\n\n")[0],
-                     "test": "Evaluate a run's checkpoint on the test split (or val, if the recipe has no test)."
-                             " Prints the metrics and saves them as <run>/<split>-<checkpoint>.json."}[command],
-        epilog={"train": "example: python launch.py recipes/lenet.py --config my.yaml optim.lr=3e-3 epochs=5\n"
-                         "other commands: launch.py resume RUN | launch.py test RUN (each with --help)",
-                "resume": "example: python launch.py resume runs/lenet/20261124-130102 epochs=20",
-                "test": "example: python launch.py test runs/lenet/20261124-130102 --checkpoint latest"}[command],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    if command == "train":
+    description, example = HELP[command]
+    p = argparse.ArgumentParser(prog="launch.py" if command == "train" else f"launch.py {command}",
+                                description=description, epilog=f"example: {example}",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    if command in ("train", "sweep"):
         p.add_argument("recipe", help="path to a recipe file, e.g. recipes/lenet.py")
-    else:
+    elif command in ("resume", "test"):
         p.add_argument("run", help="a run folder, e.g. runs/lenet/20261124-130102")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides with dotted keys, e.g. optim.lr=3e-3 trackers=[]")
-    p.add_argument("--config", action="append", default=[], metavar="FILE",
-                   help="a YAML file of config values; repeatable, later files win")
+    elif command == "runs":
+        p.add_argument("folder", nargs="?", default="runs", help="where to look (default: runs)")
+    elif command == "plot":
+        p.add_argument("runs", nargs="+", help="run folders")
+        p.add_argument("--out", help="the PNG to write (default: <run>/curves.png, or curves.png for several)")
+    if command in ("train", "resume", "test", "sweep"):
+        p.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="config overrides with dotted keys, e.g. optim.lr=3e-3 trackers=[]")
+        p.add_argument("--config", action="append", default=[], metavar="FILE",
+                       help="a YAML file of config values; repeatable, later files win")
     if command == "resume":
         p.add_argument("--force", action="store_true",
                        help="resume even if the overrides change keys that shape the model or the data")
@@ -109,16 +149,19 @@ def parser(command):
         p.add_argument("--checkpoint", default="best", help="best (default), latest, or a folder name: step-0000516")
         p.add_argument("--split", default="", choices=["", "test", "val"], help="default: test, else val")
         p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights (ema.decay > 0)")
+    if command == "sweep":
+        p.add_argument("--launcher", default="", metavar="COMMAND",
+                       help="start each run with this, e.g. 'accelerate launch --multi_gpu --num_processes 2'")
     p.add_argument("--debug", action="store_true", help="show tracebacks for configuration errors")
     return p
 
 
-COMMANDS = {"train": train, "resume": resume, "test": test}
+COMMANDS = {"train": train, "resume": resume, "test": test, "sweep": sweep, "runs": runs, "plot": plot}
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("resume", "test") else "train"
+    command = argv.pop(0) if argv and argv[0] in COMMANDS and argv[0] != "train" else "train"
     args = parser(command).parse_intermixed_args(argv)
     try:
         return COMMANDS[command](args)

@@ -77,7 +77,7 @@ class LeNet5(nn.Module):
         return self.classifier(self.features(x))
 
 
-def loss(model, batch):
+def loss(model, batch, cfg):
     images, labels = batch
     logits = model(images)
     counts = {"correct": (logits.argmax(1) == labels).sum(), "samples": len(labels)}

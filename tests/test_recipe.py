@@ -33,11 +33,17 @@ def test_missing_functions_are_named(tmp_path):
 
 
 def test_config_must_be_a_dict(tmp_path):
-    path = write(tmp_path, "config = [1]\ndef datasets(c): pass\ndef model(c): pass\ndef loss(m, b): pass\n")
+    path = write(tmp_path, "config = [1]\ndef datasets(c): pass\ndef model(c): pass\ndef loss(m, b, c): pass\n")
     with pytest.raises(UserError, match="`config` must be a dict, got list"):
         recipe.load(path)
 
 
 def test_config_is_optional(tmp_path):
-    path = write(tmp_path, "def datasets(c): pass\ndef model(c): pass\ndef loss(m, b): pass\n")
+    path = write(tmp_path, "def datasets(c): pass\ndef model(c): pass\ndef loss(m, b, c): pass\n")
     assert recipe.load(path).config == {}
+
+
+def test_functions_must_take_the_contract_arguments(tmp_path):
+    path = write(tmp_path, "def datasets(cfg): pass\ndef model(cfg): pass\ndef loss(model, batch): pass\n")
+    with pytest.raises(UserError, match=r"loss must be a function loss\(model, batch, cfg\)"):
+        recipe.load(path)

@@ -79,7 +79,22 @@ DEFAULTS = {
         "mode": "min",           # min | max: which way is better for the monitor
     },
     "init_from": "",             # start from these weights: a .safetensors/.pt file or a run folder
-    "trackers": ["tensorboard"], # besides metrics.jsonl, which is always written; [] for none
+    "trackers": ["tensorboard"], # tensorboard, wandb; besides metrics.jsonl, which is always written; [] for none
+    "wandb": {
+        "project": "minloop",    # the wandb project; the run is named after its folder
+        "entity": "",            # team or user ("": your default); the API key only from WANDB_API_KEY
+        "mode": "online",        # online | offline (no account or network needed) | disabled
+        "group": "",             # e.g. a sweep's name
+    },
+    "notify": {
+        "email": "",             # e-mail the result to this address when the run ends or fails ("": no)
+        "smtp_host": "localhost",
+        "smtp_port": 25,
+        "smtp_starttls": False,  # true for most mail providers (with smtp_port=587)
+        "smtp_user": "",         # log in as this user; the password only from $SMTP_PASSWORD, never the config
+        "sender": "",            # From: ("": minloop@<host>)
+        "webhook": "",           # also POST {"text": ...} to this URL (Slack/Mattermost incoming webhook)
+    },
     "output_dir": "runs",        # runs go to <output_dir>/<recipe>/<YYYYmmdd-HHMMSS>[-<name>]
     "name": "",                  # optional suffix of the run folder name
 }
@@ -88,7 +103,8 @@ CHOICES = {  # key -> allowed values (for a list: allowed elements)
     "optim.name": ("adamw", "adam", "sgd"),
     "sched.name": ("constant", "cosine", "linear", "step", "onecycle"),
     "precision": ("no", "bf16", "fp16"),
-    "trackers": ("tensorboard",),
+    "trackers": ("tensorboard", "wandb"),
+    "wandb.mode": ("online", "offline", "disabled"),
     "checkpoint.mode": ("min", "max"),
 }
 MINIMUMS = {  # key -> smallest valid value (every other number in DEFAULTS must be >= 0)
@@ -98,7 +114,11 @@ MINIMUMS = {  # key -> smallest valid value (every other number in DEFAULTS must
 RESUMABLE = ("epochs", "max_steps", "max_minutes", "log_every", "eval_batch_size", "num_workers", "trackers",
              "val_every", "val_every_steps", "early_stop.patience", "skip_nonfinite", "nan_tolerance",
              "checkpoint.every_epochs", "checkpoint.every_steps", "checkpoint.keep",
-             "data.root", "data.download")
+             "data.root", "data.download", "wandb.", "notify.")  # a trailing dot: every key under it
+
+
+def resumable(key):
+    return key in RESUMABLE or key.startswith(tuple(k for k in RESUMABLE if k.endswith(".")))
 
 
 class ConfigError(UserError):

@@ -134,3 +134,46 @@ def _download_mnist(name, root):
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         return lines[-1] if lines else type(e).__name__
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR-10, binary version: fixed-size records, read without unpickling anything (the python
+# version that torchvision uses is a pickle).
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
+CIFAR10_FILES = {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test": ["test_batch.bin"]}
+
+
+def read_cifar_bin(path):
+    """One CIFAR-10 binary batch: (uint8 images [N, 3, 32, 32], int64 labels [N])."""
+    data = Path(path).read_bytes()
+    if len(data) % 3073:
+        raise UserError(f"{path} is not a CIFAR-10 binary batch (its size is not a multiple of 3073 bytes)")
+    records = torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(-1, 3073)
+    return records[:, 1:].reshape(-1, 3, 32, 32).clone(), records[:, 0].long()
+
+
+def load_cifar10(root, download=True):
+    """{"train": (images, labels), "test": (images, labels)} from <root>/cifar-10-batches-bin,
+    downloaded there (the binary version, 162 MB) if absent and `download`."""
+    folder = Path(root) / "cifar-10-batches-bin"
+    missing = [f for files in CIFAR10_FILES.values() for f in files if not (folder / f).is_file()]
+    error = None
+    if missing and download:
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        try:
+            download_and_extract_archive(CIFAR10_URL, str(root), md5=CIFAR10_MD5)
+        except Exception as e:  # noqa: BLE001 - the reason goes into one clear message
+            error = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        missing = [f for files in CIFAR10_FILES.values() for f in files if not (folder / f).is_file()]
+    if missing:
+        reason = f"; the download failed ({error})" if error else ""
+        raise UserError(f"CIFAR-10 not found: expected {', '.join(missing)} in {folder}{reason}; get "
+                        f"{CIFAR10_URL} and unpack it in {root}")
+    result = {}
+    for split, files in CIFAR10_FILES.items():
+        parts = [read_cifar_bin(folder / f) for f in files]
+        result[split] = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    return result

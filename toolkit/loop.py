@@ -11,6 +11,7 @@ import importlib
 import math
 import os
 import shlex
+import socket
 import sys
 import threading
 import time
@@ -26,6 +27,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from toolkit import PeerFailure, UserError, checkpoint, config, tracking
 from toolkit.metrics import Totals, summarize
+from toolkit.notify import notify
 from toolkit.optim import lr_schedule, make_optimizer, set_lr
 from toolkit.signals import StopRequest
 from toolkit.tracking import FILE_ONLY, format_metrics, log
@@ -69,7 +71,7 @@ def train(recipe, cfg, resume=None):
         cpu=cpu,
         mixed_precision=cfg.precision,
         gradient_accumulation_steps=cfg.grad_accum,
-        log_with=list(cfg.trackers) or None,
+        log_with=tracking.make_trackers(cfg, run_dir, state) or None,
         project_dir=run_dir,
         # All ranks shuffle with the same seed, then each takes its own shard of every batch list:
         # the data order depends only on `seed` and the epoch. Batches from pinned memory are
@@ -80,8 +82,12 @@ def train(recipe, cfg, resume=None):
     if accelerator.is_main_process:
         tracking.write_run_files(run_dir, cfg, None if resume else recipe.path)
     tracking.setup_logging(run_dir, accelerator.is_main_process)
-    metrics_log = tracking.Metrics(accelerator, run_dir, state.metrics_lines if resume else None, state.step + 1)
+    metrics_log = tracking.Metrics(accelerator, run_dir, state.metrics_lines if resume else None)
     log_header(accelerator, recipe, cfg, splits, model, run_dir, groups)
+    summary = {"status": "running", "recipe": recipe.name, "run_dir": str(run_dir), "epochs": state.epoch,
+               "steps": state.step, "host": socket.gethostname(), "pid": os.getpid()}
+    if accelerator.is_main_process:
+        tracking.write_summary(run_dir, summary)  # `launch.py runs` shows it as running
     if initialized:
         log.info(f"init_from {cfg.init_from}: missing keys {initialized[0] or 'none'}, "
                  f"unexpected keys {initialized[1] or 'none'}")
@@ -107,7 +113,6 @@ def train(recipe, cfg, resume=None):
 
     ckpt = cfg.checkpoint
     monitor = ckpt.monitor if "val" in eval_loaders and (ema or not ckpt.monitor.startswith("val_ema/")) else ""
-    summary = {"status": "running", "run_dir": str(run_dir), "epochs": state.epoch, "steps": state.step}
     stop = StopRequest(accelerator.num_processes)
     session_start = time.time() - state.wall_time_s
     state.num_processes = accelerator.num_processes
@@ -141,7 +146,7 @@ def train(recipe, cfg, resume=None):
         nonlocal window_start
         for split, net in (("val", model), ("val_ema", ema)):
             if net is not None:
-                summary[split] = evaluate(accelerator, net, eval_loaders["val"], recipe)
+                summary[split] = evaluate(accelerator, net, eval_loaders["val"], recipe, cfg)
                 metrics_log.log(split, summary[split], state.step, epoch)
                 log.info(f"epoch {epoch}/{cfg.epochs} step {state.step} {split} {format_metrics(summary[split])}")
         window_start = time.perf_counter()
@@ -166,7 +171,7 @@ def train(recipe, cfg, resume=None):
             end_of_epoch = state.batch == len(train_loader)
             for batch in batches:
                 with accelerator.accumulate(model):  # no DDP all-reduce until the last micro-batch
-                    loss, counts = recipe.loss(model, batch)
+                    loss, counts = recipe.loss(model, batch, cfg)
                     accelerator.backward(loss)
                     if check_finite:
                         finite &= torch.isfinite(loss.detach())
@@ -250,7 +255,7 @@ def train(recipe, cfg, resume=None):
             if stopping:
                 log.info(f"stopped at step {state.step}: {stopping}")
             if "test" in eval_loaders:
-                summary["test"] = evaluate(accelerator, model, eval_loaders["test"], recipe)
+                summary["test"] = evaluate(accelerator, model, eval_loaders["test"], recipe, cfg)
                 metrics_log.log("test", summary["test"], state.step, state.epoch)
             if cfg.debug.fast_run:
                 checkpoint.load(accelerator, checkpoint.find(run_dir), ema)
@@ -278,6 +283,7 @@ def train(recipe, cfg, resume=None):
             summary["best"] = {"monitor": monitor, "value": state.best, "checkpoint": state.best_checkpoint}
         if accelerator.is_main_process:
             tracking.write_summary(run_dir, summary)
+            notify(cfg, summary)
         if summary["status"] == "finished":
             log.info(tracking.result_line(summary), extra=FILE_ONLY)
         metrics_log.close()
@@ -312,7 +318,7 @@ def test(recipe, cfg, run_dir, which="best", split="", use_ema=False):
     accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.precision)
     accelerator.even_batches = False  # count every sample once; see train()
     model, loader = accelerator.prepare(model, make_loader(split, splits[split], cfg, recipe, processes))
-    metrics = evaluate(accelerator, model, loader, recipe)
+    metrics = evaluate(accelerator, model, loader, recipe, cfg)
     name = f"{split}_ema" if use_ema else split
     result = {"run_dir": str(run_dir), "checkpoint": path.name, "step": checkpoint.read_state(path).step,
               "split": name, name: metrics}
@@ -377,7 +383,7 @@ class StepStats:
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, loader, recipe):
+def evaluate(accelerator, model, loader, recipe, cfg):
     """Exact metrics of `model` over `loader`'s whole split, summed over all ranks.
 
     Ranks may hold different numbers of batches (the split is not padded). With DDP that is safe:
@@ -398,7 +404,7 @@ def evaluate(accelerator, model, loader, recipe):
     with accelerator.autocast():  # the same precision for the EMA copy as for the prepared model
         batch = None
         for batch in loader:
-            loss, counts = recipe.loss(net, batch)
+            loss, counts = recipe.loss(net, batch, cfg)
             totals.add(loss, counts)
         if sharded:
             most = max(accelerator.gather(torch.tensor([len(loader)], device=accelerator.device)).tolist())
@@ -406,7 +412,7 @@ def evaluate(accelerator, model, loader, recipe):
                 raise UserError("under FSDP every process needs at least one evaluation batch: lower "
                                 "eval_batch_size or use fewer processes")
             for _ in range(most - len(loader)):
-                recipe.loss(net, batch)
+                recipe.loss(net, batch, cfg)
     net.train(was_training)
     return summarize(totals.reduce(accelerator), getattr(recipe, "metrics", None))
 
@@ -485,17 +491,25 @@ def start_processes(cfg):
 
 
 def log_header(accelerator, recipe, cfg, splits, model, run_dir, groups):
-    """The opening lines of log.txt: what ran, where, on what."""
+    """The opening lines of log.txt: what ran, where, on what (the console shows the short ones)."""
     changed = config.diff(cfg, config.resolve(recipe.config))
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    device = accelerator.device.type
+    if device == "cuda":
+        device = f"cuda ({torch.cuda.get_device_name(accelerator.device)}, CUDA {torch.version.cuda})"
     log.info(f"command: {shlex.join([sys.executable, *sys.argv])}", extra=FILE_ONLY)
     log.info(f"run {run_dir} | recipe {recipe.path} | changed from the recipe's config: "
              f"{' '.join(changed) if changed else 'nothing'}")
-    log.info(f"{accelerator.num_processes} process(es) on {accelerator.device.type} | "
-             f"precision {accelerator.mixed_precision} | torch {torch.__version__} | "
+    log.info(f"{accelerator.num_processes} process(es) on {device} | precision {accelerator.mixed_precision} | "
+             f"python {sys.version.split()[0]} | torch {torch.__version__} | "
              f"accelerate {__import__('accelerate').__version__}")
     log.info(f"data: {', '.join(f'{split} {len(ds)}' for split, ds in splits.items())} | "
-             f"model {type(model).__name__}: {params:,} parameters ({trainable:,} trainable)")
+             f"model {type(model).__name__}: {params:,} parameters ({trainable:,} trainable, "
+             f"{params - trainable:,} frozen)")
+    for name, module in model.named_children():
+        counts = [p.numel() for p in module.parameters()]
+        log.info(f"model {name}: {type(module).__name__}, {sum(counts):,} parameters in {len(counts)} tensors",
+                 extra=FILE_ONLY)
     for line in groups:
         log.info(f"optimizer {line}", extra=FILE_ONLY)

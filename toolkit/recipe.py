@@ -5,19 +5,20 @@ A recipe is one Python file with:
     config = {...}                    # its default config (optional; adds keys such as data.root)
     def datasets(cfg): ...            # -> {"train": ds, "val": ds, "test": ds}; val and test optional
     def model(cfg): ...               # -> torch.nn.Module
-    def loss(model, batch): ...       # -> (scalar loss, {"samples": n, other summable counts...})
+    def loss(model, batch, cfg): ...  # -> (scalar loss, {"samples": n, other summable counts...})
 
 and optionally `metrics(totals) -> dict` to turn summed counts into reported numbers.
 """
 
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 
 from toolkit import UserError
 
-REQUIRED = ("datasets", "model", "loss")
-OPTIONAL = ("metrics",)
+REQUIRED = {"datasets": "cfg", "model": "cfg", "loss": "model, batch, cfg"}
+OPTIONAL = {"metrics": "totals", "optimizer": "cfg, model", "collate": "batch"}
 
 
 def load(path):
@@ -37,9 +38,14 @@ def load(path):
     if missing:
         raise UserError(f"recipe {path} must define {', '.join(f'{f}()' for f in missing)}; "
                         f"see recipes/lenet.py for the contract")
-    for hook in OPTIONAL:
-        if hasattr(module, hook) and not callable(getattr(module, hook)):
-            raise UserError(f"recipe {path}: {hook} must be a function")
+    for name, params in {**REQUIRED, **OPTIONAL}.items():
+        function = getattr(module, name, None)
+        if function is None:
+            continue
+        try:
+            inspect.signature(function).bind(*params.split(", "))
+        except TypeError:
+            raise UserError(f"recipe {path}: {name} must be a function {name}({params})") from None
     config = getattr(module, "config", {})
     if not isinstance(config, dict):
         raise UserError(f"recipe {path}: `config` must be a dict, got {type(config).__name__}")

@@ -12,44 +12,66 @@
 import json
 import logging
 import shutil
+import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
-from toolkit.config import yaml_dump
+from toolkit.config import flatten, yaml_dump
 
 log = logging.getLogger("toolkit")
 FILE_ONLY = {"file_only": True}  # `log.info(msg, extra=FILE_ONLY)`: into log.txt, not onto the console
 
 
 def create_run_dir(state, output_dir, recipe_name, name=""):
-    """Make a new run folder on the main process and share its path with every rank (and machine).
-
-    `mkdir` without `exist_ok` claims the name atomically; a taken name gets a -1, -2, ... suffix.
-    """
+    """Make a new run folder on the main process and share its path with every rank (and machine)."""
     path = None
     if state.is_main_process:
-        base = Path(output_dir) / recipe_name / (time.strftime("%Y%m%d-%H%M%S") + (f"-{name}" if name else ""))
-        for i in range(1000):
-            path = base.with_name(f"{base.name}-{i}") if i else base
-            try:
-                path.mkdir(parents=True)
-                break
-            except FileExistsError:
-                continue
-        path = str(path)
+        stamp = time.strftime("%Y%m%d-%H%M%S") + (f"-{name}" if name else "")
+        path = str(claim_folder(Path(output_dir) / recipe_name / stamp))
     return Path(broadcast_object_list([path])[0])
 
 
+def claim_folder(base):
+    """Create `base`, or `base`-1, -2, ... if taken: `mkdir` without `exist_ok` claims a name
+    atomically, so two runs started in the same second never share a folder."""
+    for i in range(1000):
+        path = base.with_name(f"{base.name}-{i}") if i else base
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{base} and 999 numbered variants exist")
+
+
 def write_run_files(run_dir, cfg, recipe_path=None):
-    """config.yaml (rewritten on resume, with the overrides it allowed) and a copy of the recipe:
+    """config.yaml (rewritten on resume, with the overrides it allowed), a copy of the recipe, and,
+    when the code is in a git repository, its commit (git.txt) and uncommitted changes (git.diff):
     what it takes to run this again."""
     (run_dir / "config.yaml").write_text(yaml_dump(cfg.to_dict()), encoding="utf-8")
-    if recipe_path is not None:
-        shutil.copy2(recipe_path, run_dir / Path(recipe_path).name)
+    if recipe_path is None:
+        return
+    shutil.copy2(recipe_path, run_dir / Path(recipe_path).name)
+    where = Path(recipe_path).resolve().parent
+    commit = _git(where, "rev-parse", "HEAD")
+    if commit:
+        (run_dir / "git.txt").write_text(f"{commit}\n", encoding="utf-8")
+        diff = _git(where, "diff", "HEAD")
+        if diff:
+            (run_dir / "git.diff").write_text(diff + "\n", encoding="utf-8")
+
+
+def _git(where, *args):
+    try:
+        done = subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
 
 
 def write_summary(run_dir, summary):
@@ -93,6 +115,26 @@ def progress_bar(accelerator, total, initial, desc):
                 disable=None if accelerator.is_main_process else True)
 
 
+def make_trackers(cfg, run_dir, state):
+    """Accelerate's trackers for `cfg.trackers` (given to `Accelerator(log_with=...)`), made here so
+    that each writes into the run folder and continues on resume: tensorboard drops its events
+    after the checkpoint's step; wandb resumes the same run (its id is kept in the checkpoint)."""
+    from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+    trackers = []
+    if "tensorboard" in cfg.trackers:
+        purge = {"purge_step": state.step + 1} if state.step else {}
+        trackers.append(TensorBoardTracker("tensorboard", run_dir, **purge))  # <run>/tensorboard
+    if "wandb" in cfg.trackers:
+        state.tracker_ids.setdefault("wandb", uuid.uuid4().hex[:12])
+        w = cfg.wandb
+        trackers.append(WandBTracker(
+            w.project, name=run_dir.name, id=state.tracker_ids["wandb"], resume="allow", dir=str(run_dir),
+            mode=w.mode, entity=w.entity or None, group=w.group or None,
+            config={k: str(v) if isinstance(v, list) else v for k, v in flatten(cfg).items()}))
+    return trackers
+
+
 class Metrics:
     """metrics.jsonl plus Accelerate's trackers (tensorboard, wandb): one call logs to all.
 
@@ -100,7 +142,7 @@ class Metrics:
     drops its events from `first_step` on, so nothing logged after the checkpoint appears twice.
     """
 
-    def __init__(self, accelerator, run_dir, keep_lines=None, first_step=1):
+    def __init__(self, accelerator, run_dir, keep_lines=None):
         self.accelerator = accelerator
         self.file, self.lines = None, 0
         if accelerator.is_main_process:
@@ -111,8 +153,7 @@ class Metrics:
             self.file = open(path, "a", encoding="utf-8")
             self.lines = keep_lines or 0
         self.start = time.time()
-        purge = {"tensorboard": {"purge_step": first_step}} if first_step > 1 else {}
-        accelerator.init_trackers("tensorboard", init_kwargs=purge)  # event files in <run>/tensorboard
+        accelerator.init_trackers("runs")  # starts the trackers made by make_trackers
 
     def log(self, split, metrics, step, epoch):
         if self.file is not None:
@@ -138,6 +179,12 @@ def result_line(summary):
     split = "test" if "test" in summary else "val" if "val" in summary else None
     result = f"{split} {format_metrics(summary[split])}" if split else f"trained {summary['steps']} steps"
     return f"{result} | {summary['wall_time_s']:.1f}s | run {summary['run_dir']}"
+
+
+def text_table(rows, headers):
+    """Rows of strings as aligned columns."""
+    widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows)]
+    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in [headers, *rows])
 
 
 def format_metrics(metrics):

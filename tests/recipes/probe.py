@@ -42,7 +42,7 @@ def model(cfg):
     return torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(4, 2))
 
 
-def loss(model, batch):
+def loss(model, batch, cfg):
     global _steps
     x, y, index, noise = batch
     dropped = torch.rand(1).item() if model.training else None  # the training step's own randomness

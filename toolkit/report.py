@@ -1,0 +1,90 @@
+"""Looking at runs: `launch.py runs [FOLDER]` lists them, `launch.py plot RUN...` draws their curves."""
+
+import json
+import os
+import socket
+from pathlib import Path
+
+from toolkit import UserError
+from toolkit.config import yaml_load
+from toolkit.tracking import text_table
+
+
+def list_runs(folder="runs"):
+    """A table of the run folders under `folder`: name, recipe, status, epochs, best, wall time."""
+    folder = Path(folder)
+    runs = sorted(p.parent for p in folder.glob("**/config.yaml"))
+    if not runs:
+        raise UserError(f"no run folders under {folder}")
+    rows = []
+    for run in runs:
+        summary = _read_json(run / "summary.json")
+        cfg = yaml_load((run / "config.yaml").read_text(encoding="utf-8"), run / "config.yaml") or {}
+        best = summary.get("best")
+        rows.append([str(run.relative_to(folder)), summary.get("recipe", "?"), status(summary),
+                     f"{summary.get('epochs', 0)}/{cfg.get('epochs', '?')}",
+                     f"{best['monitor']}={best['value']:.4g}" if best else "-",
+                     f"{summary['wall_time_s']:.0f}s" if "wall_time_s" in summary else "-"])
+    return text_table(rows, ["run", "recipe", "status", "epochs", "best", "time"])
+
+
+def status(summary):
+    """running, finished, interrupted, failed; a run that says running but whose process is gone
+    from this machine is reported as died."""
+    state = summary.get("status", "unknown")
+    if state == "running" and summary.get("host") == socket.gethostname() and not _alive(summary.get("pid")):
+        return "died"
+    return state
+
+
+def _alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def plot(runs, out=None):
+    """Loss and metric curves of one or more runs (from metrics.jsonl) in one PNG; returns its path."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("plotting needs matplotlib: pip install -e '.[plot]'") from None
+    records = {}
+    for run in map(Path, runs):
+        if not (run / "metrics.jsonl").is_file():
+            raise UserError(f"{run} has no metrics.jsonl: is it a run folder?")
+        records[run] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    names = ["loss"] + sorted({k for rs in records.values() for r in rs if r["split"] != "train"
+                               for k, v in r.items() if isinstance(v, float) and k not in ("loss", "time")})
+    figure, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for i, (run, rs) in enumerate(records.items()):  # a colour per run, a line style per split
+            label = run.name if len(records) > 1 else ""
+            for split, style in (("train", "-"), ("val", "--"), ("val_ema", ":")):
+                points = [(r["step"], r[name]) for r in rs if r["split"] == split and name in r]
+                if points:
+                    ax.plot(*zip(*points), style, color=f"C{i}", label=f"{label} {split}".strip(),
+                            marker="." if split != "train" or len(points) == 1 else None)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    figure.tight_layout()
+    out = Path(out) if out else (Path(runs[0]) / "curves.png" if len(runs) == 1 else Path("curves.png"))
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}

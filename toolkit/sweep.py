@@ -1,0 +1,129 @@
+"""Sweeps: every combination of some config values, one run after another.
+
+    python launch.py sweep recipes/lenet.py optim.lr=1e-3,3e-3 batch_size=64,128
+    python launch.py sweep recipes/lenet.py --config grid.yaml      # with a `sweep:` block:
+        sweep:
+          optim.lr: [1e-3, 3e-3]
+          batch_size: [64, 128]
+
+Each run is a separate `launch.py` process (so one that fails cannot take the others down) with
+its own run folder, all under <output_dir>/<recipe>/sweep-<time>/. Every combination's config is
+checked before the first run starts. At the end a table of the runs, best first by their
+`checkpoint.monitor`, is printed and saved as sweep.txt and sweep.json in the sweep folder.
+"""
+
+import itertools
+import json
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from toolkit import UserError, config, tracking
+
+LAUNCH = Path(__file__).resolve().parents[1] / "launch.py"
+
+
+def values(text):
+    """`1e-3,3e-3` -> ["1e-3", "3e-3"]; commas inside [...] or {...} do not split: `[a,b]` is one."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [*parts, current]
+
+
+def read_grid(files, overrides):
+    """(the files without their sweep blocks, fixed overrides, {key: [value texts]})."""
+    grid, plain_files = {}, []
+    for path in files:
+        layer = config.yaml_load(Path(path).read_text(encoding="utf-8"), path) if Path(path).is_file() else None
+        if isinstance(layer, dict) and "sweep" in layer:
+            block = layer.pop("sweep")
+            if not isinstance(block, dict) or not all(isinstance(v, list) and v for v in block.values()):
+                raise UserError(f"{path}: sweep: must map keys to lists of values, e.g. optim.lr: [1e-3, 3e-3]")
+            grid.update({key: [config.yaml_dump(v).strip().removesuffix("\n...") for v in vs]
+                         for key, vs in block.items()})
+            plain_files.append(layer)
+        else:
+            plain_files.append(path)
+    fixed = []
+    for text in overrides:
+        key, raw = config.parse_override(text)
+        options = values(raw)
+        if len(options) > 1:
+            grid[key] = options
+        else:
+            fixed.append(text)
+    if not grid:
+        raise UserError("nothing to sweep: give values separated by commas (optim.lr=1e-3,3e-3) or a "
+                        "sweep: block in a --config file")
+    return plain_files, fixed, grid
+
+
+def sweep(recipe, files, overrides, launcher=""):
+    plain_files, fixed, grid = read_grid(files, overrides)
+    points = [[f"{key}={value}" for key, value in zip(grid, combination)]
+              for combination in itertools.product(*grid.values())]
+    # Check every combination before running any: a typo should not surface after hours.
+    base = config.resolve(recipe.config, [f for f in plain_files if not isinstance(f, dict)], fixed)
+    problems = []
+    for point in points:
+        try:
+            config.resolve(recipe.config, [f for f in plain_files if not isinstance(f, dict)], [*fixed, *point])
+        except config.ConfigError as e:
+            problems += [p for p in e.problems if p not in problems]
+    if problems:
+        raise config.ConfigError(problems)
+
+    folder = tracking.claim_folder(Path(base.output_dir) / recipe.name / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+    files_used = []
+    for i, f in enumerate(plain_files):  # the files as each run reads them: without the sweep block
+        if isinstance(f, dict):
+            path = folder / f"config-{i}.yaml"
+            path.write_text(config.yaml_dump(f), encoding="utf-8")
+            f = path
+        files_used.append(str(f))
+    print(f"sweep of {len(points)} runs in {folder}: {', '.join(f'{k} in {v}' for k, v in grid.items())}")
+
+    rows = []
+    for i, point in enumerate(points, 1):
+        name = re.sub(r"[^\w.=+-]+", "_", "_".join(point))[:100]
+        command = [*shlex.split(launcher), *([] if launcher else [sys.executable]), str(LAUNCH), str(recipe.path),
+                   *(a for f in files_used for a in ("--config", f)), *fixed, *point,
+                   f"output_dir={folder}", f"name={name}"]
+        print(f"\n[{i}/{len(points)}] {' '.join(point)}", flush=True)
+        code = subprocess.run(command).returncode
+        run = next(iter(sorted((folder / recipe.name).glob(f"*-{name}"))), None)
+        rows.append(row(point, run, code))
+    return report(rows, folder, base.checkpoint.mode)
+
+
+def row(point, run, code):
+    summary = json.loads((run / "summary.json").read_text()) if run and (run / "summary.json").is_file() else {}
+    final = summary.get("test") or summary.get("val") or {}
+    return {"run": " ".join(point), "folder": str(run) if run else "",
+            "status": summary.get("status", "failed") + ("" if code == 0 else f" (exit {code})"),
+            "best": summary.get("best", {}).get("value"), "monitor": summary.get("best", {}).get("monitor", ""),
+            "final": {k: v for k, v in final.items() if k != "samples"},
+            "split": "test" if summary.get("test") else "val", "wall_time_s": summary.get("wall_time_s")}
+
+
+def report(rows, folder, mode):
+    ranked = sorted(rows, key=lambda r: (r["best"] is None, -(r["best"] or 0) if mode == "max" else (r["best"] or 0)))
+    headers = ["run", "status", ranked[0]["monitor"] or "best", "final", "seconds"]
+    lines = [[r["run"], r["status"], f"{r['best']:.4g}" if r["best"] is not None else "-",
+              f"{r['split']} " + " ".join(f"{k}={v:.4g}" for k, v in r["final"].items()) if r["final"] else "-",
+              f"{r['wall_time_s']:.1f}" if r["wall_time_s"] is not None else "-"] for r in ranked]
+    text = tracking.text_table(lines, headers)
+    (folder / "sweep.txt").write_text(text + "\n", encoding="utf-8")
+    tracking.write_json(folder / "sweep.json", ranked)
+    print(f"\n{text}\n\nsweep {folder}")
+    return ranked
