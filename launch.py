@@ -47,6 +47,11 @@ def resume(args):
     if changed and not args.force:
         raise UserError(f"resuming {run} with a different {', '.join(changed)} would change the model or the "
                         f"data of a run half done; start a new run, or pass --force to resume anyway")
+    resized = [f"{key} {old} -> {new}" for key, old, new in config.changes(cfg, saved)
+               if key in ("epochs", "max_steps")]
+    if resized and cfg.sched.name in ("cosine", "linear", "onecycle") and os.environ.get("RANK", "0") == "0":
+        print(f"warning: {', '.join(resized)} resizes the {cfg.sched.name} LR schedule, which is a function of the "
+              f"training length: the LR jumps to where the new schedule is at the checkpoint's step", file=sys.stderr)
     return exit_status(loop.train(recipe, cfg, resume=run))
 
 
@@ -146,7 +151,8 @@ def parser(command):
         p.add_argument("--force", action="store_true",
                        help="resume even if the overrides change keys that shape the model or the data")
     if command == "test":
-        p.add_argument("--checkpoint", default="best", help="best (default), latest, or a folder name: step-0000516")
+        p.add_argument("--checkpoint", default="", help="best, latest, or a folder name such as step-0000516 "
+                       "(default: best, or latest when the run has no best yet)")
         p.add_argument("--split", default="", choices=["", "test", "val"], help="default: test, else val")
         p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights (ema.decay > 0)")
     if command == "sweep":

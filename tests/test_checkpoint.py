@@ -157,6 +157,36 @@ def test_init_from_is_not_strict_and_names_the_keys(tmp_path):
     assert torch.equal(model[0].weight, torch.ones(3, 2))
 
 
+def files_of(run):
+    """{path: bytes} of a run folder's files, outside its checkpoints."""
+    return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and "checkpoints" not in p.parts}
+
+
+@pytest.mark.parametrize("damage", ["train_state.json", "model.safetensors"])
+def test_a_damaged_checkpoint_is_one_clear_line(lenet_args, tmp_path, damage):
+    ok(launch([*lenet_args, "epochs=1", f"output_dir={tmp_path}"], cwd=tmp_path))
+    run = only_run(tmp_path)
+    path = checkpoint.find(run) / damage
+    path.write_bytes(path.read_bytes()[:40])  # cut short, as a full disk would leave it
+    before = files_of(run)
+    for command in (["resume", run, "epochs=2"], ["test", run]):
+        result = launch(command, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+        assert f"{path} " in result.stderr or f"{path}:" in result.stderr, result.stderr  # names the file
+    assert files_of(run) == before
+
+
+def test_test_uses_the_latest_checkpoint_when_there_is_no_best(lenet_args, tmp_path):
+    ok(launch([*lenet_args, "epochs=1", "checkpoint.monitor=", f"output_dir={tmp_path}"], cwd=tmp_path))
+    run = only_run(tmp_path)
+    printed = ok(launch(["test", run], cwd=tmp_path)).stdout
+    assert f"| checkpoint latest ({checkpoint.find(run).name}) |" in printed
+    refused = launch(["test", run, "--checkpoint", "best"], cwd=tmp_path)
+    assert refused.returncode == 2 and "has no best checkpoint yet" in refused.stderr
+
+
 class CreatesAFile:
     """A pickle that runs code on load: it creates `path`."""
 
@@ -174,10 +204,12 @@ def test_a_crafted_checkpoint_runs_no_code(lenet_args, tmp_path, target):
     marker = tmp_path / "pwned"
     torch.save(CreatesAFile(marker), checkpoint.find(run) / target)
 
+    before = files_of(run)
     result = launch(["resume", run, "epochs=2"], cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (message,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert target in message and "refusing" in message or "cannot load" in message
+    assert target in message and ("refusing" in message or "cannot load" in message), message
+    assert files_of(run) == before  # a resume that fails leaves the run as it was
     ok(launch(["test", run], cwd=tmp_path))  # only reads safetensors
     assert not marker.exists()
 
@@ -235,7 +267,8 @@ def wait_for_first_log_line(run_root, process, timeout=120):
 
 
 def test_sigterm_saves_then_resume_finishes_like_the_unbroken_run(tiny, tmp_path):
-    args = [LENET, *tiny, "epochs=4", "batch_size=8", "optim.lr=3e-4"]
+    # A warmup and a cosine decay (the recipe's kind of schedule): the LR must continue too.
+    args = [LENET, *tiny, "epochs=4", "batch_size=8", "optim.lr=3e-4", "sched.name=cosine", "sched.warmup_epochs=0.5"]
     ok(launch([*args, f"output_dir={tmp_path / 'unbroken'}"], cwd=tmp_path))
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -254,7 +287,8 @@ def test_sigterm_saves_then_resume_finishes_like_the_unbroken_run(tiny, tmp_path
 
     ok(launch(["resume", run], cwd=tmp_path))
     assert summary(run)["status"] == "finished"
-    assert_same_weights(weights(run), weights(only_run(tmp_path / "unbroken")))
+    unbroken = only_run(tmp_path / "unbroken")
+    assert_same_weights(weights(run), weights(unbroken))
 
 
 def test_sigterm_to_the_launcher_stops_every_rank_at_one_step(tmp_path):

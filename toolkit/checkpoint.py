@@ -125,10 +125,17 @@ def find(run_dir, which="latest"):
 
 
 def read_state(checkpoint):
-    data = json.loads((Path(checkpoint) / STATE_FILE).read_text())
-    if data.pop("format", None) != FORMAT:
-        raise UserError(f"{checkpoint} was written by another version of the toolkit (format), cannot resume it")
-    return TrainState(**data)
+    path = Path(checkpoint) / STATE_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read ({type(e).__name__}: {e}); the checkpoint is damaged") from None
+    if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
+        raise UserError(f"{path} was not written by this version of the toolkit (format {FORMAT})")
+    try:
+        return TrainState(**data)
+    except TypeError as e:
+        raise UserError(f"{path} does not describe a train state ({e})") from None
 
 
 def verify(checkpoint, num_processes):
@@ -151,20 +158,40 @@ def verify(checkpoint, num_processes):
 
 
 def load(accelerator, checkpoint, ema=None):
-    """Restore everything `save` wrote; return the TrainState. Call on every rank after `verify`."""
+    """Restore everything `save` wrote but the TrainState (`verify` returned it). Call on every
+    rank, after `verify`."""
     try:
         accelerator.load_state(checkpoint)
     except Exception as e:  # noqa: BLE001 - e.g. a file that is not a plain tensor pickle
-        raise UserError(f"cannot load {checkpoint}: {_reason(e)}") from e
-    state = read_state(checkpoint)
+        raise UserError(f"cannot load {_unreadable(checkpoint) or checkpoint}: {_reason(e)}") from e
     if ema is not None:
-        from safetensors.torch import load_file
-
         if not (Path(checkpoint) / "ema.safetensors").is_file():
             raise UserError(f"{checkpoint} has no EMA weights (ema.decay was 0 when it was saved)")
-        ema.module.load_state_dict(load_file(Path(checkpoint) / "ema.safetensors", device=str(accelerator.device)))
-        ema.n_averaged.fill_(state.ema_updates)
-    return state
+        ema.module.load_state_dict(_load_safetensors(Path(checkpoint) / "ema.safetensors", str(accelerator.device)))
+        ema.n_averaged.fill_(read_state(checkpoint).ema_updates)
+
+
+def _load_safetensors(path, device="cpu"):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device=device)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} cannot be read as safetensors ({e}); the file is damaged") from None
+
+
+def _unreadable(checkpoint):
+    """The first file of `checkpoint` that does not load safely (to name it in an error), or None."""
+    for path in sorted(Path(checkpoint).iterdir()):
+        try:
+            if path.suffix == ".safetensors":
+                _load_safetensors(path)
+            elif path.suffix in (".bin", ".pt", ".pkl"):
+                _safe_load(path)
+        except UserError:
+            return path
+    return None
 
 
 def _safe_load(path):
@@ -191,9 +218,7 @@ def load_weights(model, source, strict=False):
     if not path.is_file():
         raise UserError(f"{source}: no such file (give a .safetensors file, a run folder or a checkpoint)")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        weights = load_file(path)
+        weights = _load_safetensors(path)
     elif path.suffix in (".pt", ".pth", ".bin"):
         try:
             weights = torch.load(path, map_location="cpu", weights_only=True)

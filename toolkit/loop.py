@@ -79,19 +79,6 @@ def train(recipe, cfg, resume=None):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed,
                                                   non_blocking=processes.device.type == "cuda"),
     )
-    if accelerator.is_main_process:
-        tracking.write_run_files(run_dir, cfg, None if resume else recipe.path)
-    tracking.setup_logging(run_dir, accelerator.is_main_process)
-    metrics_log = tracking.Metrics(accelerator, run_dir, state.metrics_lines if resume else None)
-    log_header(accelerator, recipe, cfg, splits, model, run_dir, groups)
-    summary = {"status": "running", "recipe": recipe.name, "run_dir": str(run_dir), "epochs": state.epoch,
-               "steps": state.step, "host": socket.gethostname(), "pid": os.getpid()}
-    if accelerator.is_main_process:
-        tracking.write_summary(run_dir, summary)  # `launch.py runs` shows it as running
-    if initialized:
-        log.info(f"init_from {cfg.init_from}: missing keys {initialized[0] or 'none'}, "
-                 f"unexpected keys {initialized[1] or 'none'}")
-
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, loaders.pop("train"))
     # Evaluation shards are not padded to equal length (even_batches=False), so every sample is
     # counted exactly once; ranks may then run different numbers of batches, which `evaluate`
@@ -104,7 +91,22 @@ def train(recipe, cfg, resume=None):
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     lr_factor = lr_schedule(cfg, steps_per_epoch=math.ceil(len(train_loader) / cfg.grad_accum))
     if resume_from:
-        state = checkpoint.load(accelerator, resume_from, ema)
+        # Before anything in the run folder changes: a resume that fails leaves the run as it was.
+        checkpoint.load(accelerator, resume_from, ema)
+
+    if accelerator.is_main_process:
+        tracking.write_run_files(run_dir, cfg, None if resume else recipe.path)
+    tracking.setup_logging(run_dir, accelerator.is_main_process)
+    metrics_log = tracking.Metrics(accelerator, run_dir, state.metrics_lines if resume else None)
+    log_header(accelerator, recipe, cfg, splits, accelerator.unwrap_model(model), run_dir, groups)
+    summary = {"status": "running", "recipe": recipe.name, "run_dir": str(run_dir), "epochs": state.epoch,
+               "steps": state.step, "host": socket.gethostname(), "pid": os.getpid()}
+    if accelerator.is_main_process:
+        tracking.write_summary(run_dir, summary)  # `launch.py runs` shows it as running
+    if initialized:
+        log.info(f"init_from {cfg.init_from}: missing keys {initialized[0] or 'none'}, "
+                 f"unexpected keys {initialized[1] or 'none'}")
+    if resume_from:
         log.info(f"resumed from {resume_from} (epoch {state.epoch}, batch {state.batch}, step {state.step})")
         if state.num_processes != accelerator.num_processes:
             log.warning(f"the checkpoint was written by {state.num_processes} process(es), this run has "
@@ -298,11 +300,12 @@ def train(recipe, cfg, resume=None):
     return summary
 
 
-def test(recipe, cfg, run_dir, which="best", split="", use_ema=False):
-    """Evaluate checkpoint `which` (best, latest or a folder name) of the run in `run_dir` on `split`
-    (default: test, else val), with its EMA weights if `use_ema`; print the metrics and save them
-    as <run>/<split>[_ema]-<checkpoint>.json."""
+def test(recipe, cfg, run_dir, which="", split="", use_ema=False):
+    """Evaluate checkpoint `which` (best, latest or a folder name; default: best if the run has
+    one, else latest) of the run in `run_dir` on `split` (default: test, else val), with its EMA
+    weights if `use_ema`; print the metrics and save them as <run>/<split>[_ema]-<checkpoint>.json."""
     processes, cpu = start_processes(cfg)
+    which = which or ("best" if checkpoint.read_state(checkpoint.find(run_dir)).best_checkpoint else "latest")
     path = checkpoint.find(run_dir, which)
     weights = path / ("ema.safetensors" if use_ema else "model.safetensors")
     if not weights.is_file():
