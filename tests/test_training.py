@@ -120,6 +120,8 @@ def test_too_many_non_finite_steps_stop_the_run_with_the_last_good_state(tmp_pat
     assert final["status"] == "failed" and final["steps"] == 8  # steps 5, 6, 7, 8 skipped: more than 3
     assert "4 optimizer steps in a row had a non-finite loss or gradient norm" in final["error"]
     assert f"error: {final['error']}" in result.stderr
+    closing = (run / "log.txt").read_text().splitlines()[-1].split(" ", 2)[2]  # after the date and time
+    assert closing.startswith(f"failed at epoch 0 step 8 ({final['error']}) | ")
     last = checkpoint.find(run)
     assert checkpoint.read_state(last).step == 8
     saved, good = load_file(last / "model.safetensors"), load_file(run / "checkpoints" / "step-0000004" /
@@ -261,6 +263,17 @@ def test_fast_run_on_two_processes(tiny, tmp_path):
     assert "checkpoint saved and loaded back" in result.stderr
 
 
+def test_compile_runs_the_model_through_torch_compile_and_keeps_its_weight_names(tiny, tmp_path):
+    # TORCH_LOGS=graph_code prints each graph that torch.compile captures.
+    result = ok(launch([LENET, *tiny, "debug.fast_run=true", "compile=true"], cwd=tmp_path,
+                       env={"TORCH_LOGS": "graph_code"}, timeout=300))
+    assert "GraphModule" in result.stderr
+    run = only_run(tmp_path / "runs")
+    saved = load_file(checkpoint.find(run) / "model.safetensors")
+    assert set(saved) == set(recipe.load(LENET).model(None).state_dict())  # no "_orig_mod." prefixes
+    ok(launch(["test", run], cwd=tmp_path))  # loads the weights into a plain model, strictly
+
+
 def test_limit_batches(tiny, tmp_path):
     ok(launch([LENET, *tiny, "epochs=2", "limit_batches.train=3", "limit_batches.val=2", "eval_batch_size=100"],
               cwd=tmp_path))
@@ -272,6 +285,12 @@ def test_deterministic_runs_repeat(tiny, tmp_path):
     for name in ("a", "b"):
         ok(launch([LENET, *tiny, "epochs=1", "deterministic=true", f"output_dir={tmp_path / name}"], cwd=tmp_path))
     assert summary(only_run(tmp_path / "a"))["test"] == summary(only_run(tmp_path / "b"))["test"]
+    # The training step runs with torch's deterministic algorithms on, and only when asked.
+    for flag in (True, False):
+        probe = tmp_path / f"probe-{flag}"
+        ok(launch([PROBE, "epochs=1", "trackers=[]", "checkpoint.monitor=", f"deterministic={str(flag).lower()}",
+                   f"probe={probe}", f"output_dir={tmp_path / 'probes'}"], cwd=tmp_path))
+        assert {r["deterministic"] for r in read_jsonl(f"{probe}.rank0")} == {flag}
 
 
 class Seeds(torch.utils.data.Dataset):

@@ -48,7 +48,7 @@ DEFAULTS = {
         "step_epochs": 1.0,      # step: multiply the LR by gamma every step_epochs epochs
         "gamma": 0.1,            # step: the factor
     },
-    "clip_grad_norm": 0.0,       # clip the global gradient norm to this (0: off); logged when clipping or skipping
+    "clip_grad_norm": 0.0,       # clip the global gradient norm to this (0: off); the norm is logged either way
     "skip_nonfinite": False,     # skip steps whose loss or gradient norm is NaN/inf on any rank (1 host sync per step)
     "nan_tolerance": 3,          # with skip_nonfinite: stop when more than this many steps in a row were skipped
     "ema": {
@@ -70,6 +70,7 @@ DEFAULTS = {
     },
     "precision": None,           # no | bf16 | fp16 (GPU); null: what `accelerate launch`/`accelerate config` set (no)
     "channels_last": False,      # store conv weights NHWC: faster convolutions on GPUs, with bf16/fp16 above all
+    "compile": False,            # torch.compile the model: faster GPU steps after a compile of seconds to minutes
     "log_every": 50,             # optimizer steps between reads of the train metrics (host syncs)
     "checkpoint": {
         "every_epochs": 1,       # save at the end of every N epochs (0: not on a schedule)
@@ -111,8 +112,8 @@ MINIMUMS = {  # key -> smallest valid value (every other number in DEFAULTS must
     "batch_size": 1, "eval_batch_size": 1, "log_every": 1, "grad_accum": 1,
 }
 # Keys a resumed run may change: they do not change the model, the data or the results so far.
-RESUMABLE = ("epochs", "max_steps", "max_minutes", "log_every", "eval_batch_size", "num_workers", "trackers",
-             "val_every", "val_every_steps", "early_stop.patience", "skip_nonfinite", "nan_tolerance",
+RESUMABLE = ("epochs", "max_steps", "max_minutes", "log_every", "eval_batch_size", "num_workers", "compile",
+             "trackers", "val_every", "val_every_steps", "early_stop.patience", "skip_nonfinite", "nan_tolerance",
              "checkpoint.every_epochs", "checkpoint.every_steps", "checkpoint.keep",
              "data.root", "data.download", "wandb.", "notify.")  # a trailing dot: every key under it
 

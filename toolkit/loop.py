@@ -61,6 +61,8 @@ def train(recipe, cfg, resume=None):
         model = model.to(memory_format=torch.channels_last)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema.decay), use_buffers=True) \
         if cfg.ema.decay else None
+    if cfg.compile:
+        model.compile()  # in place, so the weights keep their names: checkpoints do not depend on it
     optimizer, groups = make_optimizer(cfg, model, recipe)
     loaders = {split: make_loader(split, ds, cfg, recipe, processes) for split, ds in splits.items()}
     # From here on each rank draws its own randomness (augmentation, dropout).
@@ -178,8 +180,8 @@ def train(recipe, cfg, resume=None):
                     if check_finite:
                         finite &= torch.isfinite(loss.detach())
                     if accelerator.sync_gradients:
-                        grad_norm = None
-                        if cfg.clip_grad_norm or check_finite:
+                        grad_norm = None  # measured when needed, and for the log on its steps
+                        if cfg.clip_grad_norm or check_finite or (state.step + 1) % cfg.log_every == 0:
                             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm or math.inf)
                         # Gradients are all-reduced, so every rank sees the same norm; the loss is
                         # per rank, so the flag is all-reduced too: all ranks skip, or none.
@@ -286,8 +288,7 @@ def train(recipe, cfg, resume=None):
         if accelerator.is_main_process:
             tracking.write_summary(run_dir, summary)
             notify(cfg, summary)
-        if summary["status"] == "finished":
-            log.info(tracking.result_line(summary), extra=FILE_ONLY)
+        log.info(tracking.result_line(summary), extra=FILE_ONLY)  # log.txt's last line, whatever happened
         metrics_log.close()
         tracking.close_logging()
     if summary["status"] == "finished" and accelerator.is_main_process:  # once, not once per machine
@@ -516,3 +517,9 @@ def log_header(accelerator, recipe, cfg, splits, model, run_dir, groups):
                  extra=FILE_ONLY)
     for line in groups:
         log.info(f"optimizer {line}", extra=FILE_ONLY)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if device == "cpu" and accelerator.num_processes == 1 and torch.get_num_threads() == 1 and cores > 1:
+        log.warning(f"torch computes on 1 of {cores} CPU cores (OMP_NUM_THREADS="
+                    f"{os.environ.get('OMP_NUM_THREADS')}), which is what `accelerate launch` without a config "
+                    f"sets; for all of them, use --num_cpu_threads_per_process {cores}, --config_file "
+                    f"accelerate_configs/cpu.yaml or python launch.py")

@@ -38,9 +38,7 @@ def notify(cfg, summary):
 
 
 def message(summary):
-    lines = [result_line(summary) if summary["status"] == "finished" else f"status: {summary['status']}"]
-    if summary.get("error"):
-        lines.append(f"error: {summary['error']}")
+    lines = [result_line(summary)]  # the final metrics, or how the run ended and why
     lines.append(f"epochs {summary['epochs']}, steps {summary['steps']}, {summary['wall_time_s']:.0f}s of training")
     if summary.get("best"):
         lines.append(f"best {summary['best']['monitor']}={summary['best']['value']:.6g} "

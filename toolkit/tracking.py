@@ -175,9 +175,13 @@ class Metrics:
 
 
 def result_line(summary):
-    """The last line a run prints: its final metrics and where its folder is."""
+    """The last line of a run: its final metrics (or how it ended), its time and where its folder is."""
     split = "test" if "test" in summary else "val" if "val" in summary else None
-    result = f"{split} {format_metrics(summary[split])}" if split else f"trained {summary['steps']} steps"
+    if summary["status"] != "finished":
+        result = f"{summary['status']} at epoch {summary['epochs']} step {summary['steps']}" + (
+            f" ({summary['error']})" if summary.get("error") else "")
+    else:
+        result = f"{split} {format_metrics(summary[split])}" if split else f"trained {summary['steps']} steps"
     return f"{result} | {summary['wall_time_s']:.1f}s | run {summary['run_dir']}"
 
 

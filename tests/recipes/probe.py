@@ -48,8 +48,8 @@ def loss(model, batch, cfg):
     dropped = torch.rand(1).item() if model.training else None  # the training step's own randomness
     if _record:
         with open(_record, "a") as f:
-            f.write(json.dumps({"index": index.tolist(), "noise": noise.flatten().tolist(),
-                                "step_rng": dropped}) + "\n")
+            f.write(json.dumps({"index": index.tolist(), "noise": noise.flatten().tolist(), "step_rng": dropped,
+                                "deterministic": torch.are_deterministic_algorithms_enabled()}) + "\n")
     value = F.cross_entropy(model(x), y)
     if model.training:
         _steps += 1
