@@ -83,7 +83,7 @@ def exit_status(summary):
     if summary.get("status") == "interrupted":
         return 128 + signal.Signals[summary.get("signal", "SIGINT")].value
     if summary.get("status") == "failed":
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {summary['error']}", file=sys.stderr)
         return 1
     return 0
@@ -174,8 +174,9 @@ def main(argv=None):
     except UserError as e:
         if args.debug:
             raise
-        # Bad input fails the same way on every rank: say it once.
-        if os.environ.get("RANK", "0") == "0":
+        # Bad input fails the same way on every rank: say it once per machine (a machine's own
+        # problem, such as its missing data, shows on its own console).
+        if os.environ.get("LOCAL_RANK", "0") == "0":
             for line in str(e).splitlines():
                 print(f"error: {line}", file=sys.stderr)
         return 2

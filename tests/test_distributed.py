@@ -16,8 +16,8 @@ PROBE = REPO / "tests" / "recipes" / "probe.py"
 
 
 def two_processes():
-    return accelerate_launch("--config_file", REPO / "accelerate_configs" / "multi_gpu.yaml",
-                             "--num_processes", "2", "--main_process_port", free_port())
+    """The flags form; the other test files launch with accelerate_configs/multi_gpu.yaml."""
+    return accelerate_launch("--multi_gpu", "--num_processes", "2", "--main_process_port", free_port())
 
 
 def run(args, tmp_path, processes):
@@ -105,19 +105,20 @@ def test_torchrun_without_accelerate_launch(one_process_eval, tmp_path):
     same_evaluation(summary(only_run(tmp_path)), expected)
 
 
-def two_machines(args, tmp_path, processes_per_machine):
-    """Two `accelerate launch` commands with machine ranks 0 and 1, meeting on 127.0.0.1."""
+def two_machines(args, tmp_path, processes_per_machine, cwds=None, succeed=True):
+    """Two `accelerate launch` commands with machine ranks 0 and 1, meeting on 127.0.0.1, each
+    in its own working folder (`cwds`; default: both in tmp_path); each must succeed, or fail."""
     port = free_port()
     commands = [[*accelerate_launch("--config_file", REPO / "accelerate_configs" / "multi_node.yaml",
                                     "--num_processes", 2 * processes_per_machine, "--machine_rank", rank,
                                     "--main_process_ip", "127.0.0.1", "--main_process_port", port),
                  REPO / "launch.py", *args] for rank in (0, 1)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "1"}
-    machines = [subprocess.Popen(list(map(str, c)), cwd=tmp_path, env=env, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for c in commands]
+    machines = [subprocess.Popen(list(map(str, c)), cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE) for c, cwd in zip(commands, cwds or [tmp_path] * 2)]
     outputs = [m.communicate(timeout=300) for m in machines]
     for machine, (out, err) in zip(machines, outputs):
-        assert machine.returncode == 0, err[-3000:]
+        assert (machine.returncode == 0) == succeed, err[-3000:]
     return outputs
 
 
@@ -139,6 +140,19 @@ def test_two_machines_train_as_one_machine_with_the_same_world_size(tiny, tmp_pa
     a = load_file(machines / "checkpoints" / "latest" / "model.safetensors")
     b = load_file(one / "checkpoints" / "latest" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_machines_that_do_not_share_the_output_dir_stop_at_once(tiny, tmp_path):
+    """Each machine in its own folder with a relative output_dir: the second does not see the run
+    folder that the first made, so checkpoints could not be written; both say so and stop."""
+    cwds = [tmp_path / "machine0", tmp_path / "machine1"]
+    for cwd in cwds:
+        cwd.mkdir()
+    outputs = two_machines([LENET, *tiny, "output_dir=runs"], tmp_path, 1, cwds=cwds, succeed=False)
+    for _, err in outputs:  # said once on each machine, before the launcher's own report
+        assert err.startswith("error: output_dir=runs is not shared storage: the run folder runs/lenet/"), err
+        assert err.count("error: ") == 1, err
+    assert [list(cwd.glob("runs/*/*")) for cwd in cwds] == [[], []]  # no run folder left behind
 
 
 def test_an_error_on_one_rank_ends_every_process_quickly(tmp_path):

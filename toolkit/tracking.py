@@ -3,24 +3,29 @@
     runs/<recipe>/<YYYYmmdd-HHMMSS>[-<name>]/
         config.yaml      the resolved config; `--config config.yaml` reproduces the run
         <recipe>.py      a copy of the recipe file
+        git.txt, git.diff   the commit of the recipe's repository and its uncommitted changes, if any
         log.txt          what the console showed, plus every train-metric line
         metrics.jsonl    one JSON object per logged train window or evaluation
         tensorboard/     event files (tracker "tensorboard")
+        wandb/           the wandb run (tracker "wandb")
         summary.json     status, final metrics, steps and wall time
+        checkpoints/, model.safetensors   written by toolkit.checkpoint
 """
 
 import json
 import logging
 import shutil
+import socket
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
+from toolkit import UserError
 from toolkit.config import flatten, yaml_dump
 
 log = logging.getLogger("toolkit")
@@ -28,12 +33,23 @@ FILE_ONLY = {"file_only": True}  # `log.info(msg, extra=FILE_ONLY)`: into log.tx
 
 
 def create_run_dir(state, output_dir, recipe_name, name=""):
-    """Make a new run folder on the main process and share its path with every rank (and machine)."""
+    """Make a new run folder on the main process and share its path with every rank (and machine).
+
+    Every rank writes its part of each checkpoint into it, so every machine must see it."""
     path = None
     if state.is_main_process:
         stamp = time.strftime("%Y%m%d-%H%M%S") + (f"-{name}" if name else "")
         path = str(claim_folder(Path(output_dir) / recipe_name / stamp))
-    return Path(broadcast_object_list([path])[0])
+    path = Path(broadcast_object_list([path])[0])
+    if state.num_processes > 1:
+        blind = [host for host, sees in gather_object([(socket.gethostname(), path.is_dir())]) if not sees]
+        if blind:  # the same answer on every rank, so all stop here together
+            if state.is_main_process:
+                path.rmdir()
+            raise UserError(f"output_dir={output_dir} is not shared storage: the run folder {path} that the main "
+                            f"process made is not there on {', '.join(sorted(set(blind)))}; put output_dir on "
+                            f"storage that every machine sees (e.g. NFS)")
+    return path
 
 
 def claim_folder(base):
