@@ -10,7 +10,6 @@ import os
 import shutil
 import socketserver
 import subprocess
-import sys
 import threading
 
 import pytest
@@ -54,6 +53,8 @@ def test_sweep_runs_the_grid_and_ranks_it(tiny, tmp_path):
                         "batch_size=64,128"], cwd=tmp_path))
     (sweep,) = (tmp_path / "runs" / "lenet").glob("sweep-*")
     assert len(run_dirs(sweep)) == 4  # one run folder each, inside the sweep folder
+    for run in run_dirs(sweep):  # grouped in wandb by the sweep's name
+        assert f"group: {sweep.name}" in (run / "config.yaml").read_text()
     table = json.loads((sweep / "sweep.json").read_text())
     assert sorted(r["run"] for r in table) == ["optim.lr=1e-4 batch_size=128", "optim.lr=1e-4 batch_size=64",
                                                "optim.lr=3e-3 batch_size=128", "optim.lr=3e-3 batch_size=64"]

@@ -95,9 +95,10 @@ def sweep(recipe, files, overrides, launcher=""):
 
     rows = []
     for i, point in enumerate(points, 1):
-        name = re.sub(r"[^\w.=+-]+", "_", "_".join(point))[:100]
+        name = f"{i:0{len(str(len(points)))}d}-" + re.sub(r"[^\w.=+-]+", "_", "_".join(point))[:100]  # unique
         command = [*shlex.split(launcher), *([] if launcher else [sys.executable]), str(LAUNCH), str(recipe.path),
                    *(a for f in files_used for a in ("--config", f)), *fixed, *point,
+                   *([] if base.wandb.group else [f"wandb.group={folder.name}"]),  # the sweep's runs together
                    f"output_dir={folder}", f"name={name}"]
         print(f"\n[{i}/{len(points)}] {' '.join(point)}", flush=True)
         code = subprocess.run(command).returncode

@@ -127,7 +127,7 @@ class _TqdmHandler(logging.Handler):
 
 def progress_bar(accelerator, total, initial, desc):
     """A bar on the main process of an interactive terminal; elsewhere none (log lines instead)."""
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=True,
+    return tqdm(total=total, initial=initial, desc=desc, unit="batch", dynamic_ncols=True, leave=True,
                 disable=None if accelerator.is_main_process else True)
 
 
