@@ -24,6 +24,14 @@ def test_truncated_idx_is_a_clear_error(tmp_path):
         read_idx(path)
 
 
+def test_truncated_gzip_is_a_clear_error(tmp_path):
+    path = tmp_path / "x.gz"
+    write_idx(path, torch.zeros(64, 64, dtype=torch.uint8), compress=True)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(UserError, match=r"x.gz is not a complete gzip file \(.*\); download it again"):
+        read_idx(path)
+
+
 @pytest.mark.parametrize("layout", ["flat", "torchvision"])
 def test_load_mnist_finds_files(tmp_path, layout):
     root = tmp_path / "data"

@@ -71,8 +71,14 @@ MNIST_SETS = {  # config name -> torchvision class, which also names the downloa
 def read_idx(path):
     """An IDX file (the MNIST format; `.gz` is decompressed) as a uint8 tensor of its shape."""
     path = Path(path)
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-        data = f.read()
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        # In one call, which releases the GIL once: reading a GzipFile takes it back for every
+        # chunk, and each time waits for whatever else runs (the torch._dynamo import in train).
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise UserError(f"{path} is not a complete gzip file ({e}); download it again") from None
     if len(data) < 4 or data[0:2] != b"\0\0" or data[2] != 0x08:
         raise UserError(f"{path} is not an IDX file of unsigned bytes (the MNIST format)")
     ndim = data[3]
