@@ -1,6 +1,6 @@
 """Exact metrics from summable counts.
 
-A recipe's `loss(model, batch)` returns `(loss, counts)`: `counts["samples"]` is the number of
+A recipe's `loss(model, batch, cfg)` returns `(loss, counts)`: `counts["samples"]` is the number of
 samples in the batch and the other counts are sums over them (e.g. `correct`). `Totals` adds them
 up on the device, batch after batch, without reading them back; `reduce` then sums them over all
 ranks in one all-reduce. Ratios are taken only at the end (`summarize`), so the result is the
