@@ -266,7 +266,8 @@ def wait_for_first_log_line(run_root, process, timeout=120):
         time.sleep(0.01)
 
 
-def test_sigterm_saves_then_resume_finishes_like_the_unbroken_run(tiny, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_signal_saves_then_resume_finishes_like_the_unbroken_run(tiny, tmp_path, sig):
     # A warmup and a cosine decay (the recipe's kind of schedule): the LR must continue too.
     args = [LENET, *tiny, "epochs=4", "batch_size=8", "optim.lr=3e-4", "sched.name=cosine", "sched.warmup_epochs=0.5"]
     ok(launch([*args, f"output_dir={tmp_path / 'unbroken'}"], cwd=tmp_path))
@@ -276,14 +277,14 @@ def test_sigterm_saves_then_resume_finishes_like_the_unbroken_run(tiny, tmp_path
     process = subprocess.Popen(list(map(str, command)), cwd=tmp_path, env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for_first_log_line(tmp_path / "stopped", process)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(sig)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM, err
+    assert process.returncode == 128 + sig, err
     run = only_run(tmp_path / "stopped")
-    assert summary(run)["status"] == "interrupted" and summary(run)["signal"] == "SIGTERM"
+    assert summary(run)["status"] == "interrupted" and summary(run)["signal"] == sig.name
     stopped_at = checkpoint.read_state(checkpoint.find(run)).step
     assert 0 < stopped_at < 4 * 250
-    assert f"stopped by SIGTERM at step {stopped_at}; continue with: python launch.py resume {run}" in err
+    assert f"stopped by {sig.name} at step {stopped_at}; continue with: python launch.py resume {run}" in err
 
     ok(launch(["resume", run], cwd=tmp_path))
     assert summary(run)["status"] == "finished"
