@@ -84,6 +84,13 @@ def test_a_sweep_block_in_a_config_file(tiny, tmp_path):
     (sweep,) = (tmp_path / "runs" / "lenet").glob("sweep-*")
     assert sorted(r["run"] for r in json.loads((sweep / "sweep.json").read_text())) == \
         ["optim.lr=0.0001", "optim.lr=0.003"]
+    assert all(summary(run)["epochs"] == 1 for run in run_dirs(sweep))  # the file's other keys apply
+
+    # ... and they are checked with the rest before anything runs.
+    grid.write_text("epochz: 1\nsweep:\n  optim.lr: [1e-4, 3e-3]\n")
+    refused = launch(["sweep", LENET, "--config", grid, *tiny, f"output_dir={tmp_path / 'typo'}"], cwd=tmp_path)
+    assert refused.returncode == 2 and f"unknown key 'epochz' from {grid}" in refused.stderr
+    assert not (tmp_path / "typo").exists()
 
 
 def test_sweep_checks_every_combination_before_running(tiny, tmp_path):

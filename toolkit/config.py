@@ -237,12 +237,17 @@ def parse_override(text):
 
 
 def resolve(recipe_config, files=(), overrides=()):
-    """Merge the layers and return a `Config`; raise `ConfigError` listing every problem."""
+    """Merge the layers and return a `Config`; raise `ConfigError` listing every problem.
+
+    `files` are YAML paths, or (source, mapping) pairs for layers read already."""
     problems = []
     schema = _merge(DEFAULTS, recipe_config, "the recipe's config", problems, schema=None)
     values = schema
     for path in files:
-        layer = _read_layer(path, problems)
+        if isinstance(path, tuple):  # (source, mapping): a file read already, e.g. a sweep's without its block
+            path, layer = path
+        else:
+            layer = _read_layer(path, problems)
         if layer:
             values = _merge(values, layer, path, problems, schema)
     for text in overrides:

@@ -41,7 +41,8 @@ def values(text):
 
 
 def read_grid(files, overrides):
-    """(the files without their sweep blocks, fixed overrides, {key: [value texts]})."""
+    """(the files, a file with a sweep block as (path, its other keys), fixed overrides,
+    {key: [value texts]})."""
     grid, plain_files = {}, []
     for path in files:
         layer = config.yaml_load(Path(path).read_text(encoding="utf-8"), path) if Path(path).is_file() else None
@@ -51,7 +52,7 @@ def read_grid(files, overrides):
                 raise UserError(f"{path}: sweep: must map keys to lists of values, e.g. optim.lr: [1e-3, 3e-3]")
             grid.update({key: [config.yaml_dump(v).strip().removesuffix("\n...") for v in vs]
                          for key, vs in block.items()})
-            plain_files.append(layer)
+            plain_files.append((path, layer))
         else:
             plain_files.append(path)
     fixed = []
@@ -73,11 +74,11 @@ def sweep(recipe, files, overrides, launcher=""):
     points = [[f"{key}={value}" for key, value in zip(grid, combination)]
               for combination in itertools.product(*grid.values())]
     # Check every combination before running any: a typo should not surface after hours.
-    base = config.resolve(recipe.config, [f for f in plain_files if not isinstance(f, dict)], fixed)
+    base = config.resolve(recipe.config, plain_files, fixed)
     problems = []
     for point in points:
         try:
-            config.resolve(recipe.config, [f for f in plain_files if not isinstance(f, dict)], [*fixed, *point])
+            config.resolve(recipe.config, plain_files, [*fixed, *point])
         except config.ConfigError as e:
             problems += [p for p in e.problems if p not in problems]
     if problems:
@@ -86,10 +87,9 @@ def sweep(recipe, files, overrides, launcher=""):
     folder = tracking.claim_folder(Path(base.output_dir) / recipe.name / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
     files_used = []
     for i, f in enumerate(plain_files):  # the files as each run reads them: without the sweep block
-        if isinstance(f, dict):
-            path = folder / f"config-{i}.yaml"
-            path.write_text(config.yaml_dump(f), encoding="utf-8")
-            f = path
+        if isinstance(f, tuple):
+            f = folder / f"config-{i}.yaml"
+            f.write_text(config.yaml_dump(plain_files[i][1]), encoding="utf-8")
         files_used.append(str(f))
     print(f"sweep of {len(points)} runs in {folder}: {', '.join(f'{k} in {v}' for k, v in grid.items())}")
 
