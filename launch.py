@@ -83,10 +83,17 @@ def exit_status(summary):
     if summary.get("status") == "interrupted":
         return 128 + signal.Signals[summary.get("signal", "SIGINT")].value
     if summary.get("status") == "failed":
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"error: {summary['error']}", file=sys.stderr)
+        say_error(summary["error"])
         return 1
     return 0
+
+
+def say_error(text):
+    """Print `text` as error lines, once per machine: every rank fails the same way, and a
+    machine's own problem (its missing data) shows on its own console."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        for line in text.splitlines():
+            print(f"error: {line}", file=sys.stderr)
 
 
 def sweep(args):
@@ -174,11 +181,7 @@ def main(argv=None):
     except UserError as e:
         if args.debug:
             raise
-        # Bad input fails the same way on every rank: say it once per machine (a machine's own
-        # problem, such as its missing data, shows on its own console).
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            for line in str(e).splitlines():
-                print(f"error: {line}", file=sys.stderr)
+        say_error(str(e))
         return 2
     except PeerFailure as e:
         print(f"error: {e}", file=sys.stderr)

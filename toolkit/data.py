@@ -137,9 +137,14 @@ def _download_mnist(name, root):
         for train in (True, False):
             dataset(str(root), train=train, download=True)
     except Exception as e:  # noqa: BLE001 - any failure becomes the reason in one clear message
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        return lines[-1] if lines else type(e).__name__
+        return _last_line(e)
     return None
+
+
+def _last_line(error):
+    """The last non-empty line of an exception's message (a download error's reason)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +177,7 @@ def load_cifar10(root, download=True):
         try:
             download_and_extract_archive(CIFAR10_URL, str(root), md5=CIFAR10_MD5)
         except Exception as e:  # noqa: BLE001 - the reason goes into one clear message
-            error = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            error = _last_line(e)
         missing = [f for files in CIFAR10_FILES.values() for f in files if not (folder / f).is_file()]
     if missing:
         reason = f"; the download failed ({error})" if error else ""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from toolkit import UserError
 from toolkit.config import yaml_load
-from toolkit.tracking import text_table
+from toolkit.tracking import read_json, text_table
 
 
 def list_runs(folder="runs"):
@@ -18,7 +18,7 @@ def list_runs(folder="runs"):
         raise UserError(f"no run folders under {folder}")
     rows = []
     for run in runs:
-        summary = _read_json(run / "summary.json")
+        summary = read_json(run / "summary.json")
         cfg = yaml_load((run / "config.yaml").read_text(encoding="utf-8"), run / "config.yaml") or {}
         best = summary.get("best")
         rows.append([str(run.relative_to(folder)), summary.get("recipe", "?"), status(summary),
@@ -81,10 +81,3 @@ def plot(runs, out=None):
     figure.savefig(out, dpi=100)
     plt.close(figure)
     return out
-
-
-def _read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}

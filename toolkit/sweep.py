@@ -13,7 +13,6 @@ checked before the first run starts. At the end a table of the runs, best first 
 """
 
 import itertools
-import json
 import re
 import shlex
 import subprocess
@@ -108,7 +107,7 @@ def sweep(recipe, files, overrides, launcher=""):
 
 
 def row(point, run, code):
-    summary = json.loads((run / "summary.json").read_text()) if run and (run / "summary.json").is_file() else {}
+    summary = tracking.read_json(run / "summary.json") if run else {}
     final = summary.get("test") or summary.get("val") or {}
     return {"run": " ".join(point), "folder": str(run) if run else "",
             "status": summary.get("status", "failed") + ("" if code == 0 else f" (exit {code})"),

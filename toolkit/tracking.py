@@ -217,6 +217,14 @@ def _fmt(value):
     return str(value)
 
 
+def read_json(path):
+    """A JSON file's content, or {} when it is missing or unreadable (a run that never wrote it)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
 def write_json(path, data):
     """Write JSON atomically (a temporary file, then a rename)."""
     tmp = path.with_name(path.name + ".tmp")
