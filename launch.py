@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from toolkit import PeerFailure, UserError
+from toolkit.recipe import RecipeError
 
 LAYERS = ("Config layers, later wins: toolkit defaults < the recipe's config < each --config file (in order) "
           "< key=value overrides.")
@@ -135,9 +136,15 @@ HELP = {  # command -> (description, example)
 }
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # parse_intermixed_args names an optional nargs="*" positional among the missing ones.
+        super().error(message.replace(", key=value", ""))
+
+
 def parser(command):
     description, example = HELP[command]
-    p = argparse.ArgumentParser(prog="launch.py" if command == "train" else f"launch.py {command}",
+    p = Parser(prog="launch.py" if command == "train" else f"launch.py {command}",
                                 description=description, epilog=f"example: {example}",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     if command in ("train", "sweep"):
@@ -178,6 +185,12 @@ def main(argv=None):
     args = parser(command).parse_intermixed_args(argv)
     try:
         return COMMANDS[command](args)
+    except RecipeError as e:
+        if args.debug:
+            raise
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(e, file=sys.stderr)  # the recipe's traceback, as Python shows it
+        return 2
     except UserError as e:
         if args.debug:
             raise

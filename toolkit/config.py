@@ -29,6 +29,7 @@ DEFAULTS = {
     "max_minutes": 0.0,          # stop after this much training time, even mid-epoch (0: no limit)
     "batch_size": 64,            # per process and micro-batch
     "grad_accum": 1,             # micro-batches per optimizer step; global batch = batch_size x grad_accum x processes
+    "loss_per": "",              # the loss is a mean over this count of loss() (e.g. tokens), normalised per step ("": samples)
     "eval_batch_size": 256,      # per process, for val/test (no gradients, so larger is cheaper)
     "num_workers": 0,            # DataLoader workers; 0 is fastest for in-memory datasets
     "optim": {
@@ -65,7 +66,7 @@ DEFAULTS = {
         "test": 0,
     },
     "debug": {
-        "overfit_batches": 0,    # train and validate on the same N batches (the model should reach ~100%)
+        "overfit_batches": 0,    # train on N batches, repeated to fill each epoch, and validate on them (a model reaches ~100%)
         "fast_run": False,       # one train, val and test step, a checkpoint saved and loaded, then exit
     },
     "precision": None,           # no | bf16 | fp16 (GPU); null: what `accelerate launch`/`accelerate config` set (no)
@@ -81,11 +82,12 @@ DEFAULTS = {
     },
     "init_from": "",             # start from these weights: a .safetensors/.pt file or a run folder
     "trackers": ["tensorboard"], # tensorboard, wandb; besides metrics.jsonl, which is always written; [] for none
-    "wandb": {
-        "project": "minloop",    # the wandb project; the run is named after its folder
-        "entity": "",            # team or user ("": your default); the API key only from WANDB_API_KEY
-        "mode": "online",        # online | offline (no account or network needed) | disabled
-        "group": "",             # e.g. a sweep's name
+    "wandb": {                   # "": what the WANDB_* variable says, else the default in brackets
+        "project": "",           # the wandb project ("": $WANDB_PROJECT, else minloop); runs are named after their folder
+        "entity": "",            # team or user ("": $WANDB_ENTITY, else yours); the key: `wandb login` or $WANDB_API_KEY
+        "mode": "",              # online | offline (no account needed) | disabled ("": $WANDB_MODE, else online)
+        "dir": "",               # wandb writes into <dir>/wandb ("": $WANDB_DIR, else the run folder)
+        "group": "",             # e.g. a sweep's name ("": $WANDB_RUN_GROUP)
     },
     "notify": {
         "email": "",             # e-mail the result to this address when the run ends or fails ("": no)
@@ -105,7 +107,7 @@ CHOICES = {  # key -> allowed values (for a list: allowed elements)
     "sched.name": ("constant", "cosine", "linear", "step", "onecycle"),
     "precision": ("no", "bf16", "fp16"),
     "trackers": ("tensorboard", "wandb"),
-    "wandb.mode": ("online", "offline", "disabled"),
+    "wandb.mode": ("", "online", "offline", "disabled"),
     "checkpoint.mode": ("min", "max"),
 }
 MINIMUMS = {  # key -> smallest valid value (every other number in DEFAULTS must be >= 0)
@@ -393,7 +395,7 @@ def _check_values(values):
         value = _get(values, key)
         for item in value if isinstance(value, list) else [value]:
             if item is not None and item not in allowed:
-                problems.append(f"{key}: {item!r} is not one of {', '.join(allowed)}")
+                problems.append(f"{key}: {item!r} is not one of {', '.join(a for a in allowed if a)}")
     for key, default in _leaves(DEFAULTS):
         value, minimum = _get(values, key), MINIMUMS.get(key, 0)
         if isinstance(default, (int, float)) and not isinstance(default, bool) and value < minimum:

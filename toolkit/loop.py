@@ -8,6 +8,7 @@ barrier in the hot loop; gradients freed with set_to_none.
 
 import functools
 import importlib
+import itertools
 import math
 import os
 import shlex
@@ -18,6 +19,7 @@ import time
 import traceback
 from pathlib import Path
 
+import accelerate
 import accelerate.optimizer
 import torch
 from accelerate import Accelerator, PartialState
@@ -25,8 +27,8 @@ from accelerate.utils import (DataLoaderConfiguration, DistributedType, broadcas
                                parse_flag_from_env, set_seed)
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from toolkit import PeerFailure, UserError, checkpoint, config, tracking
-from toolkit.metrics import Totals, summarize
+from toolkit import PeerFailure, UserError, checkpoint, config, data, tracking
+from toolkit.metrics import StepUnits, Totals, summarize
 from toolkit.notify import notify
 from toolkit.optim import lr_schedule, make_optimizer, set_lr
 from toolkit.signals import StopRequest
@@ -46,6 +48,7 @@ def train(recipe, cfg, resume=None):
     threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True).start()
     # The process group first, so that ranks can agree on things (the run folder) before any work.
     processes, cpu = start_processes(cfg)
+    tracking.check_trackers(cfg)
     resume_from = checkpoint.find(resume) if resume else None
     state = checkpoint.verify(resume_from, processes.num_processes) if resume else checkpoint.TrainState()
 
@@ -53,16 +56,9 @@ def train(recipe, cfg, resume=None):
     set_seed(cfg.seed, deterministic=cfg.deterministic)
     with processes.main_process_first():  # the main process downloads; the others then read its files
         splits = recipe.datasets(cfg)
-    check_splits(splits)
+    check_splits(splits, cfg)
     splits = limit_splits(splits, cfg, processes.num_processes)
-    model = recipe.model(cfg)
-    initialized = checkpoint.load_weights(model, cfg.init_from) if cfg.init_from and not resume else None
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema.decay), use_buffers=True) \
-        if cfg.ema.decay else None
-    if cfg.compile:
-        model.compile()  # in place, so the weights keep their names: checkpoints do not depend on it
+    model, ema, initialized = build_model(recipe, cfg, weights="" if resume else cfg.init_from, ema=True)
     optimizer, groups = make_optimizer(cfg, model, recipe)
     loaders = {split: make_loader(split, ds, cfg, recipe, processes) for split, ds in splits.items()}
     # From here on each rank draws its own randomness (augmentation, dropout).
@@ -81,17 +77,14 @@ def train(recipe, cfg, resume=None):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed,
                                                   non_blocking=processes.device.type == "cuda"),
     )
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, loaders.pop("train"))
-    # Evaluation shards are not padded to equal length (even_batches=False), so every sample is
-    # counted exactly once; ranks may then run different numbers of batches, which `evaluate`
-    # allows.
-    accelerator.even_batches = False
-    eval_loaders = {split: accelerator.prepare(loader) for split, loader in loaders.items()}
-    accelerator.even_batches = True
+    model, optimizer = accelerator.prepare(model, optimizer)
+    train_loader = prepare_loader(accelerator, loaders.pop("train"), training=True)
+    eval_loaders = {split: prepare_loader(accelerator, loader, training=False) for split, loader in loaders.items()}
     if ema is not None:
         ema.to(accelerator.device)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
-    lr_factor = lr_schedule(cfg, steps_per_epoch=math.ceil(len(train_loader) / cfg.grad_accum))
+    lr_factor = lr_schedule(cfg, steps_per_epoch=steps_per_epoch(train_loader, cfg))
+    units = StepUnits(cfg.loss_per, accelerator, train_loader)  # exact gradients for a loss per token
     if resume_from:
         # Before anything in the run folder changes: a resume that fails leaves the run as it was.
         checkpoint.load(accelerator, resume_from, ema)
@@ -121,15 +114,24 @@ def train(recipe, cfg, resume=None):
     session_start = time.time() - state.wall_time_s
     state.num_processes = accelerator.num_processes
     check_finite = cfg.skip_nonfinite
-    window, window_start = Totals(), time.perf_counter()
+    per = cfg.loss_per or "samples"  # what the loss is a mean over
+    # Model FLOPs utilisation, on GPUs whose peak is known, for recipes that count their FLOPs.
+    flops_per_unit = recipe.flops(cfg, accelerator.unwrap_model(model)) if hasattr(recipe, "flops") else 0
+    peak_flops = peak_flops_per_s(accelerator.device, accelerator.mixed_precision)
+    window, window_start = Totals(per), time.perf_counter()
     steps = StepStats(accelerator.device)  # grad norms and skipped steps of the window
 
     def log_train(epoch, bar):
         """Read the train window's sums (the host sync), log them and start the next window."""
         nonlocal window_start
-        metrics = summarize(window.reduce(accelerator), getattr(recipe, "metrics", None))
-        metrics.update(steps.read(), lr=optimizer.param_groups[0]["lr"],
-                       samples_per_s=metrics["samples"] / (time.perf_counter() - window_start))
+        sums = window.reduce(accelerator)
+        seconds = time.perf_counter() - window_start
+        metrics = summarize(sums, getattr(recipe, "metrics", None), per)
+        metrics.update(steps.read(), lr=optimizer.param_groups[0]["lr"], samples_per_s=sums.get("samples", 0) / seconds)
+        if per != "samples":
+            metrics[f"{per}_per_s"] = sums.get(per, 0) / seconds
+            if flops_per_unit and peak_flops:
+                metrics["mfu"] = flops_per_unit * metrics[f"{per}_per_s"] / peak_flops
         metrics_log.log("train", metrics, state.step, epoch)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_per_s=f"{metrics['samples_per_s']:.0f}")
         log.info(f"epoch {epoch} step {state.step} train {format_metrics(metrics)}",
@@ -150,7 +152,7 @@ def train(recipe, cfg, resume=None):
         nonlocal window_start
         for split, net in (("val", model), ("val_ema", ema)):
             if net is not None:
-                summary[split] = evaluate(accelerator, net, eval_loaders["val"], recipe, cfg)
+                summary[split] = evaluate(accelerator, net, eval_loaders["val"], recipe, cfg, "val")
                 metrics_log.log(split, summary[split], state.step, epoch)
                 log.info(f"epoch {epoch}/{cfg.epochs} step {state.step} {split} {format_metrics(summary[split])}")
         window_start = time.perf_counter()
@@ -169,17 +171,19 @@ def train(recipe, cfg, resume=None):
         last_epoch = state.epoch if cfg.max_steps and state.step >= cfg.max_steps else cfg.epochs
         for epoch in range(state.epoch + 1, last_epoch + 1):
             model.train()
-            train_loader.set_epoch(epoch - 1)  # the order is a function of (seed, epoch): resumable
-            batches = accelerator.skip_first_batches(train_loader, state.batch) if state.batch else train_loader
-            bar = tracking.progress_bar(accelerator, len(train_loader), state.batch, f"epoch {epoch}/{cfg.epochs}")
-            end_of_epoch = state.batch == len(train_loader)
+            data.set_epoch(train_loader, epoch - 1)  # order and augmentation: functions of (seed, epoch)
+            batches = skip_first_batches(train_loader, state.batch)
+            length = len(train_loader) if data.has_length(train_loader) else None  # a stream has none
+            bar = tracking.progress_bar(accelerator, length, state.batch, f"epoch {epoch}/{cfg.epochs}")
+            end_of_epoch = state.batch == length
             for batch in batches:
                 with accelerator.accumulate(model):  # no DDP all-reduce until the last micro-batch
                     loss, counts = recipe.loss(model, batch, cfg)
-                    accelerator.backward(loss)
+                    accelerator.backward(units.weigh(loss, counts))  # exact weights: see StepUnits
                     if check_finite:
                         finite &= torch.isfinite(loss.detach())
                     if accelerator.sync_gradients:
+                        units.normalize(model)  # with loss_per: divide by the step's tokens
                         grad_norm = None  # measured when needed, and for the log on its steps
                         if cfg.clip_grad_norm or check_finite or (state.step + 1) % cfg.log_every == 0:
                             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm or math.inf)
@@ -191,10 +195,11 @@ def train(recipe, cfg, resume=None):
                             optimizer.step()
                         updated = good and not optimizer.step_was_skipped  # fp16's scaler skips some
                         optimizer.zero_grad(set_to_none=True)
-                window.add(loss, counts)
+                if not units.padding:  # a stream's rank that ran out repeats its last batch, weighed 0
+                    window.add(loss, counts)
                 state.batch += 1
                 bar.update()
-                end_of_epoch = state.batch == len(train_loader)
+                end_of_epoch = batches.end_of_dataloader
                 if not accelerator.sync_gradients:
                     continue  # micro-batches of one optimizer step; everything below is per step
 
@@ -259,7 +264,7 @@ def train(recipe, cfg, resume=None):
             if stopping:
                 log.info(f"stopped at step {state.step}: {stopping}")
             if "test" in eval_loaders:
-                summary["test"] = evaluate(accelerator, model, eval_loaders["test"], recipe, cfg)
+                summary["test"] = evaluate(accelerator, model, eval_loaders["test"], recipe, cfg, "test")
                 metrics_log.log("test", summary["test"], state.step, state.epoch)
             if cfg.debug.fast_run:
                 checkpoint.load(accelerator, checkpoint.find(run_dir), ema)
@@ -317,12 +322,13 @@ def test(recipe, cfg, run_dir, which="", split="", use_ema=False):
     split = split or ("test" if "test" in splits else "val")
     if split not in splits:
         raise UserError(f"the recipe has no {split!r} split; it has {', '.join(splits)}")
-    model = recipe.model(cfg)
-    checkpoint.load_weights(model, weights, strict=True)
+    # As training built it (channels_last, compiled), so the same weights give the same numbers; the
+    # EMA weights as training validated them, uncompiled.
+    model, _, _ = build_model(recipe, cfg, weights, strict=True, compile=not use_ema)
     accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.precision)
-    accelerator.even_batches = False  # count every sample once; see train()
-    model, loader = accelerator.prepare(model, make_loader(split, splits[split], cfg, recipe, processes))
-    metrics = evaluate(accelerator, model, loader, recipe, cfg)
+    model = accelerator.prepare(model)
+    loader = prepare_loader(accelerator, make_loader(split, splits[split], cfg, recipe, processes), training=False)
+    metrics = evaluate(accelerator, model, loader, recipe, cfg, split)
     name = f"{split}_ema" if use_ema else split
     result = {"run_dir": str(run_dir), "checkpoint": path.name, "step": checkpoint.read_state(path).step,
               "split": name, name: metrics}
@@ -387,7 +393,7 @@ class StepStats:
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, loader, recipe, cfg):
+def evaluate(accelerator, model, loader, recipe, cfg, split):
     """Exact metrics of `model` over `loader`'s whole split, summed over all ranks.
 
     Ranks may hold different numbers of batches (the split is not padded). With DDP that is safe:
@@ -404,7 +410,7 @@ def evaluate(accelerator, model, loader, recipe, cfg):
             broadcast(buffer, from_process=0)
     was_training = net.training
     net.eval()
-    totals = Totals()
+    totals = Totals(cfg.loss_per or "samples")
     with accelerator.autocast():  # the same precision for the EMA copy as for the prepared model
         batch = None
         for batch in loader:
@@ -418,10 +424,15 @@ def evaluate(accelerator, model, loader, recipe, cfg):
             for _ in range(most - len(loader)):
                 recipe.loss(net, batch, cfg)
     net.train(was_training)
-    return summarize(totals.reduce(accelerator), getattr(recipe, "metrics", None))
+    sums = totals.reduce(accelerator)
+    if not sums.get("samples"):  # the same sums on every rank: all stop here together
+        raise UserError(f"the {split} split has no sample" + (" (its stream yielded nothing)" if isinstance(
+            loader, data.StreamLoader) else ""))
+    return summarize(sums, getattr(recipe, "metrics", None), cfg.loss_per or "samples")
 
 
-def check_splits(splits):
+def check_splits(splits, cfg):
+    """What the recipe's datasets() returned fits the loop and the config (before any work)."""
     if not isinstance(splits, dict) or "train" not in splits:
         raise UserError(f"the recipe's datasets() must return a dict with a 'train' entry "
                         f"(and optionally 'val', 'test'), got {type(splits).__name__}"
@@ -430,44 +441,116 @@ def check_splits(splits):
     if unknown:
         raise UserError(f"the recipe's datasets() returned unknown splits {', '.join(sorted(unknown))}; "
                         f"expected train, val, test")
-    if len(splits["train"]) == 0:
+    train = splits["train"]
+    if data.has_length(train) and len(train) == 0:
         raise UserError("the train split is empty")
+    if not data.has_length(train):
+        s = cfg.sched
+        needs = [need for need, on in (
+            (f"sched.name={s.name}", s.name == "step" or (s.name != "constant" and not cfg.max_steps)),
+            (f"sched.warmup_epochs={s.warmup_epochs}", s.warmup_epochs and not s.warmup_steps),
+        ) if on]
+        if needs:
+            raise UserError(f"{' and '.join(needs)} needs the length of an epoch, but the train split "
+                            f"({type(train).__name__}) is a stream without one: set max_steps (with cosine, linear "
+                            f"or onecycle), use sched.warmup_steps, or give the dataset a __len__")
 
 
 def limit_splits(splits, cfg, num_processes):
     """`limit_batches` and `debug.overfit_batches`: the first N batches' worth of samples (over all
-    processes) of a split; overfitting trains and validates on the same ones."""
+    processes) of a split; overfitting trains and validates on the same ones. A stream is cut as
+    it is read (see make_loader); to overfit, its first samples are kept in memory (and a pass
+    over them is an epoch)."""
     def first(split, batches, batch_size):
         n = batches * batch_size * num_processes
+        if data.is_stream(splits[split]):
+            return list(itertools.islice(splits[split], n))
         return torch.utils.data.Subset(splits[split], range(min(n, len(splits[split]))))
 
     limited = dict(splits)
     for split, batches in cfg.limit_batches.items():
-        if batches and split in splits:
+        if batches and split in splits and not data.is_stream(splits[split]):
             limited[split] = first(split, batches, cfg.batch_size if split == "train" else cfg.eval_batch_size)
     if cfg.debug.overfit_batches:
-        limited["train"] = limited["val"] = first("train", cfg.debug.overfit_batches, cfg.batch_size)
+        few = limited["val"] = first("train", cfg.debug.overfit_batches, cfg.batch_size)
+        # Repeated to the length of a real epoch: the real run's steps and LR schedule (a decay to
+        # zero after a few steps would stop short of memorising them).
+        limited["train"] = few if isinstance(few, list) else \
+            torch.utils.data.Subset(few, [i % len(few) for i in range(len(limited["train"]))])
     return limited
 
 
 def make_loader(split, dataset, cfg, recipe, processes):
-    """A DataLoader for one split; the training one shuffles. A dataset that serves whole batches
+    """A loader for one split; the training one shuffles. A dataset that serves whole batches
     (`toolkit.data.TensorDataset`, also inside a Subset) brings its own `collate_fn`; a recipe's
-    `collate` wins."""
+    `collate` wins. Other map-style datasets draw their samples' randomness from (seed, epoch,
+    index); a stream (IterableDataset) gets a `StreamLoader`."""
     training = split == "train"
-    base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    batch_size = cfg.batch_size if training else cfg.eval_batch_size
+    base = dataset
+    while isinstance(base, torch.utils.data.Subset):
+        base = base.dataset
+    collate = getattr(recipe, "collate", None) or getattr(base, "collate_fn", None)
+    if data.is_stream(dataset):
+        limit = cfg.limit_batches[split] * batch_size * processes.num_processes
+        return data.StreamLoader(dataset, batch_size, cfg.num_workers, collate, processes, cfg.seed,
+                                 agree=training, limit=limit)
+    if not isinstance(base, (data.TensorDataset, torch.utils.data.TensorDataset)):
+        dataset = data.SeededSamples(dataset, cfg.seed)
     return torch.utils.data.DataLoader(
         dataset,
-        batch_size=cfg.batch_size if training else cfg.eval_batch_size,
+        batch_size=batch_size,
         shuffle=training,
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
         pin_memory=processes.device.type == "cuda",
-        collate_fn=getattr(recipe, "collate", None) or getattr(base, "collate_fn", None),
+        collate_fn=collate,
         # Its own generator (it seeds the workers), so that starting an epoch, or resuming in the
         # middle of one, draws nothing from the global RNG that the training step uses.
         generator=torch.Generator().manual_seed(cfg.seed + processes.process_index),
     )
+
+
+def prepare_loader(accelerator, loader, training):
+    """Accelerate shards a map-style loader over the ranks. Evaluation shards are not padded to
+    equal length (even_batches=False), so every sample is counted exactly once; ranks may then
+    run different numbers of batches, which `evaluate` allows. A StreamLoader shards itself."""
+    if isinstance(loader, data.StreamLoader):
+        return loader
+    accelerator.even_batches = training
+    prepared = accelerator.prepare(loader)
+    accelerator.even_batches = True
+    return prepared
+
+
+def skip_first_batches(loader, batches):
+    """`loader` without its first `batches` batches: where a resumed epoch continues."""
+    if not batches:
+        return loader
+    if isinstance(loader, data.StreamLoader):
+        return loader.skip_first_batches(batches)
+    return accelerate.skip_first_batches(loader, batches)
+
+
+def steps_per_epoch(loader, cfg):
+    """Optimizer steps per epoch, or None for a stream (check_splits made sure none is needed)."""
+    return math.ceil(len(loader) / cfg.grad_accum) if data.has_length(loader) else None
+
+
+def build_model(recipe, cfg, weights="", strict=False, ema=False, compile=True):
+    """The recipe's model as training runs it: `weights` loaded (init_from, or a checkpoint's
+    for `test`), channels_last, then, if `ema` and ema.decay, its average, then compiled. `train`
+    and `test` both build it here, so the same weights give the same numbers. Returns (model,
+    the EMA model or None, (missing, unexpected) weight names or None)."""
+    model = recipe.model(cfg)
+    loaded = checkpoint.load_weights(model, weights, strict=strict) if weights else None
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema.decay), use_buffers=True) \
+        if ema and cfg.ema.decay else None
+    if cfg.compile and compile:
+        model.compile()  # in place, so the weights keep their names: checkpoints do not depend on it
+    return model, average, loaded
 
 
 def start_processes(cfg):
@@ -508,7 +591,8 @@ def log_header(accelerator, recipe, cfg, splits, model, run_dir, groups):
     log.info(f"{accelerator.num_processes} process(es) on {device} | precision {accelerator.mixed_precision} | "
              f"python {sys.version.split()[0]} | torch {torch.__version__} | "
              f"accelerate {__import__('accelerate').__version__}")
-    log.info(f"data: {', '.join(f'{split} {len(ds)}' for split, ds in splits.items())} | "
+    sizes = ", ".join(f"{split} {len(ds) if data.has_length(ds) else 'stream'}" for split, ds in splits.items())
+    log.info(f"data: {sizes} | "
              f"model {type(model).__name__}: {params:,} parameters ({trainable:,} trainable, "
              f"{params - trainable:,} frozen)")
     for name, module in model.named_children():
@@ -523,3 +607,17 @@ def log_header(accelerator, recipe, cfg, splits, model, run_dir, groups):
                     f"{os.environ.get('OMP_NUM_THREADS')}), which is what `accelerate launch` without a config "
                     f"sets; for all of them, use --num_cpu_threads_per_process {cores}, --config_file "
                     f"accelerate_configs/cpu.yaml or python launch.py")
+
+
+# Dense bf16/fp16 peak FLOP/s of the GPUs whose name contains the key (their data sheets).
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
+              "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def peak_flops_per_s(device, precision):
+    """The device's peak FLOP/s in bf16/fp16 (the MFU denominator of PaLM and torchtitan), or 0
+    where unknown (any CPU, an unlisted GPU)."""
+    if device.type != "cuda":
+        return 0
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), 0)

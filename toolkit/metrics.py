@@ -1,10 +1,12 @@
-"""Exact metrics from summable counts.
+"""Exact metrics from summable counts, and exact gradients for losses that are means over a count.
 
 A recipe's `loss(model, batch, cfg)` returns `(loss, counts)`: `counts["samples"]` is the number of
-samples in the batch and the other counts are sums over them (e.g. `correct`). `Totals` adds them
-up on the device, batch after batch, without reading them back; `reduce` then sums them over all
-ranks in one all-reduce. Ratios are taken only at the end (`summarize`), so the result is the
-exact figure over every sample seen, whatever the batch sizes and the number of processes.
+samples in the batch and the other counts are sums over them (e.g. `correct`, `tokens`). The loss
+is a mean over the batch's samples, or, with `loss_per=<count>`, over that count (e.g. tokens).
+`Totals` adds the counts up on the device, batch after batch, without reading them back; `reduce`
+then sums them over all ranks in one all-reduce. Ratios are taken only at the end (`summarize`),
+so the result is the exact figure over every sample seen, whatever the batch sizes and the
+number of processes.
 """
 
 import torch
@@ -13,17 +15,21 @@ from accelerate.utils import gather_object
 from toolkit import UserError
 
 
+def _exact_dtype(device):
+    return torch.float32 if device.type == "mps" else torch.float64  # exact counts up to 2**53
+
+
 class Totals:
-    def __init__(self):
+    def __init__(self, per="samples"):
+        self.per = per  # the count the loss is a mean over
         self.sums = {}
 
     def add(self, loss, counts):
         """Add one batch. No host sync: tensors stay on the device (plain numbers, such as a
         `len(labels)` sample count, are summed on the host, which costs no device op)."""
-        if not self.sums and "samples" not in counts:
-            raise UserError("the recipe's loss() must return counts with a 'samples' entry "
-                            "(the number of samples in the batch), e.g. {'samples': len(labels)}")
-        self._add("loss", loss.detach() * counts["samples"])  # the loss is a batch mean: weight it
+        if not self.sums:
+            check_counts(counts, self.per)
+        self._add("loss", loss.detach() * counts[self.per])  # the loss is a mean: weight it
         for key, value in counts.items():
             self._add(key, value.detach() if torch.is_tensor(value) else value)
 
@@ -42,7 +48,7 @@ class Totals:
         names = sorted(self.sums)
         if accelerator.num_processes > 1:
             names = sorted(set(gather_object(names)))
-        dtype = torch.float32 if accelerator.device.type == "mps" else torch.float64  # exact counts up to 2**53
+        dtype = _exact_dtype(accelerator.device)
         zero = torch.zeros((), dtype=dtype, device=accelerator.device)
         stacked = torch.stack([torch.as_tensor(self.sums[k], device=accelerator.device).to(dtype)
                                if k in self.sums else zero for k in names])
@@ -51,9 +57,18 @@ class Totals:
         return dict(zip(names, values))
 
 
-def summarize(sums, recipe_metrics=None):
-    """Reported numbers from summed counts: mean loss, sample count, then the recipe's metrics
-    (by default each count divided by the number of samples)."""
+def check_counts(counts, per="samples"):
+    if not isinstance(counts, dict) or "samples" not in counts:
+        raise UserError("the recipe's loss() must return counts with a 'samples' entry "
+                        "(the number of samples in the batch), e.g. {'samples': len(labels)}")
+    if per not in counts:
+        raise UserError(f"loss_per={per}: the recipe's loss() returned no {per!r} count; it returned "
+                        f"{', '.join(counts)}")
+
+
+def summarize(sums, recipe_metrics=None, per="samples"):
+    """Reported numbers from summed counts: mean loss (per sample, or per `per`), sample count,
+    then the recipe's metrics (by default each count divided by the number of samples)."""
     samples = sums.get("samples", 0)
     if not samples:
         return {"samples": 0}
@@ -62,4 +77,62 @@ def summarize(sums, recipe_metrics=None):
         extra = recipe_metrics(counts)
     else:
         extra = {k: v / samples for k, v in counts.items() if k != "samples"}
-    return {**extra, "loss": sums["loss"] / samples, "samples": int(samples)}
+    loss = sums["loss"] / sums[per] if sums.get(per) else float("nan")
+    return {**extra, "loss": loss, "samples": int(samples)}
+
+
+class StepUnits:
+    """Makes an optimizer step's gradient the gradient of the one big batch it stands for.
+
+    DDP averages the processes' gradients and Accelerate divides each micro-batch's loss by
+    `grad_accum`: a mean of per-micro-batch means. That is exact only when every micro-batch
+    holds as many units as the others. With `loss_per=tokens` (a loss that is a mean over a
+    count), each micro-batch's loss is weighed by its count instead, and at the step the
+    gradients are divided by the step's total count over micro-batches and processes (one
+    all-reduce of a number, no host sync): the gradient of the summed loss over all tokens of the
+    step, divided by their number.
+
+    A stream's last steps (`StreamLoader`) can leave some processes without a batch: they
+    repeat their last one with weight zero, and the others' losses are weighed so that the
+    step's gradient is the mean over the processes that had data.
+    """
+
+    def __init__(self, per, accelerator, loader):
+        self.per, self.accelerator, self.loader = per, accelerator, loader
+        self.units = torch.zeros((), dtype=_exact_dtype(accelerator.device), device=accelerator.device)
+
+    @property
+    def padding(self):
+        """Whether this micro-batch is a stream's padding: a repeat that must not count."""
+        return getattr(self.loader, "padding", False)
+
+    def weigh(self, loss, counts):
+        """The loss to back-propagate for one micro-batch."""
+        if self.per:
+            if self.per not in counts:
+                check_counts(counts, self.per)
+            units = 0 if self.padding else counts[self.per]
+            self.units += units
+            return loss * units
+        if self.padding:
+            return loss * 0
+        with_data = getattr(self.loader, "ranks_with_data", self.accelerator.num_processes)
+        if with_data != self.accelerator.num_processes:
+            return loss * (self.accelerator.num_processes / with_data)
+        return loss
+
+    def normalize(self, model):
+        """At an optimizer step, before clipping: divide the gradients by the step's units."""
+        if not self.per:
+            return
+        total = self.accelerator.reduce(self.units, reduction="sum") if self.accelerator.num_processes > 1 \
+            else self.units
+        factor = self.accelerator.gradient_accumulation_steps * self.accelerator.num_processes / total
+        factor = torch.where(total > 0, factor, 0.0)  # a step without units has zero gradients anyway
+        grads = {}
+        for p in model.parameters():
+            if p.grad is not None:
+                grads.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+        for (device, dtype), group in grads.items():
+            torch._foreach_mul_(group, factor.to(device=device, dtype=dtype))
+        self.units.zero_()

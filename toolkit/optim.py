@@ -64,16 +64,17 @@ def _matches(name, prefixes):
 
 def lr_schedule(cfg, steps_per_epoch):
     """factor(step) -> the multiplier of each group's base LR at optimizer step `step` (0-based).
+    `steps_per_epoch` is None for a stream, with which only max_steps gives the training length.
 
     Warmup rises linearly from 0 over `sched.warmup_steps` (or `warmup_epochs`); then `constant`,
     `cosine` or `linear` decay to `sched.min_lr` x the LR at the last step, `step` multiplies by
     `sched.gamma` every `sched.step_epochs` epochs, `onecycle` warms up for 30% of training unless
     told otherwise, from LR/25, then anneals by a cosine to about 0."""
     s = cfg.sched
-    total = steps_per_epoch * cfg.epochs
+    total = steps_per_epoch * cfg.epochs if steps_per_epoch else None  # None: a stream (see loop.check_splits)
     if cfg.max_steps:
-        total = min(total, cfg.max_steps)
-    warmup = s.warmup_steps or round(s.warmup_epochs * steps_per_epoch)
+        total = min(total or cfg.max_steps, cfg.max_steps)
+    warmup = s.warmup_steps or round(s.warmup_epochs * (steps_per_epoch or 0))
     if s.name == "onecycle" and not warmup:
         warmup = round(0.3 * total)
     start = 1 / 25 if s.name == "onecycle" else 0.0
@@ -82,11 +83,11 @@ def lr_schedule(cfg, steps_per_epoch):
     def factor(step):
         if step < warmup:
             return start + (1 - start) * step / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
         if s.name == "constant":
             return 1.0
         if s.name == "step":
             return s.gamma ** (step // max(1, round(s.step_epochs * steps_per_epoch)))
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
         if s.name == "linear":
             return floor + (1 - floor) * (1 - progress)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))  # cosine, onecycle

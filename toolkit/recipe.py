@@ -13,12 +13,13 @@ and optionally `metrics(totals) -> dict` to turn summed counts into reported num
 import importlib.util
 import inspect
 import sys
+import traceback
 from pathlib import Path
 
 from toolkit import UserError
 
 REQUIRED = {"datasets": "cfg", "model": "cfg", "loss": "model, batch, cfg"}
-OPTIONAL = {"metrics": "totals", "optimizer": "cfg, model", "collate": "batch"}
+OPTIONAL = {"metrics": "totals", "optimizer": "cfg, model", "collate": "batch", "flops": "cfg, model"}
 
 
 def load(path):
@@ -32,7 +33,10 @@ def load(path):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # lets pickle and dataclasses inside the recipe find it
-    spec.loader.exec_module(module)  # errors in the recipe's own code keep their traceback
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - shown as Python shows it, from the recipe's file on
+        raise RecipeError(path, e) from e
 
     missing = [f for f in REQUIRED if not callable(getattr(module, f, None))]
     if missing:
@@ -53,3 +57,15 @@ def load(path):
     module.name = path.stem
     module.path = path
     return module
+
+
+class RecipeError(UserError):
+    """A recipe file that fails to import (a syntax error, a missing module, ...): its traceback
+    as Python prints it, from the recipe's own frames on, without the import machinery's."""
+
+    def __init__(self, path, error):
+        frames = traceback.extract_tb(error.__traceback__)
+        own = [i for i, frame in enumerate(frames) if Path(frame.filename).resolve() == Path(path).resolve()]
+        shown = traceback.TracebackException.from_exception(error)
+        shown.stack = traceback.StackSummary.from_list(frames[own[0]:] if own else [])
+        super().__init__("".join(shown.format()).rstrip())

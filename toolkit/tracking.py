@@ -14,6 +14,8 @@
 
 import json
 import logging
+import netrc
+import os
 import shutil
 import socket
 import subprocess
@@ -21,6 +23,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlparse
 
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
@@ -144,11 +147,39 @@ def make_trackers(cfg, run_dir, state):
     if "wandb" in cfg.trackers:
         state.tracker_ids.setdefault("wandb", uuid.uuid4().hex[:12])
         w = cfg.wandb
+        # A key left empty is left to wandb, which reads its WANDB_* variable (entity, group), or
+        # given the variable's value here, where the toolkit has a default of its own.
         trackers.append(WandBTracker(
-            w.project, name=run_dir.name, id=state.tracker_ids["wandb"], resume="allow", dir=str(run_dir),
-            mode=w.mode, entity=w.entity or None, group=w.group or None,
+            w.project or os.environ.get("WANDB_PROJECT") or "minloop", name=run_dir.name,
+            id=state.tracker_ids["wandb"], resume="allow", dir=w.dir or os.environ.get("WANDB_DIR") or str(run_dir),
+            mode=wandb_mode(cfg), entity=w.entity or None, group=w.group or None,
             config={k: str(v) if isinstance(v, list) else v for k, v in flatten(cfg).items()}))
     return trackers
+
+
+def wandb_mode(cfg):
+    """wandb.mode, else $WANDB_MODE, else online."""
+    return cfg.wandb.mode or os.environ.get("WANDB_MODE") or "online"
+
+
+def check_trackers(cfg):
+    """Before any run folder is made: wandb online needs credentials (wandb would otherwise fail
+    after the run started, with a traceback)."""
+    if "wandb" not in cfg.trackers or wandb_mode(cfg) != "online" or _wandb_credentials():
+        return
+    raise UserError("trackers has wandb in online mode, but no wandb credentials were found: run `wandb login`, "
+                    "set WANDB_API_KEY, or use wandb.mode=offline (or WANDB_MODE=offline) to log without an account")
+
+
+def _wandb_credentials():
+    """Whether wandb will find an API key: where wandb itself looks (its variables, then ~/.netrc)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 class Metrics:
