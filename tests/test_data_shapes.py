@@ -1,0 +1,256 @@
+"""Any data a recipe brings: tensors in memory, files with per-sample transforms and workers, a
+stream without a length, and losses that are means over tokens. The recipes are the README's
+own (section "Your own data"), run as written there."""
+
+import collections
+import json
+import re
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from helpers import REPO, accelerate_launch, free_port, launch, only_run, read_jsonl, summary
+from toolkit import checkpoint
+from toolkit.data import SeededSamples
+
+STREAM = REPO / "tests" / "recipes" / "stream.py"
+
+
+def ok(result):
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def two_processes():
+    return accelerate_launch("--multi_gpu", "--num_processes", "2", "--main_process_port", free_port())
+
+
+def run(args, cwd, processes=1):
+    launcher = two_processes() if processes == 2 else ()
+    return ok(launch(args, cwd=cwd, launcher=launcher, env={"ACCELERATE_USE_CPU": "1"}, timeout=300))
+
+
+def weights(run_dir):
+    return load_file(checkpoint.find(run_dir) / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def recipes(tmp_path_factory):
+    """The README's recipes as files, and tiny data for each: features.pt, images/, shards/, lines.txt."""
+    root = tmp_path_factory.mktemp("own_data")
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Your own data"):]
+    for name, code in re.findall(r"```python\n# (my_\w+\.py)\n(.*?)```", section, re.S):
+        (root / name).write_text(code)
+    g = torch.Generator().manual_seed(0)
+
+    def features(n):
+        x = torch.randn(n, 16, generator=g)
+        return {"x": x, "y": (x[:, :4].sum(1) > 0).long()}
+
+    torch.save(features(1500), root / "features.pt")
+    (root / "shards").mkdir()
+    for i in range(7):
+        torch.save(features(100 + 37 * i), root / "shards" / f"{i:03d}.pt")
+    for split, per_class in (("train", 20), ("val", 6)):
+        for c in range(3):
+            folder = root / "images" / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for k in range(per_class):
+                image = (torch.rand(3, 32, 32, generator=g) * 80).byte()
+                image[c] += 150  # the class is the bright channel
+                Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{k}.png")
+    # Real text, 100 validation lines and 320 training lines: 5 whole steps of 64 per epoch.
+    source = Path(sysconfig.get_paths()["stdlib"]) / "argparse.py"
+    lines = [line for line in source.read_text(encoding="utf-8").splitlines(keepends=True) if len(line) > 1]
+    (root / "lines.txt").write_text("".join(lines[:420]), encoding="utf-8")
+    return root
+
+
+@pytest.mark.parametrize("name, args, val_samples", [
+    ("my_tensors.py", ["epochs=3"], 500),
+    ("my_stream.py", ["max_steps=30"], 100),
+], ids=["tensors", "stream"])  # my_images.py and my_lm.py: see the tests below
+def test_the_readme_recipes_train(recipes, tmp_path, name, args, val_samples):
+    run([recipes / name, *args, "trackers=[]", "log_every=2", f"output_dir={tmp_path}"], cwd=recipes)
+    final = summary(only_run(tmp_path))
+    train = [r for r in read_jsonl(only_run(tmp_path) / "metrics.jsonl") if r["split"] == "train"]
+    assert final["status"] == "finished" and final["val"]["samples"] == val_samples
+    assert train[-1]["loss"] < train[0]["loss"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-sample randomness
+
+class Draws(torch.utils.data.Dataset):
+    """Sample i is (i, a torch draw, a numpy draw, a `random` draw), as a transform would make it."""
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        import random
+
+        import numpy
+
+        return torch.tensor([i, torch.rand(()).item(), numpy.random.rand(), random.random()], dtype=torch.float64)
+
+
+def draws(seed, epoch, workers, order):
+    dataset = SeededSamples(Draws(), seed)
+    dataset.set_epoch(epoch)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=5, sampler=order, num_workers=workers,
+                                         persistent_workers=workers > 0, generator=torch.Generator())  # as the loop's
+    rows = torch.cat(list(loader))
+    return {int(row[0]): row[1:].tolist() for row in rows}
+
+
+def test_each_sample_draws_from_seed_epoch_and_index():
+    base = draws(seed=0, epoch=3, workers=0, order=range(64))
+    assert draws(seed=0, epoch=3, workers=2, order=list(reversed(range(64)))) == base  # any workers and order
+    assert draws(seed=0, epoch=3, workers=0, order=range(30, 50)) == {i: base[i] for i in range(30, 50)}  # resumed
+    assert len({tuple(v) for v in base.values()}) == 64  # every sample draws differently ...
+    for other in (draws(seed=0, epoch=4, workers=0, order=range(64)), draws(seed=1, epoch=3, workers=0, order=range(64))):
+        assert all(other[i][k] != base[i][k] for i in range(64) for k in range(3))  # ... each epoch and seed too
+
+    # Loading in the main process leaves the training step's random generators where they were.
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    draws(seed=0, epoch=3, workers=0, order=range(64))
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_image_folder_with_workers_resumes_bit_for_bit(recipes, tmp_path, processes):
+    """RandomCrop + flip in ImageFolder, num_workers=2: 1. train 3 epochs; 2. the same, stopped in
+    epoch 2; 3. resume it; 4. the weights are the unbroken run's, bit for bit."""
+    common = [recipes / "my_images.py", "batch_size=8", "epochs=3", "num_workers=2", "trackers=[]",
+              "checkpoint.monitor="]
+    run([*common, f"output_dir={tmp_path / 'unbroken'}"], recipes, processes)
+    run([*common, f"output_dir={tmp_path / 'stopped'}", f"max_steps={10 // processes}"], recipes, processes)
+    stopped = only_run(tmp_path / "stopped")
+    assert 0 < checkpoint.read_state(checkpoint.find(stopped)).batch  # in the middle of an epoch
+    run(["resume", stopped, "max_steps=0"], recipes, processes)
+    unbroken, resumed = weights(only_run(tmp_path / "unbroken")), weights(stopped)
+    assert all(torch.equal(unbroken[k], resumed[k]) for k in unbroken)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token losses
+
+def test_a_step_of_token_losses_is_the_one_big_batch(recipes, tmp_path):
+    """Padded lines of different lengths, plain SGD, 50 steps: batch 64, 32 x 2 micro-batches and
+    2 processes x 32 train the same weights with loss_per=tokens; not without it."""
+    common = [recipes / "my_lm.py", "optim.name=sgd", "optim.momentum=0", "optim.lr=0.5", "max_steps=50",
+              "epochs=10", "val_every=0", "checkpoint.monitor=", "checkpoint.every_epochs=0", "trackers=[]"]
+    setups = {"64": (["batch_size=64"], 1), "32x2": (["batch_size=32", "grad_accum=2"], 1),
+              "2x32": (["batch_size=32"], 2)}
+    trained = {}
+    for per in ("tokens", ""):
+        for name, (args, processes) in setups.items():
+            if per or name == "32x2":
+                run([*common, *args, f"loss_per={per}", f"output_dir={tmp_path / per / name}"], recipes, processes)
+                trained[per, name] = weights(only_run(tmp_path / per / name))
+
+    def differ(a, b):
+        return max(((a[k] - b[k]).abs().max() / a[k].abs().max()).item() for k in a)
+
+    assert differ(trained["tokens", "64"], trained["tokens", "32x2"]) <= 1e-5
+    assert differ(trained["tokens", "64"], trained["tokens", "2x32"]) <= 1e-5
+    assert differ(trained["tokens", "64"], trained["", "32x2"]) > 1e-4  # a mean of means is another step
+    train = [r for r in read_jsonl(only_run(tmp_path / "tokens" / "32x2") / "metrics.jsonl") if r["split"] == "train"]
+    assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in train)
+
+
+def test_loss_per_names_a_count_the_loss_returns(recipes, tmp_path):
+    result = launch([recipes / "my_lm.py", "loss_per=token", "trackers=[]", f"output_dir={tmp_path}"], cwd=recipes)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == ("error: loss_per=token: the recipe's loss() returned no 'token' "
+                                              "count; it returned samples, tokens")
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams
+
+def read_probe(path, processes):
+    return [[json.loads(line) for line in open(f"{path}.rank{rank}")] for rank in range(processes)]
+
+
+def trained_samples(run_dir):
+    """Samples counted per epoch in the train windows of metrics.jsonl."""
+    counts = collections.Counter()
+    for record in read_jsonl(run_dir / "metrics.jsonl"):
+        if record["split"] == "train":
+            counts[record["epoch"]] += record["samples"]
+    return dict(counts)
+
+
+def train_stream(folder, processes, *args):
+    """Two passes over the probe stream; returns (its run folder, each rank's records)."""
+    run([STREAM, f"probe={folder / 'p'}", "epochs=2", "trackers=[]", "log_every=3", f"output_dir={folder}", *args],
+        folder, processes)
+    return only_run(folder), read_probe(folder / "p", processes)
+
+
+@pytest.fixture(scope="module")
+def one_process_stream(tmp_path_factory):
+    return train_stream(tmp_path_factory.mktemp("stream"), 1, "batch_size=16", "num_workers=2")
+
+
+@pytest.mark.parametrize("processes", [1, 2], ids=["1-process-2-workers", "2-processes-split-by-the-stream"])
+def test_a_stream_trains_every_sample_once_per_pass(one_process_stream, tmp_path, processes):
+    run_dir, records = one_process_stream if processes == 1 else \
+        train_stream(tmp_path, 2, "batch_size=8", "split_itself=true")
+    assert trained_samples(run_dir) == {1: 203, 2: 203}  # counted once, padding not counted
+    assert {i for rank in records for batch in rank for i in batch["index"]} == set(range(203))
+
+
+def test_a_stream_resumes_exactly_with_two_processes_and_workers(one_process_stream, tmp_path):
+    """2 processes x 2 workers: 1. train 2 passes, recording every batch; 2. the same, stopped in
+    the middle of the first pass; 3. resume it; 4. the same batches and weights as the unbroken
+    run. The unbroken run also shows every sample once per pass, with the augmentation noise a
+    single process draws for it."""
+    common = [STREAM, "epochs=2", "batch_size=8", "num_workers=2", "trackers=[]", "log_every=3"]
+    run([*common, f"probe={tmp_path / 'u'}", f"output_dir={tmp_path / 'unbroken'}"], tmp_path, 2)
+    run([*common, f"probe={tmp_path / 's'}", f"output_dir={tmp_path / 'stopped'}", "max_steps=5"], tmp_path, 2)
+    stopped = only_run(tmp_path / "stopped")
+    run(["resume", stopped, "max_steps=0"], tmp_path, 2)
+
+    unbroken = read_probe(tmp_path / "u", 2)
+    assert read_probe(tmp_path / "s", 2) == unbroken
+    a, b = weights(only_run(tmp_path / "unbroken")), weights(stopped)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert trained_samples(only_run(tmp_path / "unbroken")) == {1: 203, 2: 203}
+
+
+    def noise(records):
+        """Each sample's noise draws over both passes."""
+        draws = collections.defaultdict(set)
+        for batch in (batch for rank in records for batch in rank):
+            for i, value in zip(batch["index"], batch["noise"]):
+                draws[i].add(value)
+        return draws
+
+    assert noise(one_process_stream[1]) == noise(unbroken)  # the same draws with 1 process
+    assert all(len(values) == 2 for values in noise(unbroken).values())  # and new ones each pass
+
+
+def test_a_stream_that_yields_nothing_is_one_line_on_every_process(tmp_path):
+    result = launch([STREAM, "empty=true", "trackers=[]", f"output_dir={tmp_path}"], cwd=tmp_path,
+                    launcher=two_processes(), env={"ACCELERATE_USE_CPU": "1"}, timeout=120)
+    assert result.returncode != 0
+    assert "error: the train split (an IterableDataset) yielded no sample in this pass" in result.stderr
+
+
+def test_a_stream_without_max_steps_refuses_a_schedule_that_needs_its_length(tmp_path):
+    result = launch([STREAM, "sched.name=cosine", "trackers=[]", f"output_dir={tmp_path}"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == ("error: sched.name=cosine needs the length of an epoch, but the train split (Numbers) "
+                             "is a stream without one: set max_steps (with cosine, linear or onecycle), use "
+                             "sched.warmup_steps, or give the dataset a __len__\n")
+    assert not (tmp_path / "stream").exists()
