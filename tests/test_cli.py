@@ -9,6 +9,7 @@ import launch
 from conftest import TINY_TRAINING
 from helpers import LENET, REPO, accelerate_launch, launch as run_launch, only_run, read_jsonl, run_dirs, summary
 from toolkit.config import ConfigError
+from toolkit.recipe import RecipeError
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +153,33 @@ def test_bad_input_from_the_real_command_line(tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(ConfigError):
         launch.main([LENET, "epochs=ten", "--debug"])
+
+
+@pytest.mark.parametrize("code, shown", [
+    ("import torch\n\nconfig = {}\ndef model(cfg)\n    return None\n",
+     ["    def model(cfg)", "SyntaxError: expected ':'"]),
+    ("import torch\nimport a_module_nobody_has\n",
+     ["Traceback (most recent call last):", "line 2, in <module>", "    import a_module_nobody_has",
+      "ModuleNotFoundError: No module named 'a_module_nobody_has'"]),
+], ids=["syntax error", "import error"])
+def test_a_recipe_that_fails_to_import_shows_its_own_file(tmp_path, capsys, code, shown):
+    broken = tmp_path / "broken.py"
+    broken.write_text(code)
+    assert launch.main([str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert f'File "{broken}", line' in err
+    for line in shown:
+        assert line in err.splitlines() or line in err, err
+    assert "importlib" not in err and "toolkit" not in err  # none of the toolkit's frames
+    with pytest.raises(RecipeError) as everything:  # --debug: the whole traceback, the original as its cause
+        launch.main([str(broken), "--debug"])
+    assert isinstance(everything.value.__cause__, SyntaxError if "Syntax" in shown[-1] else ModuleNotFoundError)
+
+
+@pytest.mark.parametrize("command, required", [([], "recipe"), (["test"], "run"), (["resume"], "run"),
+                                               (["sweep"], "recipe")])
+def test_usage_errors_name_only_what_is_required(capsys, command, required):
+    with pytest.raises(SystemExit) as exit_:
+        launch.main(command)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: the following arguments are required: {required}")

@@ -291,3 +291,21 @@ def _same(window, image):
     """`image` equals `window`, where the padding (NaN in the window) shows as normalised zeros."""
     mask = ~torch.isnan(window)
     return torch.allclose(window[mask], image[mask], atol=1e-5)
+
+
+def test_wandb_follows_its_environment_and_an_explicit_key_wins(tiny, tmp_path):
+    """1. WANDB_MODE=offline, no key set: the run logs offline (no account needed). 2. The same
+    environment with wandb.mode=online: the key wins, and without credentials that is one line
+    naming the fixes, before any run folder is made."""
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "HOME": str(tmp_path), "WANDB_API_KEY": "",
+           "NETRC": str(tmp_path / "no-netrc")}
+    args = [LENET, *tiny, "epochs=1", "limit_batches.train=2", "trackers=[tensorboard, wandb]"]
+    ok(launch([*args, f"output_dir={tmp_path / 'offline'}"], cwd=tmp_path, env=env))
+    assert list((only_run(tmp_path / "offline") / "wandb").glob("offline-run-*"))
+
+    refused = launch([*args, "wandb.mode=online", f"output_dir={tmp_path / 'online'}"], cwd=tmp_path, env=env)
+    assert refused.returncode == 2
+    assert refused.stderr == ("error: trackers has wandb in online mode, but no wandb credentials were found: run "
+                              "`wandb login`, set WANDB_API_KEY, or use wandb.mode=offline (or WANDB_MODE=offline) "
+                              "to log without an account\n")
+    assert not (tmp_path / "online").exists()

@@ -245,12 +245,13 @@ def test_early_stopping_stops_every_rank_together(tiny, tmp_path):
 
 @pytest.mark.skipif(not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
                     reason=f"no Fashion-MNIST in {FASHION_MNIST}: apt-get install dataset-fashion-mnist")
-def test_overfit_batches_reaches_100_percent(tmp_path):
-    ok(launch([LENET, *TINY_TRAINING, "data.name=fashion_mnist", f"data.root={FASHION_MNIST}", "debug.overfit_batches=2",
-               "epochs=100", "val_every=0", "checkpoint.every_epochs=0", "trackers=[]", f"output_dir={tmp_path}"],
-              cwd=tmp_path))
+def test_overfit_batches_reaches_100_percent_with_the_recipe_defaults(tmp_path):
+    """LeNet's own schedule (warmup, then cosine to zero) over one epoch of the 2 batches repeated."""
+    ok(launch([LENET, "data.name=fashion_mnist", f"data.root={FASHION_MNIST}", "debug.overfit_batches=2", "epochs=1",
+               "trackers=[]", f"output_dir={tmp_path}"], cwd=tmp_path))
     run = only_run(tmp_path)
-    assert summary(run)["val"]["samples"] == 128  # validated on the same 2 batches
+    assert summary(run)["val"]["samples"] == 256  # validated on the same 2 batches of 128
+    assert records(run, "train")[-1]["lr"] < 1e-6  # the schedule ran to its end
     assert records(run, "train")[-1]["accuracy"] == 1.0 and summary(run)["val"]["accuracy"] == 1.0
 
 
