@@ -99,7 +99,7 @@ def say_error(text):
 def sweep(args):
     from toolkit import recipe as recipes, sweep as sweeps
 
-    sweeps.sweep(recipes.load(args.recipe), args.config, args.overrides, args.launcher)
+    sweeps.sweep(recipes.load(args.recipe), args.config, args.overrides, args.launcher, args.parallel)
     return 0
 
 
@@ -126,7 +126,8 @@ HELP = {  # command -> (description, example)
              "metrics and saves them as <run>/<split>-<checkpoint>.json.",
              "python launch.py test runs/lenet/20261124-130102 --checkpoint latest"),
     "sweep": ("Train every combination of the values given as key=v1,v2 (or in a sweep: block of a --config file),"
-              " one run after another, under one sweep folder; then print the runs, best first.",
+              " one run after another (or --parallel K at a time), under one sweep folder; then print the runs, "
+              "best first.",
               "python launch.py sweep recipes/lenet.py optim.lr=1e-3,3e-3 batch_size=64,128"),
     "runs": ("List the run folders under FOLDER with their status, epochs, best metric and time.",
              "python launch.py runs runs/lenet"),
@@ -165,6 +166,9 @@ def parser(command):
     if command == "sweep":
         p.add_argument("--launcher", default="", metavar="COMMAND",
                        help="start each run with this, e.g. 'accelerate launch --multi_gpu --num_processes 2'")
+        p.add_argument("--parallel", type=int, default=1, metavar="K",
+                       help="K runs at once: each gets its own GPUs (CUDA_VISIBLE_DEVICES), or without GPUs its "
+                       "own share of the CPU cores (OMP_NUM_THREADS); their output goes to <folder>/console/")
     p.add_argument("--debug", action="store_true", help="show tracebacks for configuration errors")
     return p
 
