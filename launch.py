@@ -24,11 +24,19 @@ LAYERS = ("Config layers, later wins: toolkit defaults < the recipe's config < e
 
 
 def train(args):
-    from toolkit import config, loop, recipe as recipes
+    from toolkit import checkpoint, config, loop, recipe as recipes
 
     recipe = recipes.load(args.recipe)
     cfg = config.resolve(recipe.config, args.config, args.overrides)
-    return exit_status(loop.train(recipe, cfg))
+    if args.autoresume:
+        # The run's identity is its name: the same command continues it wherever it stopped.
+        if not cfg.name:
+            raise UserError("--autoresume needs name=..., the run's identity: its folder is "
+                            f"{cfg.output_dir}/{recipe.name}/<name>")
+        run = Path(cfg.output_dir) / recipe.name / cfg.name
+        if checkpoint.complete(run):
+            return continue_run(run, args.config, args.overrides)
+    return exit_status(loop.train(recipe, cfg, autoresume=args.autoresume))
 
 
 def resume(args):
@@ -38,13 +46,17 @@ def resume(args):
     checkpoint; the config is the run's config.yaml plus what the command line changes, which may
     only touch keys that leave the model and the data as they were (config.RESUMABLE) unless --force.
     """
+    return continue_run(args.run, args.config, args.overrides, args.force)
+
+
+def continue_run(path, files, overrides, force=False):
     from toolkit import config, loop
 
-    run, recipe = load_run(args.run)
+    run, recipe = load_run(path)
     saved = config.resolve(recipe.config, [run / "config.yaml"])
-    cfg = config.resolve(recipe.config, [run / "config.yaml", *args.config], args.overrides)
+    cfg = config.resolve(recipe.config, [run / "config.yaml", *files], overrides)
     changed = [f"{key} ({old} -> {new})" for key, old, new in config.changes(cfg, saved) if not config.resumable(key)]
-    if changed and not args.force:
+    if changed and not force:
         raise UserError(f"resuming {run} with a different {', '.join(changed)} would change the model or the "
                         f"data of a run half done; start a new run, or pass --force to resume anyway")
     resized = [f"{key} {old} -> {new}" for key, old, new in config.changes(cfg, saved)
@@ -163,6 +175,10 @@ def parser(command):
                        "(default: best, or latest when the run has no best yet)")
         p.add_argument("--split", default="", choices=["", "test", "val"], help="default: test, else val")
         p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights (ema.decay > 0)")
+    if command == "train":
+        p.add_argument("--autoresume", action="store_true",
+                       help="the run's folder is <output_dir>/<recipe>/<name>; if it has a checkpoint, continue it "
+                       "(as resume does) instead of starting again: for jobs that are preempted and restarted")
     if command == "sweep":
         p.add_argument("--launcher", default="", metavar="COMMAND",
                        help="start each run with this, e.g. 'accelerate launch --multi_gpu --num_processes 2'")

@@ -38,9 +38,10 @@ from toolkit.tracking import FILE_ONLY, format_metrics, log
 accelerate.optimizer.is_lomo_available = functools.cache(accelerate.optimizer.is_lomo_available)
 
 
-def train(recipe, cfg, resume=None):
+def train(recipe, cfg, resume=None, autoresume=False):
     """Train `recipe` with the resolved `cfg` in a new run folder, or, given `resume` (a run
-    folder), continue that run from its latest checkpoint. Return the summary."""
+    folder), continue that run from its latest checkpoint. Return the summary. With `autoresume`
+    the new run's folder is <output_dir>/<recipe>/<name> (launch.py --autoresume)."""
     # Creating the first optimizer imports torch._dynamo (0.8 s on 2 CPU cores): let that happen
     # while the data loads, which mostly waits in zlib and torch, outside the GIL.
     threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True).start()
@@ -68,7 +69,8 @@ def train(recipe, cfg, resume=None):
     # From here on each rank draws its own randomness (augmentation, dropout).
     set_seed(cfg.seed + processes.process_index)
 
-    run_dir = Path(resume) if resume else tracking.create_run_dir(processes, cfg.output_dir, recipe.name, cfg.name)
+    run_dir = Path(resume) if resume else tracking.create_run_dir(processes, cfg.output_dir, recipe.name, cfg.name,
+                                                                   autoresume)
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=cfg.precision,
