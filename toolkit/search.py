@@ -215,8 +215,9 @@ def resume(folder, trials=None, parallel_runs=1, launcher=None):
     settings = tracking.read_json(folder / "settings.json")
     if not settings or not (folder / "study.journal").is_file():
         raise UserError(f"{folder} is not a search folder (no settings.json and study.journal in it)")
-    if trials is not None:
+    if trials is not None:  # for every process that works on it
         settings["trials"] = trials
+        tracking.write_json(folder / "settings.json", settings)
     if launcher is not None:
         settings["launcher"] = launcher
     pool = parallel.Pool(parallel_runs)
@@ -252,7 +253,8 @@ class Driver:
     """Asks for trials, runs them K at a time, tells how they ended; see the module's docstring."""
 
     def __init__(self, folder, settings, pool):
-        self.folder, self.settings, self.pool = Path(folder), settings, pool
+        # Absolute: the trials run in the directory the search started from, which may be another.
+        self.folder, self.settings, self.pool = Path(folder).resolve(), settings, pool
         if len(pool.free) > 1:
             pool.output_dir = self.folder / "console"
         self.recipe_name = Path(settings["recipe"]).stem
@@ -289,6 +291,9 @@ class Driver:
     def loop(self):
         while not self.stopping:
             self.beat()
+            # --resume --trials N, from any process, changes the count for all of them
+            self.settings["trials"] = tracking.read_json(self.folder / "settings.json").get("trials",
+                                                                                           self.settings["trials"])
             while self.pool.free and not self.stopping:
                 job = self.next_trial()
                 if job is None:
