@@ -4,6 +4,7 @@
     python launch.py resume runs/lenet/<run> [key=value ...]                        continue a run
     python launch.py test runs/lenet/<run> [--checkpoint best|latest|step-N]        evaluate a run
     python launch.py sweep recipes/lenet.py optim.lr=1e-3,3e-3 [...]               a grid of runs
+    python launch.py search recipes/lenet.py "optim.lr=loguniform(1e-4,1e-1)" [...]  a search (Optuna)
     python launch.py runs [runs/lenet]                                              list runs
     python launch.py plot runs/lenet/<run> [...]                                    draw their curves
     accelerate launch [launcher options] launch.py ...                              distributed
@@ -25,11 +26,19 @@ LAYERS = ("Config layers, later wins: toolkit defaults < the recipe's config < e
 
 
 def train(args):
-    from toolkit import config, loop, recipe as recipes
+    from toolkit import checkpoint, config, loop, recipe as recipes
 
     recipe = recipes.load(args.recipe)
     cfg = config.resolve(recipe.config, args.config, args.overrides)
-    return exit_status(loop.train(recipe, cfg))
+    if args.autoresume:
+        # The run's identity is its name: the same command continues it wherever it stopped.
+        if not cfg.name:
+            raise UserError("--autoresume needs name=..., the run's identity: its folder is "
+                            f"{cfg.output_dir}/{recipe.name}/<name>")
+        run = Path(cfg.output_dir) / recipe.name / cfg.name
+        if checkpoint.complete(run):
+            return continue_run(run, args.config, args.overrides)
+    return exit_status(loop.train(recipe, cfg, autoresume=args.autoresume))
 
 
 def resume(args):
@@ -39,13 +48,17 @@ def resume(args):
     checkpoint; the config is the run's config.yaml plus what the command line changes, which may
     only touch keys that leave the model and the data as they were (config.RESUMABLE) unless --force.
     """
+    return continue_run(args.run, args.config, args.overrides, args.force)
+
+
+def continue_run(path, files, overrides, force=False):
     from toolkit import config, loop
 
-    run, recipe = load_run(args.run)
+    run, recipe = load_run(path)
     saved = config.resolve(recipe.config, [run / "config.yaml"])
-    cfg = config.resolve(recipe.config, [run / "config.yaml", *args.config], args.overrides)
+    cfg = config.resolve(recipe.config, [run / "config.yaml", *files], overrides)
     changed = [f"{key} ({old} -> {new})" for key, old, new in config.changes(cfg, saved) if not config.resumable(key)]
-    if changed and not args.force:
+    if changed and not force:
         raise UserError(f"resuming {run} with a different {', '.join(changed)} would change the model or the "
                         f"data of a run half done; start a new run, or pass --force to resume anyway")
     resized = [f"{key} {old} -> {new}" for key, old, new in config.changes(cfg, saved)
@@ -100,8 +113,25 @@ def say_error(text):
 def sweep(args):
     from toolkit import recipe as recipes, sweep as sweeps
 
-    sweeps.sweep(recipes.load(args.recipe), args.config, args.overrides, args.launcher)
+    sweeps.sweep(recipes.load(args.recipe), args.config, args.overrides, args.launcher, args.parallel)
     return 0
+
+
+def search(args):
+    from toolkit import recipe as recipes, search as searches
+
+    if args.resume:
+        if args.recipe or args.overrides or args.config:
+            raise UserError("search --resume FOLDER continues the search as it was set up: give no recipe, "
+                            "key=value or --config (only --trials, --parallel, --launcher)")
+        return searches.resume(args.resume, args.trials, args.parallel, args.launcher)
+    if not args.recipe:
+        raise UserError("search needs a recipe, e.g. python launch.py search recipes/lenet.py "
+                        "'optim.lr=loguniform(1e-4,1e-1)' --trials 20; or --resume FOLDER")
+    searches.import_optuna()  # before the recipe is loaded: say at once when it is missing
+    return searches.start(recipes.load(args.recipe), args.config, args.overrides, 20 if args.trials is None
+                          else args.trials, args.parallel, args.launcher or "", args.pruner, args.startup_trials,
+                          args.sampler, args.sampler_seed)
 
 
 def runs(args):
@@ -121,17 +151,27 @@ def plot(args):
 HELP = {  # command -> (description, example)
     "train": ("Train a recipe in a new run folder. " + LAYERS,
               "python launch.py recipes/lenet.py --config my.yaml optim.lr=3e-3 epochs=5\n"
-              "other commands: resume, test, sweep, runs, plot (each with --help)"),
+              "other commands: resume, test, sweep, search, runs, plot (each with --help)"),
     "resume": (resume.__doc__.split("\n\n")[0], "python launch.py resume runs/lenet/20261124-130102 epochs=20"),
     "test": ("Evaluate a run's checkpoint on the test split (or val, if the recipe has no test). Prints the "
              "metrics and saves them as <run>/<split>-<checkpoint>.json.",
              "python launch.py test runs/lenet/20261124-130102 --checkpoint latest"),
     "sweep": ("Train every combination of the values given as key=v1,v2 (or in a sweep: block of a --config file),"
-              " one run after another, under one sweep folder; then print the runs, best first.",
+              " one run after another (or --parallel K at a time), under one sweep folder; then print the runs, "
+              "best first.",
               "python launch.py sweep recipes/lenet.py optim.lr=1e-3,3e-3 batch_size=64,128"),
+    "search": ("Search hyperparameters with Optuna (pip install -e '.[search]'): each trial is a run of its own, "
+               "its validations are reported to the study, whose pruner may stop it early. Spaces: "
+               "key=uniform(a,b), loguniform(a,b), int(a,b), logint(a,b), choice(x,y,...), on the command line or "
+               "in a search: block of a --config file; other key=value are fixed. The objective is "
+               "checkpoint.monitor (checkpoint.mode). --resume FOLDER continues a search, or joins it from "
+               "another machine that shares the folder.",
+               "python launch.py search recipes/lenet.py 'optim.lr=loguniform(1e-4,1e-1)' 'batch_size=int(32,256)' "
+               "epochs=3 --trials 30 --parallel 2"),
     "runs": ("List the run folders under FOLDER with their status, epochs, best metric and time.",
              "python launch.py runs runs/lenet"),
-    "plot": ("Draw the loss and metric curves of runs into a PNG (needs matplotlib: pip install -e '.[plot]').",
+    "plot": ("Draw the loss and metric curves of runs into a PNG, or a search folder's history (needs matplotlib: "
+             "pip install -e '.[plot]').",
              "python launch.py plot runs/lenet/20261124-130102 runs/lenet/20261124-140311"),
 }
 
@@ -149,14 +189,17 @@ def parser(command):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     if command in ("train", "sweep"):
         p.add_argument("recipe", help="path to a recipe file, e.g. recipes/lenet.py")
+    elif command == "search":
+        p.add_argument("recipe", nargs="?", help="path to a recipe file, e.g. recipes/lenet.py")
     elif command in ("resume", "test"):
         p.add_argument("run", help="a run folder, e.g. runs/lenet/20261124-130102")
     elif command == "runs":
         p.add_argument("folder", nargs="?", default="runs", help="where to look (default: runs)")
     elif command == "plot":
-        p.add_argument("runs", nargs="+", help="run folders")
-        p.add_argument("--out", help="the PNG to write (default: <run>/curves.png, or curves.png for several)")
-    if command in ("train", "resume", "test", "sweep"):
+        p.add_argument("runs", nargs="+", help="run folders, or one search folder")
+        p.add_argument("--out", help="the PNG to write (default: <run>/curves.png, or curves.png for several; "
+                       "<search>/history.png)")
+    if command in ("train", "resume", "test", "sweep", "search"):
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides with dotted keys, e.g. optim.lr=3e-3 trackers=[]")
         p.add_argument("--config", action="append", default=[], metavar="FILE",
@@ -169,14 +212,33 @@ def parser(command):
                        "(default: best, or latest when the run has no best yet)")
         p.add_argument("--split", default="", choices=["", "test", "val"], help="default: test, else val")
         p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights (ema.decay > 0)")
-    if command == "sweep":
-        p.add_argument("--launcher", default="", metavar="COMMAND",
+    if command == "train":
+        p.add_argument("--autoresume", action="store_true",
+                       help="the run's folder is <output_dir>/<recipe>/<name>; if it has a checkpoint, continue it "
+                       "(as resume does) instead of starting again: for jobs that are preempted and restarted")
+    if command in ("sweep", "search"):
+        p.add_argument("--launcher", default="" if command == "sweep" else None, metavar="COMMAND",
                        help="start each run with this, e.g. 'accelerate launch --multi_gpu --num_processes 2'")
+        p.add_argument("--parallel", type=int, default=1, metavar="K",
+                       help="K runs at once: each gets its own GPUs (CUDA_VISIBLE_DEVICES), or without GPUs its "
+                       "own share of the CPU cores (OMP_NUM_THREADS); their output goes to <folder>/console/")
+    if command == "search":
+        p.add_argument("--trials", type=int, metavar="N", help="how many trials (default 20)")
+        p.add_argument("--pruner", default="median", choices=["median", "halving", "none"],
+                       help="median: stop a trial whose validation is worse than the median of the finished "
+                       "trials' at the same validation; halving: asynchronous successive halving")
+        p.add_argument("--startup_trials", type=int, default=5, metavar="N",
+                       help="median: trials that finish before any is pruned (default 5)")
+        p.add_argument("--sampler", default="tpe", choices=["tpe", "random"], help="how values are chosen")
+        p.add_argument("--sampler_seed", type=int, default=0, metavar="S", help="the sampler's seed (default 0)")
+        p.add_argument("--resume", metavar="FOLDER",
+                       help="continue the search in FOLDER until it has its trials (also from another machine)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for configuration errors")
     return p
 
 
-COMMANDS = {"train": train, "resume": resume, "test": test, "sweep": sweep, "runs": runs, "plot": plot}
+COMMANDS = {"train": train, "resume": resume, "test": test, "sweep": sweep, "search": search, "runs": runs,
+            "plot": plot}
 
 
 def main(argv=None):

@@ -37,4 +37,4 @@ def test_accelerate_loads_it(path):
 def test_the_slurm_script_is_valid_bash():
     script = REPO / "accelerate_configs" / "slurm.sh"
     assert subprocess.run(["bash", "-n", script]).returncode == 0
-    assert "--signal=TERM@" in script.read_text()  # so that SLURM's time limit ends in a checkpoint
+    assert "--signal=B:TERM@" in script.read_text()  # the time limit ends in a checkpoint and a requeue

@@ -27,7 +27,7 @@ from accelerate.utils import (DataLoaderConfiguration, DistributedType, broadcas
                                parse_flag_from_env, set_seed)
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from toolkit import PeerFailure, UserError, checkpoint, config, data, tracking
+from toolkit import PeerFailure, UserError, checkpoint, config, data, search, tracking
 from toolkit.metrics import StepUnits, Totals, summarize
 from toolkit.notify import notify
 from toolkit.optim import lr_schedule, make_optimizer, set_lr
@@ -40,9 +40,10 @@ from toolkit.tracking import FILE_ONLY, format_metrics, log
 accelerate.optimizer.is_lomo_available = functools.cache(accelerate.optimizer.is_lomo_available)
 
 
-def train(recipe, cfg, resume=None):
+def train(recipe, cfg, resume=None, autoresume=False):
     """Train `recipe` with the resolved `cfg` in a new run folder, or, given `resume` (a run
-    folder), continue that run from its latest checkpoint. Return the summary."""
+    folder), continue that run from its latest checkpoint. Return the summary. With `autoresume`
+    the new run's folder is <output_dir>/<recipe>/<name> (launch.py --autoresume)."""
     # Creating the first optimizer imports torch._dynamo (0.8 s on 2 CPU cores): let that happen
     # while the data loads, which mostly waits in zlib and torch, outside the GIL.
     threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True).start()
@@ -64,7 +65,8 @@ def train(recipe, cfg, resume=None):
     # From here on each rank draws its own randomness (augmentation, dropout).
     set_seed(cfg.seed + processes.process_index)
 
-    run_dir = Path(resume) if resume else tracking.create_run_dir(processes, cfg.output_dir, recipe.name, cfg.name)
+    run_dir = Path(resume) if resume else tracking.create_run_dir(processes, cfg.output_dir, recipe.name, cfg.name,
+                                                                   autoresume)
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=cfg.precision,
@@ -93,6 +95,7 @@ def train(recipe, cfg, resume=None):
         tracking.write_run_files(run_dir, cfg, None if resume else recipe.path)
     tracking.setup_logging(run_dir, accelerator.is_main_process)
     metrics_log = tracking.Metrics(accelerator, run_dir, state.metrics_lines if resume else None)
+    trial = search.Reporter(accelerator, run_dir)  # a search's trial reports validations to its study
     log_header(accelerator, recipe, cfg, splits, accelerator.unwrap_model(model), run_dir, groups)
     summary = {"status": "running", "recipe": recipe.name, "run_dir": str(run_dir), "epochs": state.epoch,
                "steps": state.step, "host": socket.gethostname(), "pid": os.getpid()}
@@ -148,7 +151,7 @@ def train(recipe, cfg, resume=None):
 
     def validate(epoch):
         """Validate (the EMA weights too), log, and decide on rank 0 for all: (is it the best so
-        far, should training stop early)."""
+        far, the reason to stop early or None)."""
         nonlocal window_start
         for split, net in (("val", model), ("val_ema", ema)):
             if net is not None:
@@ -157,16 +160,18 @@ def train(recipe, cfg, resume=None):
                 log.info(f"epoch {epoch}/{cfg.epochs} step {state.step} {split} {format_metrics(summary[split])}")
         window_start = time.perf_counter()
         if not monitor:
-            return False, False
+            return False, None
         value = monitored(summary, monitor)
         # Rank 0 decides for all: the collectives that follow (a save, stopping) must match.
         best = broadcast_object_list([state.improves(value, ckpt.mode)])[0]
         state.best = value if best else state.best
         state.stale_validations = 0 if best else state.stale_validations + 1
-        return best, bool(cfg.early_stop.patience) and state.stale_validations >= cfg.early_stop.patience
+        pruned = trial.report(value)  # "pruned" when a search stops this trial, else None
+        early = bool(cfg.early_stop.patience) and state.stale_validations >= cfg.early_stop.patience
+        return best, "early_stop" if early else pruned
 
     try:
-        stopping = None  # why training ends before `epochs`: max_steps, max_minutes, early_stop, a signal, nan
+        stopping = None  # why training ends before `epochs`: max_steps, max_minutes, early_stop, a signal, nan, pruned
         finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
         last_epoch = state.epoch if cfg.max_steps and state.step >= cfg.max_steps else cfg.epochs
         for epoch in range(state.epoch + 1, last_epoch + 1):
@@ -222,8 +227,8 @@ def train(recipe, cfg, resume=None):
                 if state.step % cfg.log_every == 0 or end_of_epoch or save_now or validate_now:
                     log_train(epoch, bar)
                 if validate_now and "val" in eval_loaders:
-                    best, early = validate(epoch)
-                    stopping = stopping or ("early_stop" if early else None)
+                    best, reason = validate(epoch)
+                    stopping = stopping or reason
                     save_now = save_now or best or bool(stopping)
                     model.train()
                 else:
@@ -241,8 +246,8 @@ def train(recipe, cfg, resume=None):
             best = False
             last = epoch == cfg.epochs or stopping in ("max_steps", "max_minutes")
             if "val" in eval_loaders and ((cfg.val_every and epoch % cfg.val_every == 0) or last):
-                best, early = validate(epoch)
-                stopping = stopping or ("early_stop" if early else None)
+                best, reason = validate(epoch)
+                stopping = stopping or reason
             scheduled = (ckpt.every_epochs and epoch % ckpt.every_epochs == 0) or (
                 ckpt.every_steps and state.step % ckpt.every_steps == 0)
             if best or scheduled or stopping or last:
@@ -260,6 +265,9 @@ def train(recipe, cfg, resume=None):
         elif stopping in ("SIGTERM", "SIGINT"):
             summary.update(status="interrupted", signal=stopping)
             log.info(f"stopped by {stopping} at step {state.step}; continue with: python launch.py resume {run_dir}")
+        elif stopping == "pruned":  # ends cleanly, without testing: the search has no use for it
+            summary["status"] = "pruned"
+            log.info(f"pruned by the search at step {state.step}")
         else:
             if stopping:
                 log.info(f"stopped at step {state.step}: {stopping}")

@@ -1,4 +1,5 @@
-"""Looking at runs: `launch.py runs [FOLDER]` lists them, `launch.py plot RUN...` draws their curves."""
+"""Looking at runs: `launch.py runs [FOLDER]` lists them, `launch.py plot RUN...` draws their curves,
+`launch.py plot SEARCH` a search's history."""
 
 import json
 import os
@@ -56,6 +57,8 @@ def plot(runs, out=None):
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("plotting needs matplotlib: pip install -e '.[plot]'") from None
+    if len(runs) == 1 and (Path(runs[0]) / "settings.json").is_file() and (Path(runs[0]) / "search.json").is_file():
+        return plot_search(Path(runs[0]), out, plt)
     records = {}
     for run in map(Path, runs):
         if not (run / "metrics.jsonl").is_file():
@@ -78,6 +81,50 @@ def plot(runs, out=None):
         ax.legend(fontsize="small")
     figure.tight_layout()
     out = Path(out) if out else (Path(runs[0]) / "curves.png" if len(runs) == 1 else Path("curves.png"))
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out
+
+
+def plot_search(folder, out, plt):
+    """A search's history, from its table (search.json) and its trials' metrics.jsonl: the objective
+    of each trial in the order they were asked for, with the best so far, and every trial's monitor
+    at each validation (pruned trials dashed, where they stopped)."""
+    rows = sorted(json.loads((folder / "search.json").read_text()), key=lambda r: r["trial"])
+    settings = json.loads((folder / "settings.json").read_text())
+    monitor, maximize = settings["monitor"], settings["direction"] == "maximize"
+    split, name = monitor.split("/", 1)
+    figure, (history, curves) = plt.subplots(1, 2, figsize=(11, 4))
+    best, so_far = None, []
+    for r in rows:
+        if r["status"] == "finished":
+            best = r["value"] if best is None else (max if maximize else min)(best, r["value"])
+        so_far.append(best)
+    for status, marker in (("finished", "o"), ("pruned", "x")):
+        points = [(r["trial"], r["best"]) for r in rows if r["status"] == status and r["best"] is not None]
+        if points:
+            history.plot(*zip(*points), marker, label=status)
+    history.step([r["trial"] for r in rows], so_far, where="post", color="k", alpha=0.5, label="best so far")
+    failed = sum(r["status"].startswith("failed") for r in rows)
+    history.set_title(f"{monitor} of each trial" + (f" ({failed} failed, not drawn)" if failed else ""))
+    history.set_xlabel("trial")
+    history.xaxis.get_major_locator().set_params(integer=True)
+    for r in rows:
+        path = Path(r["folder"]) / "metrics.jsonl" if r["folder"] else None
+        if path is None or not path.is_file():
+            continue
+        points = [(x["step"], x[name]) for x in map(json.loads, path.read_text().splitlines()) if x["split"] == split]
+        if points:
+            curves.plot(*zip(*points), "--" if r["status"] == "pruned" else "-", marker=".", alpha=0.7,
+                        label=f"#{r['trial']}" if len(rows) <= 10 else None)
+    curves.set_title(f"{monitor} at each validation (pruned: dashed)")
+    curves.set_xlabel("step")
+    for ax in (history, curves):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    figure.tight_layout()
+    out = Path(out) if out else folder / "history.png"
     figure.savefig(out, dpi=100)
     plt.close(figure)
     return out

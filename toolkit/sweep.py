@@ -1,6 +1,6 @@
-"""Sweeps: every combination of some config values, one run after another.
+"""Sweeps: every combination of some config values, one run after another or K at a time.
 
-    python launch.py sweep recipes/lenet.py optim.lr=1e-3,3e-3 batch_size=64,128
+    python launch.py sweep recipes/lenet.py optim.lr=1e-3,3e-3 batch_size=64,128 [--parallel 2]
     python launch.py sweep recipes/lenet.py --config grid.yaml      # with a `sweep:` block:
         sweep:
           optim.lr: [1e-3, 3e-3]
@@ -10,17 +10,18 @@ Each run is a separate `launch.py` process (so one that fails cannot take the ot
 its own run folder, all under <output_dir>/<recipe>/sweep-<time>/. Every combination's config is
 checked before the first run starts. At the end a table of the runs, best first by their
 `checkpoint.monitor`, is printed and saved as sweep.txt and sweep.json in the sweep folder.
+With --parallel K, K runs train at once, each on its own GPUs or CPU cores (toolkit.parallel), and
+each run's console output goes to <sweep>/console/<run>.txt.
 """
 
 import itertools
 import re
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from toolkit import UserError, config, tracking
+from toolkit import UserError, config, parallel, tracking
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch.py"
 
@@ -68,7 +69,7 @@ def read_grid(files, overrides):
     return plain_files, fixed, grid
 
 
-def sweep(recipe, files, overrides, launcher=""):
+def sweep(recipe, files, overrides, launcher="", parallel_runs=1):
     plain_files, fixed, grid = read_grid(files, overrides)
     points = [[f"{key}={value}" for key, value in zip(grid, combination)]
               for combination in itertools.product(*grid.values())]
@@ -82,6 +83,7 @@ def sweep(recipe, files, overrides, launcher=""):
             problems += [p for p in e.problems if p not in problems]
     if problems:
         raise config.ConfigError(problems)
+    pool = parallel.Pool(parallel_runs)  # refuses --parallel larger than the GPUs before anything is written
 
     folder = tracking.claim_folder(Path(base.output_dir) / recipe.name / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
     files_used = []
@@ -92,17 +94,26 @@ def sweep(recipe, files, overrides, launcher=""):
         files_used.append(str(f))
     print(f"sweep of {len(points)} runs in {folder}: {', '.join(f'{k} in {v}' for k, v in grid.items())}")
 
-    rows = []
-    for i, point in enumerate(points, 1):
-        name = f"{i:0{len(str(len(points)))}d}-" + re.sub(r"[^\w.=+-]+", "_", "_".join(point))[:100]  # unique
-        command = [*shlex.split(launcher), *([] if launcher else [sys.executable]), str(LAUNCH), str(recipe.path),
-                   *(a for f in files_used for a in ("--config", f)), *fixed, *point,
-                   *([] if base.wandb.group else [f"wandb.group={folder.name}"]),  # the sweep's runs together
-                   f"output_dir={folder}", f"name={name}"]
-        print(f"\n[{i}/{len(points)}] {' '.join(point)}", flush=True)
-        code = subprocess.run(command).returncode
-        run = next(iter(sorted((folder / recipe.name).glob(f"*-{name}"))), None)
-        rows.append(row(point, run, code))
+    if parallel_runs > 1:
+        pool.output_dir = folder / "console"
+    names = [f"{i:0{len(str(len(points)))}d}-" + re.sub(r"[^\w.=+-]+", "_", "_".join(point))[:100]  # unique
+             for i, point in enumerate(points, 1)]
+    rows, waiting = [None] * len(points), list(range(len(points)))
+    while waiting or pool.running:
+        while waiting and pool.free:
+            i = waiting.pop(0)
+            command = [*shlex.split(launcher), *([] if launcher else [sys.executable]), str(LAUNCH),
+                       str(recipe.path), *(a for f in files_used for a in ("--config", f)), *fixed, *points[i],
+                       *([] if base.wandb.group else [f"wandb.group={folder.name}"]),  # the sweep's runs together
+                       f"output_dir={folder}", f"name={names[i]}"]
+            slot = pool.start(i, command, name=names[i])
+            print(f"\n[{i + 1}/{len(points)}] {' '.join(points[i])}" + (f" on {slot}" if parallel_runs > 1 else ""),
+                  flush=True)
+        for i, code in pool.wait():
+            run = next(iter(sorted((folder / recipe.name).glob(f"*-{names[i]}"))), None)
+            rows[i] = row(points[i], run, code)
+            if parallel_runs > 1:
+                print(f"[{i + 1}/{len(points)}] {' '.join(points[i])}: {rows[i]['status']}", flush=True)
     return report(rows, folder, base.checkpoint.mode)
 
 
@@ -116,14 +127,20 @@ def row(point, run, code):
             "split": "test" if summary.get("test") else "val", "wall_time_s": summary.get("wall_time_s")}
 
 
-def report(rows, folder, mode):
-    ranked = sorted(rows, key=lambda r: (r["best"] is None, -(r["best"] or 0) if mode == "max" else (r["best"] or 0)))
+def report(rows, folder, mode, kind="sweep"):
+    """Print the table of `rows` (from `row`), best first, and save it as <kind>.txt and <kind>.json in
+    `folder`. Finished runs come first, then pruned ones, then the others (failed, stopped)."""
+    def rank(r):
+        order = 0 if r["status"] == "finished" else 1 if r["status"] == "pruned" else 2
+        return order, r["best"] is None, -(r["best"] or 0) if mode == "max" else (r["best"] or 0)
+
+    ranked = sorted(rows, key=rank)
     headers = ["run", "status", ranked[0]["monitor"] or "best", "final", "seconds"]
     lines = [[r["run"], r["status"], f"{r['best']:.4g}" if r["best"] is not None else "-",
               f"{r['split']} " + " ".join(f"{k}={v:.4g}" for k, v in r["final"].items()) if r["final"] else "-",
               f"{r['wall_time_s']:.1f}" if r["wall_time_s"] is not None else "-"] for r in ranked]
     text = tracking.text_table(lines, headers)
-    (folder / "sweep.txt").write_text(text + "\n", encoding="utf-8")
-    tracking.write_json(folder / "sweep.json", ranked)
-    print(f"\n{text}\n\nsweep {folder}")
+    (folder / f"{kind}.txt").write_text(text + "\n", encoding="utf-8")
+    tracking.write_json(folder / f"{kind}.json", ranked)
+    print(f"\n{text}\n\n{kind} {folder}")
     return ranked

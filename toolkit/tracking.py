@@ -25,7 +25,6 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
-from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
 from toolkit import UserError
@@ -35,19 +34,30 @@ log = logging.getLogger("toolkit")
 FILE_ONLY = {"file_only": True}  # `log.info(msg, extra=FILE_ONLY)`: into log.txt, not onto the console
 
 
-def create_run_dir(state, output_dir, recipe_name, name=""):
+def create_run_dir(state, output_dir, recipe_name, name="", fixed=False):
     """Make a new run folder on the main process and share its path with every rank (and machine).
+    With `fixed` (launch.py --autoresume) it is <output_dir>/<recipe>/<name>, which may exist from
+    an attempt that stopped before its first checkpoint: that attempt's curves are dropped.
 
     Every rank writes its part of each checkpoint into it, so every machine must see it."""
+    # Imported here: the sweep and search processes use this module without starting torch.
+    from accelerate.utils import broadcast_object_list, gather_object
+
     path = None
-    if state.is_main_process:
+    if state.is_main_process and fixed:
+        path = Path(output_dir) / recipe_name / name
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(path / "tensorboard", ignore_errors=True)
+        path = str(path)
+    elif state.is_main_process:
         stamp = time.strftime("%Y%m%d-%H%M%S") + (f"-{name}" if name else "")
         path = str(claim_folder(Path(output_dir) / recipe_name / stamp))
     path = Path(broadcast_object_list([path])[0])
     if state.num_processes > 1:
         blind = [host for host, sees in gather_object([(socket.gethostname(), path.is_dir())]) if not sees]
         if blind:  # the same answer on every rank, so all stop here together
-            if state.is_main_process:
+            if state.is_main_process and not fixed:
                 path.rmdir()
             raise UserError(f"output_dir={output_dir} is not shared storage: the run folder {path} that the main "
                             f"process made is not there on {', '.join(sorted(set(blind)))}; put output_dir on "
