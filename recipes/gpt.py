@@ -1,12 +1,13 @@
 """A small GPT (nanoGPT's architecture), byte-level, on the Python standard library's own sources.
 
-    python launch.py recipes/gpt.py                                       # CPU: about 1.6 val bits per byte
-    python launch.py recipes/gpt.py data.source=shakespeare               # downloads tiny-shakespeare to data/
-    python launch.py recipes/gpt.py precision=bf16 compile=true data.max_bytes=0 epochs=5 n_layer=6 n_embd=384
+    python launch.py recipes/gpt.py                           # 221 steps on 1 MB of text: 3.14 val bits per byte
+    python launch.py recipes/gpt.py data.source=shakespeare   # downloads tiny-shakespeare into data/
+    python launch.py recipes/gpt.py precision=bf16 compile=true data.max_bytes=0 n_layer=6 n_embd=384 block_size=256
 
 Bytes are the tokens (vocabulary 256), so nothing needs a tokenizer or a download: the default text
-is every `.py` file of the standard library of the Python that runs it. On a GPU, use
-`precision=bf16 compile=true` (what the last line does), with a larger model and all the text.
+is the `.py` files of the standard library of the Python that runs it (31 MB for Python 3.11).
+The defaults train in minutes on a CPU (11 minutes on 2 cores that other jobs kept busy). On a
+GPU, use `precision=bf16 compile=true`, with a larger model and all the text (the last line).
 
 Samples are chunks of up to block_size + 1 bytes cut from each file separately, so a file's last
 chunk is shorter; `collate` pads a batch to its longest chunk and the loss is the mean over the
@@ -32,14 +33,14 @@ config = {
     "data": {
         "source": "stdlib",    # stdlib (offline) | shakespeare | an http(s) URL of a text file (downloaded to root)
         "root": "data",        # where downloaded corpora are kept
-        "max_bytes": 3_000_000,  # use at most this much text (90% train, 5% val, 5% test); 0: all of it
+        "max_bytes": 1_000_000,  # use at most this much text (90% train, 5% val, 5% test); 0: all of it
     },
     "n_layer": 4,              # transformer blocks
     "n_head": 4,               # attention heads per block; n_embd must divide by it
     "n_embd": 128,             # width of the residual stream; head size = n_embd / n_head
     "block_size": 128,         # context length in bytes; the longest sample is block_size + 1 bytes
     "dropout": 0.0,            # on attention, residual branches and embeddings; 0 for short runs
-    "epochs": 1,               # one pass over 2.7 MB of training text: about 650 steps, 2 minutes on 2 CPU cores
+    "epochs": 1,               # one pass over 0.9 MB of training text: 221 steps
     "batch_size": 32,          # chunks per process and micro-batch: up to 4,096 target bytes
     "eval_batch_size": 128,
     "optim": {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.95]},  # nanoGPT's AdamW settings for small models
@@ -243,11 +244,9 @@ def optimizer(cfg, model):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    # The fused kernel updates every tensor in one pass (CPU and CUDA, torch >= 2.4); foreach is
-    # the fallback elsewhere.
-    fused = all(p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), fused=fused,
-                             foreach=None if fused else True)
+    # Fused: one kernel updates every tensor, on CPUs and GPUs (torch >= 2.4). For the default
+    # model on one CPU thread, a step takes 5 ms, against 16 ms with foreach or a plain for-loop.
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), fused=True)
 
 
 def loss(model, batch, cfg):

@@ -87,7 +87,8 @@ def test_stdlib_split_is_by_file_disjoint_and_fixed(gpt):
     small, large = gpt.datasets(resolve(gpt)), gpt.datasets(resolve(gpt, "data.max_bytes=80000"))
     for split in ("train", "val", "test"):
         assert torch.equal(large[split].data[:len(small[split].data)], small[split].data)
-    assert large["val"].data[:100].numpy().tobytes() == files["val"][0].read_bytes()[:100]
+    first = files["val"][0].read_bytes()[:100]
+    assert large["val"].data[:len(first)].numpy().tobytes() == first
 
 
 def test_too_little_text_and_an_unreachable_corpus_are_one_line_each(tmp_path, gpt):
@@ -100,3 +101,15 @@ def test_too_little_text_and_an_unreachable_corpus_are_one_line_each(tmp_path, g
     assert result.stderr.startswith("error: data.source=https://corpus.invalid/input.txt: cannot download")
     assert len(result.stderr.splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_corpus_already_in_data_root_is_used_without_download_and_cut_by_position(tmp_path, gpt):
+    text = bytes(range(32, 127)) * 100  # 9,500 bytes
+    (tmp_path / "tiny.txt").write_bytes(text)
+    splits = gpt.datasets(resolve(gpt, "data.source=https://corpus.invalid/tiny.txt", f"data.root={tmp_path}",
+                                  "data.max_bytes=0"))
+    assert [len(splits[s].data) for s in ("train", "val", "test")] == [8550, 475, 475]
+    assert b"".join(splits[s].data.numpy().tobytes() for s in ("train", "val", "test")) == text
+    # Chunks of up to block_size + 1 = 33 bytes, overlapping by one: every byte but the first is a target once.
+    assert sum(len(chunk) - 1 for chunk in splits["train"]) == 8549
+    assert max(len(chunk) for chunk in splits["train"]) == 33
