@@ -42,13 +42,12 @@ config = {
     "dropout": 0.0,            # on attention, residual branches and embeddings; 0 for short runs
     "epochs": 1,               # one pass over 0.9 MB of training text: 221 steps
     "batch_size": 32,          # chunks per process and micro-batch: up to 4,096 target bytes
-    "eval_batch_size": 128,
     "optim": {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.95]},  # nanoGPT's AdamW settings for small models
-    "sched": {"name": "cosine", "warmup_steps": 50, "min_lr": 0.1},
-    "clip_grad_norm": 1.0,
+    "sched": {"name": "cosine", "warmup_steps": 50, "min_lr": 0.1},  # warm up over 50 steps, end at lr / 10
+    "clip_grad_norm": 1.0,     # as GPT-2 and nanoGPT: the first steps' gradients are large
     "loss_per": "tokens",      # the loss is a mean over counts["tokens"] (non-pad targets), not over samples
-    "log_every": 25,
-    "checkpoint": {"monitor": "val/bpb", "mode": "min"},
+    "log_every": 25,           # 8 train windows an epoch
+    "checkpoint": {"monitor": "val/bpb", "mode": "min"},  # keep the weights with the fewest val bits per byte
 }
 
 CORPORA = {  # data.source name -> URL of one plain text file
