@@ -6,7 +6,7 @@
 
 Bytes are the tokens (vocabulary 256), so nothing needs a tokenizer or a download: the default text
 is the `.py` files of the standard library of the Python that runs it (31 MB for Python 3.11).
-The defaults train in minutes on a CPU (11 minutes on 2 cores that other jobs kept busy). On a
+The defaults train in minutes on a CPU (9 to 11 on 2 cores that other jobs kept busy). On a
 GPU, use `precision=bf16 compile=true`, with a larger model and all the text (the last line).
 
 Samples are chunks of up to block_size + 1 bytes cut from each file separately, so a file's last
