@@ -3,15 +3,20 @@
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 LENET = str(REPO / "recipes" / "lenet.py")
+RESNET = str(REPO / "recipes" / "resnet_cifar.py")
+PROBE = str(REPO / "tests" / "recipes" / "probe.py")  # records each rank's samples and draws
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+CPU = {"ACCELERATE_USE_CPU": "1"}  # several processes on CPUs talk over gloo
 
 
 def write_idx(path, tensor, compress=True):
@@ -39,17 +44,59 @@ def make_mnist(root, n_train=3000, n_test=1001, seed=0, compress=True):
     return root
 
 
+def command(args, launcher=()):
+    """The command line that runs `launch.py args` (through `launcher`, e.g. accelerate launch)."""
+    return [*map(str, launcher or [sys.executable]), str(REPO / "launch.py"), *map(str, args)]
+
+
+def environment(env=None):
+    return {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+
+
 def launch(args, cwd, launcher=(), env=None, timeout=300):
     """Run `launch.py` as a user would; return the CompletedProcess (a hang becomes a failure)."""
-    command = [*map(str, launcher)] if launcher else [sys.executable]
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([*command, str(REPO / "launch.py"), *map(str, args)], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command(args, launcher), cwd=cwd, env=environment(env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start(args, cwd, launcher=(), env=None, output=True):
+    """Start `launch.py` without waiting; stdout and stderr are pipes (text), or discarded."""
+    streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True} if output else \
+        {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    return subprocess.Popen(command(args, launcher), cwd=cwd, env=environment(env), **streams)
+
+
+def ok(result):
+    """`result` (a CompletedProcess) succeeded; else fail with the end of its stderr."""
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def accelerate_launch(*launch_args):
     """The `accelerate launch` command of this Python environment, with its own arguments."""
     return [sys.executable, "-m", "accelerate.commands.launch", *launch_args]
+
+
+def two_processes(flags=False):
+    """`accelerate launch` of 2 processes on a free port, with accelerate_configs/multi_gpu.yaml,
+    or with the same settings as flags (`flags=True`). Run it with env=CPU."""
+    how = ["--multi_gpu"] if flags else ["--config_file", REPO / "accelerate_configs" / "multi_gpu.yaml"]
+    return accelerate_launch(*how, "--num_processes", "2", "--main_process_port", free_port())
+
+
+def launch_two(args, cwd, env=None, timeout=300, flags=False):
+    """`launch` on 2 CPU processes through `accelerate launch` (see `two_processes`)."""
+    return launch(args, cwd, launcher=two_processes(flags), env={**CPU, **(env or {})}, timeout=timeout)
+
+
+def wait_until(condition, process=None, timeout=120, what="the condition"):
+    """Poll `condition()` until it is true; fail if `process` ends first or `timeout` s pass."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process is not None:
+            assert process.poll() is None, f"the process ended before {what}: {process.communicate()}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.01)  # a poll interval, not a guess at how long something takes
 
 
 def run_dirs(output_dir):
@@ -63,8 +110,37 @@ def only_run(output_dir):
     return runs[0]
 
 
+def copy_run(run, tmp_path):
+    """A copy of the run folder `run` (a shared fixture's) at tmp_path/runs/<recipe>/<name>, with
+    its symlinks (checkpoints/latest, best) as symlinks."""
+    copy = Path(tmp_path) / "runs" / run.parent.name / run.name
+    shutil.copytree(run, copy, symlinks=True)
+    return copy
+
+
+def weights(run, which="latest"):
+    """The model weights of a run's checkpoint (latest, best or a folder name)."""
+    from safetensors.torch import load_file
+
+    from toolkit import checkpoint
+
+    return load_file(checkpoint.find(run, which) / "model.safetensors")
+
+
+def assert_same_weights(a, b):
+    """Two state dicts hold the same tensors, bit for bit."""
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def records(run, split):
+    """metrics.jsonl's records of one split (train, val, val_ema, test)."""
+    return [r for r in read_jsonl(Path(run) / "metrics.jsonl") if r["split"] == split]
 
 
 def summary(run_dir):

@@ -4,7 +4,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 
@@ -12,20 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import LENET, REPO, accelerate_launch, free_port, launch, only_run, read_jsonl, summary
+from conftest import Shared, tiny_args
+from helpers import (CPU, LENET, PROBE, REPO, assert_same_weights, copy_run, launch, launch_two, ok, only_run,
+                     read_jsonl, start, summary, two_processes, wait_until, weights)
 from toolkit import UserError, checkpoint
-
-PROBE = REPO / "tests" / "recipes" / "probe.py"
-
-
-def weights(run, which="latest"):
-    return load_file(checkpoint.find(run, which) / "model.safetensors")
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def comparable(records):
@@ -33,30 +22,21 @@ def comparable(records):
     return [{k: v for k, v in r.items() if k not in ("time", "samples_per_s")} for r in records]
 
 
-def ok(result):
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-@pytest.fixture
-def lenet_args(tiny):
-    return [LENET, *tiny, "epochs=3", "optim.lr=3e-4"]
-
-
 @pytest.mark.parametrize("stop", ["epochs=1", "max_steps=45"], ids=["after-epoch", "mid-epoch"])
-def test_resume_equals_the_unbroken_run(lenet_args, tmp_path, stop):
-    """1. train 3 epochs unbroken; 2. train the same run but stop (after epoch 1, or at step 45 of
-    96, in the middle of epoch 2); 3. resume it to 3 epochs; 4. compare weights and metrics."""
-    ok(launch([*lenet_args, f"output_dir={tmp_path / 'unbroken'}"], cwd=tmp_path))
-    unbroken = only_run(tmp_path / "unbroken")
-
-    ok(launch([*lenet_args, f"output_dir={tmp_path / 'stopped'}", stop], cwd=tmp_path))
+def test_resume_equals_the_unbroken_run(ema_run, tmp_path, stop):
+    """1. `ema_run` trained 3 epochs unbroken (with an EMA, and a checkpoint every 10 steps);
+    2. train the same run but stop (after epoch 1, or at step 45 of 96, in the middle of epoch 2);
+    3. resume it to 3 epochs; 4. compare weights, EMA weights and metrics."""
+    ok(launch([*ema_run.args, f"output_dir={tmp_path / 'stopped'}", stop], cwd=tmp_path))
     stopped = only_run(tmp_path / "stopped")
     state = checkpoint.read_state(checkpoint.find(stopped))
     assert (state.epoch, state.batch) == ((1, 0) if stop == "epochs=1" else (1, 13))
     ok(launch(["resume", stopped, "epochs=3", "max_steps=0"], cwd=tmp_path))
 
+    unbroken = ema_run.run
     assert_same_weights(weights(stopped), weights(unbroken))  # bitwise
+    ema = [load_file(checkpoint.find(run) / "ema.safetensors") for run in (stopped, unbroken)]
+    assert_same_weights(*ema)  # the EMA too
     assert comparable(read_jsonl(stopped / "metrics.jsonl")) == comparable(read_jsonl(unbroken / "metrics.jsonl"))
     assert summary(stopped)["best"] == summary(unbroken)["best"]
     assert summary(stopped)["test"] == summary(unbroken)["test"]
@@ -64,33 +44,27 @@ def test_resume_equals_the_unbroken_run(lenet_args, tmp_path, stop):
 
 
 @pytest.mark.parametrize("stop", ["epochs=1", "max_steps=12"], ids=["after-epoch", "mid-epoch"])
-def test_two_process_resume_sees_the_same_batches_and_randomness(tmp_path, stop):
+def test_two_process_resume_sees_the_same_batches_and_randomness(probe_run, tmp_path, stop):
     """Per rank, the resumed run trains on exactly the remaining batches, in the same order, with
-    the same augmentation draws, and ends with the unbroken run's weights."""
-    common = [PROBE, "batch_size=16", "log_every=4", "trackers=[]", "checkpoint.monitor="]
-    env = {"ACCELERATE_USE_CPU": "1"}
+    the same augmentation draws, and ends with the unbroken run's weights.
 
-    def two(args):
-        launcher = accelerate_launch("--config_file", REPO / "accelerate_configs" / "multi_gpu.yaml",
-                                     "--num_processes", "2", "--main_process_port", free_port())
-        return ok(launch(args, cwd=tmp_path, launcher=launcher, env=env))
-
-    two([*common, "epochs=2", f"probe={tmp_path / 'u'}", f"output_dir={tmp_path / 'unbroken'}"])
-    two([*common, "epochs=2", f"probe={tmp_path / 's'}", f"output_dir={tmp_path / 'stopped'}", stop])
+    1. `probe_run` trained 2 epochs of 8 steps unbroken on 2 processes; 2. the same run stops
+    (after epoch 1, or at step 12); 3. it resumes to the end; 4. compare the ranks' records and weights."""
+    ok(launch_two([*probe_run.args, f"probe={tmp_path / 's'}", f"output_dir={tmp_path / 'stopped'}", stop],
+                  cwd=tmp_path))
     stopped = only_run(tmp_path / "stopped")
-    two(["resume", stopped, "epochs=2", "max_steps=0"])
+    ok(launch_two(["resume", stopped, "epochs=2", "max_steps=0"], cwd=tmp_path))
 
     for rank in (0, 1):
-        assert open(f"{tmp_path / 's'}.rank{rank}").read() == open(f"{tmp_path / 'u'}.rank{rank}").read()
-    assert_same_weights(weights(stopped), weights(only_run(tmp_path / "unbroken")))
+        assert open(f"{tmp_path / 's'}.rank{rank}").read() == open(f"{probe_run.probe}.rank{rank}").read()
+    assert_same_weights(weights(stopped), weights(probe_run.run))
     steps = [r["step"] for r in read_jsonl(stopped / "metrics.jsonl")]
     assert steps == sorted(set(steps))  # monotonic, nothing twice
 
 
-def test_best_latest_keep_and_export(tiny, tmp_path):
-    result = ok(launch([LENET, *tiny, "epochs=3", "optim.lr=3e-4", "checkpoint.every_steps=10",
-                        "checkpoint.keep=2"], cwd=tmp_path))
-    run = only_run(tmp_path / "runs")
+def test_best_latest_keep_and_export(ema_run, tmp_path):
+    """`ema_run` saved every 10 steps, kept 2 (and the best one); then `test` evaluates checkpoints."""
+    run = copy_run(ema_run.run, tmp_path)  # `test` writes its results into the run folder
     final = summary(run)
     names = [p.name for p in checkpoint.complete(run)]
     best = final["best"]["checkpoint"]
@@ -114,12 +88,17 @@ def test_best_latest_keep_and_export(tiny, tmp_path):
     saved = json.loads((run / "test-step-0000096.json").read_text())
     assert saved["test"] == final["test"] and saved["step"] == 96
     assert "val accuracy=" in ok(launch(["test", run, "--split", "val"], cwd=tmp_path)).stdout
-    assert result.returncode == 0
 
 
-def test_resume_refuses_changes_to_the_model_or_data(lenet_args, tmp_path):
-    ok(launch([*lenet_args, "epochs=1", f"output_dir={tmp_path}"], cwd=tmp_path))
-    run = only_run(tmp_path)
+@pytest.fixture(scope="module")
+def one_epoch_run(mnist_root, tmp_path_factory):
+    """LeNet, 1 epoch at lr 3e-4 with no monitor (so no best checkpoint): one checkpoint, step-0000032."""
+    return Shared(tmp_path_factory, "one-epoch",
+                  [LENET, *tiny_args(mnist_root), "epochs=1", "optim.lr=3e-4", "checkpoint.monitor="])
+
+
+def test_resume_refuses_changes_to_the_model_or_data(one_epoch_run, tmp_path):
+    run = copy_run(one_epoch_run.run, tmp_path)
     refused = launch(["resume", run, "optim.lr=0.1", "epochs=2"], cwd=tmp_path)
     assert refused.returncode == 2
     assert refused.stderr.startswith(f"error: resuming {run} with a different optim.lr (0.0003 -> 0.1) would")
@@ -137,11 +116,10 @@ def test_resume_needs_a_checkpoint(tmp_path):
     assert result.stderr == f"error: {tmp_path} has no complete checkpoint in {tmp_path / 'checkpoints'}\n"
 
 
-def test_init_from_a_run(lenet_args, tmp_path):
-    ok(launch([*lenet_args, "epochs=2", f"output_dir={tmp_path / 'a'}"], cwd=tmp_path))
-    source = only_run(tmp_path / "a")
+def test_init_from_a_run(lenet_run, tiny, tmp_path):
+    source = copy_run(lenet_run.run, tmp_path / "a")  # `test` writes its results into the run folder
     best = ok(launch(["test", source], cwd=tmp_path)).stdout.split(" | ")[0]
-    ok(launch([*lenet_args, "epochs=0", f"init_from={source}", f"output_dir={tmp_path / 'b'}"], cwd=tmp_path))
+    ok(launch([LENET, *tiny, "epochs=0", f"init_from={source}", f"output_dir={tmp_path / 'b'}"], cwd=tmp_path))
     run = only_run(tmp_path / "b")
     assert f"test {' '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in summary(run)['test'].items())}" == best
     assert "init_from" in (run / "log.txt").read_text() and "missing keys none" in (run / "log.txt").read_text()
@@ -164,9 +142,8 @@ def files_of(run):
 
 
 @pytest.mark.parametrize("damage", ["train_state.json", "model.safetensors"])
-def test_a_damaged_checkpoint_is_one_clear_line(lenet_args, tmp_path, damage):
-    ok(launch([*lenet_args, "epochs=1", f"output_dir={tmp_path}"], cwd=tmp_path))
-    run = only_run(tmp_path)
+def test_a_damaged_checkpoint_is_one_clear_line(one_epoch_run, tmp_path, damage):
+    run = copy_run(one_epoch_run.run, tmp_path)
     path = checkpoint.find(run) / damage
     path.write_bytes(path.read_bytes()[:40])  # cut short, as a full disk would leave it
     before = files_of(run)
@@ -178,9 +155,8 @@ def test_a_damaged_checkpoint_is_one_clear_line(lenet_args, tmp_path, damage):
     assert files_of(run) == before
 
 
-def test_test_uses_the_latest_checkpoint_when_there_is_no_best(lenet_args, tmp_path):
-    ok(launch([*lenet_args, "epochs=1", "checkpoint.monitor=", f"output_dir={tmp_path}"], cwd=tmp_path))
-    run = only_run(tmp_path)
+def test_test_uses_the_latest_checkpoint_when_there_is_no_best(one_epoch_run, tmp_path):
+    run = copy_run(one_epoch_run.run, tmp_path)
     printed = ok(launch(["test", run], cwd=tmp_path)).stdout
     assert f"| checkpoint latest ({checkpoint.find(run).name}) |" in printed
     refused = launch(["test", run, "--checkpoint", "best"], cwd=tmp_path)
@@ -198,9 +174,8 @@ class CreatesAFile:
 
 
 @pytest.mark.parametrize("target", ["random_states_0.pkl", "optimizer.bin", "custom_checkpoint_0.pkl"])
-def test_a_crafted_checkpoint_runs_no_code(lenet_args, tmp_path, target):
-    ok(launch([*lenet_args, "epochs=1", f"output_dir={tmp_path}"], cwd=tmp_path))
-    run = only_run(tmp_path)
+def test_a_crafted_checkpoint_runs_no_code(one_epoch_run, tmp_path, target):
+    run = copy_run(one_epoch_run.run, tmp_path)
     marker = tmp_path / "pwned"
     torch.save(CreatesAFile(marker), checkpoint.find(run) / target)
 
@@ -221,26 +196,28 @@ def test_a_crafted_checkpoint_runs_no_code(lenet_args, tmp_path, target):
 
 
 def test_kill_9_during_saves_never_leaves_a_broken_latest(tiny, tmp_path):
-    """Save every step and kill -9 the process at random moments, 20 times: `latest` is always a
-    complete, loadable checkpoint, and the run still resumes to the end."""
+    """Save every step and kill -9 the process at random moments, 10 times: `latest` is always a
+    complete, loadable checkpoint, and the run still resumes to the end.
+
+    Each time: 1. start the run (the first time) or resume it; 2. wait until it has saved a newer
+    checkpoint than the last one seen; 3. wait a random moment (most likely inside a save) and
+    kill -9 it; 4. check that `latest` is complete and loadable. 5. Finally resume it to the end of
+    the epoch after the one it was killed in (epochs is resumable: 40 only keeps it from ending early)."""
     rng = random.Random(0)
     args = [LENET, *tiny, "epochs=40", "checkpoint.every_steps=1", "checkpoint.keep=2", "trackers=[]"]
-    command = [sys.executable, REPO / "launch.py", *args]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    runs = tmp_path / "runs"
     run, last_step, mid_save = None, 0, 0
-    for attempt in range(20):
-        process = subprocess.Popen(list(map(str, command)), cwd=tmp_path, env=env,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while True:  # wait until this process has saved a newer checkpoint than the last one seen
-            run = run or next(iter((tmp_path / "runs").glob("*/*")), None)
-            latest = checkpoint.complete(run) if run else []
-            if latest and checkpoint.read_state(latest[-1]).step > last_step:
-                break
-            assert process.poll() is None, "training ended before it was killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.2))  # then a random moment, most likely inside a save
+
+    def saved_a_newer_checkpoint():
+        nonlocal run
+        run = run or next(iter(runs.glob("*/*")), None)
+        latest = checkpoint.complete(run) if run else []
+        return bool(latest) and checkpoint.read_state(latest[-1]).step > last_step
+
+    for attempt in range(10):
+        process = start(args, cwd=tmp_path, output=False)
+        wait_until(saved_a_newer_checkpoint, process, what="a newer checkpoint")
+        time.sleep(rng.uniform(0, 0.2))  # then a random moment (at most 0.2 s), most likely inside a save
         process.kill()
         process.wait()
         mid_save += any((run / "checkpoints").glob(".tmp-*"))  # killed while writing one
@@ -251,32 +228,38 @@ def test_kill_9_during_saves_never_leaves_a_broken_latest(tiny, tmp_path):
         last_step = state.step
         load_file(latest / "model.safetensors")  # ... and loadable
         torch.load(latest / "optimizer.bin", weights_only=True)
-        command = [sys.executable, REPO / "launch.py", "resume", run]
+        args = ["resume", run]
     assert last_step < 40 * 32, "the run finished before the kills were done; make it longer"
     assert mid_save >= 1, "no kill landed inside a save"
-    ok(launch(["resume", run, "checkpoint.every_steps=0"], cwd=tmp_path))
-    assert summary(run)["status"] == "finished" and summary(run)["steps"] == 40 * 32
+    epochs = checkpoint.read_state(checkpoint.find(run)).epoch + 1
+    ok(launch(["resume", run, "checkpoint.every_steps=0", f"epochs={epochs}"], cwd=tmp_path))
+    assert summary(run)["status"] == "finished" and summary(run)["steps"] == epochs * 32
 
 
-def wait_for_first_log_line(run_root, process, timeout=120):
-    deadline = time.monotonic() + timeout
-    while not any(p.stat().st_size for p in run_root.glob("*/*/metrics.jsonl")):
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+def first_log_line(run_root):
+    """A condition: a run under `run_root` has written its first line of metrics.jsonl."""
+    return lambda: any(p.stat().st_size for p in run_root.glob("*/*/metrics.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def signal_args(mnist_root):
+    # A warmup and a cosine decay (the recipe's kind of schedule): the LR must continue too.
+    return [LENET, *tiny_args(mnist_root), "epochs=4", "batch_size=8", "optim.lr=3e-4", "sched.name=cosine",
+            "sched.warmup_epochs=0.5"]
+
+
+@pytest.fixture(scope="module")
+def signal_unbroken(signal_args, tmp_path_factory):
+    return Shared(tmp_path_factory, "unbroken", signal_args)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_a_signal_saves_then_resume_finishes_like_the_unbroken_run(tiny, tmp_path, sig):
-    # A warmup and a cosine decay (the recipe's kind of schedule): the LR must continue too.
-    args = [LENET, *tiny, "epochs=4", "batch_size=8", "optim.lr=3e-4", "sched.name=cosine", "sched.warmup_epochs=0.5"]
-    ok(launch([*args, f"output_dir={tmp_path / 'unbroken'}"], cwd=tmp_path))
-
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, REPO / "launch.py", *args, f"output_dir={tmp_path / 'stopped'}"]
-    process = subprocess.Popen(list(map(str, command)), cwd=tmp_path, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_for_first_log_line(tmp_path / "stopped", process)
+def test_a_signal_saves_then_resume_finishes_like_the_unbroken_run(signal_args, signal_unbroken, tmp_path, sig):
+    """1. `signal_unbroken` trained 4 epochs unbroken; 2. the same run gets the signal after its
+    first log line: it saves and exits with 128 + the signal's number; 3. it resumes to the end;
+    4. its weights are the unbroken run's."""
+    process = start([*signal_args, f"output_dir={tmp_path / 'stopped'}"], cwd=tmp_path)
+    wait_until(first_log_line(tmp_path / "stopped"), process, what="the first log line")
     process.send_signal(sig)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 128 + sig, err
@@ -288,19 +271,16 @@ def test_a_signal_saves_then_resume_finishes_like_the_unbroken_run(tiny, tmp_pat
 
     ok(launch(["resume", run], cwd=tmp_path))
     assert summary(run)["status"] == "finished"
-    unbroken = only_run(tmp_path / "unbroken")
-    assert_same_weights(weights(run), weights(unbroken))
+    assert_same_weights(weights(run), weights(signal_unbroken.run))
 
 
 def test_sigterm_to_the_launcher_stops_every_rank_at_one_step(tmp_path):
-    args = [PROBE, "batch_size=2", "samples=4096", "epochs=3", "trackers=[]", "checkpoint.monitor=",
+    """1. start a 2-process run of 3 x 256 steps; 2. SIGTERM the launcher after the first log line
+    (step 50): both ranks stop after the same step and save; 3. resume it on 2 processes to the end."""
+    args = [PROBE, "batch_size=2", "samples=1024", "epochs=3", "trackers=[]", "checkpoint.monitor=",
             f"probe={tmp_path / 'p'}", f"output_dir={tmp_path / 'runs'}"]
-    launcher = accelerate_launch("--config_file", REPO / "accelerate_configs" / "multi_gpu.yaml",
-                                 "--num_processes", "2", "--main_process_port", free_port())
-    env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "1"}
-    process = subprocess.Popen(list(map(str, [*launcher, REPO / "launch.py", *args])), cwd=tmp_path, env=env,
-                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_for_first_log_line(tmp_path / "runs", process)
+    process = start(args, cwd=tmp_path, launcher=two_processes(), env=CPU)
+    wait_until(first_log_line(tmp_path / "runs"), process, what="the first log line")
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode != 0
@@ -312,7 +292,5 @@ def test_sigterm_to_the_launcher_stops_every_rank_at_one_step(tmp_path):
         steps = len(open(f"{tmp_path / 'p'}.rank{rank}").readlines())
         assert steps == state.step
 
-    launcher = accelerate_launch("--config_file", REPO / "accelerate_configs" / "multi_gpu.yaml",
-                                 "--num_processes", "2", "--main_process_port", free_port())
-    ok(launch(["resume", run], cwd=tmp_path, launcher=launcher, env={"ACCELERATE_USE_CPU": "1"}))
-    assert summary(run)["status"] == "finished" and summary(run)["steps"] == 3 * 1024
+    ok(launch_two(["resume", run], cwd=tmp_path))
+    assert summary(run)["status"] == "finished" and summary(run)["steps"] == 3 * 256

@@ -11,31 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
-from helpers import REPO, accelerate_launch, free_port, launch, only_run, read_jsonl, summary
+from helpers import REPO, assert_same_weights, launch, launch_two, ok, only_run, read_jsonl, summary, weights
 from toolkit import checkpoint
 from toolkit.data import SeededSamples
 
 STREAM = REPO / "tests" / "recipes" / "stream.py"
 
 
-def ok(result):
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def two_processes():
-    return accelerate_launch("--multi_gpu", "--num_processes", "2", "--main_process_port", free_port())
-
-
 def run(args, cwd, processes=1):
-    launcher = two_processes() if processes == 2 else ()
-    return ok(launch(args, cwd=cwd, launcher=launcher, env={"ACCELERATE_USE_CPU": "1"}, timeout=300))
-
-
-def weights(run_dir):
-    return load_file(checkpoint.find(run_dir) / "model.safetensors")
+    return ok(launch_two(args, cwd) if processes == 2 else launch(args, cwd))
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +121,7 @@ def test_image_folder_with_workers_resumes_bit_for_bit(recipes, tmp_path, proces
     stopped = only_run(tmp_path / "stopped")
     assert 0 < checkpoint.read_state(checkpoint.find(stopped)).batch  # in the middle of an epoch
     run(["resume", stopped, "max_steps=0"], recipes, processes)
-    unbroken, resumed = weights(only_run(tmp_path / "unbroken")), weights(stopped)
-    assert all(torch.equal(unbroken[k], resumed[k]) for k in unbroken)
+    assert_same_weights(weights(only_run(tmp_path / "unbroken")), weights(stopped))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,8 +207,7 @@ def test_a_stream_resumes_exactly_with_two_processes_and_workers(one_process_str
 
     unbroken = read_probe(tmp_path / "u", 2)
     assert read_probe(tmp_path / "s", 2) == unbroken
-    a, b = weights(only_run(tmp_path / "unbroken")), weights(stopped)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_weights(weights(only_run(tmp_path / "unbroken")), weights(stopped))
     assert trained_samples(only_run(tmp_path / "unbroken")) == {1: 203, 2: 203}
 
 
@@ -241,8 +224,7 @@ def test_a_stream_resumes_exactly_with_two_processes_and_workers(one_process_str
 
 
 def test_a_stream_that_yields_nothing_is_one_line_on_every_process(tmp_path):
-    result = launch([STREAM, "empty=true", "trackers=[]", f"output_dir={tmp_path}"], cwd=tmp_path,
-                    launcher=two_processes(), env={"ACCELERATE_USE_CPU": "1"}, timeout=120)
+    result = launch_two([STREAM, "empty=true", "trackers=[]", f"output_dir={tmp_path}"], cwd=tmp_path, timeout=120)
     assert result.returncode != 0
     assert "error: the train split (an IterableDataset) yielded no sample in this pass" in result.stderr
 

@@ -1,8 +1,6 @@
 """Several processes through the real launcher (CPU, gloo): exact metrics and per-rank data."""
 
 import json
-import os
-import subprocess
 import sys
 import time
 
@@ -10,49 +8,50 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import LENET, REPO, accelerate_launch, free_port, launch, only_run, summary
+from conftest import Shared
+from helpers import (CPU, LENET, PROBE, REPO, accelerate_launch, free_port, launch, launch_two, ok, only_run, start,
+                     summary)
 
-PROBE = REPO / "tests" / "recipes" / "probe.py"
-
-
-def two_processes():
-    """The flags form; the other test files launch with accelerate_configs/multi_gpu.yaml."""
-    return accelerate_launch("--multi_gpu", "--num_processes", "2", "--main_process_port", free_port())
+# Here 2 processes start with the flags form (`launch_two(..., flags=True)`); the other test files
+# use accelerate_configs/multi_gpu.yaml.
 
 
-def run(args, tmp_path, processes):
-    launcher = two_processes() if processes == 2 else ()
-    result = launch(args, cwd=tmp_path, launcher=launcher, env={"ACCELERATE_USE_CPU": "1"}, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+@pytest.fixture(scope="module")
+def one_process_eval(mnist_root, tmp_path_factory):
+    """LeNet with lr=0 on 1 process: its val and test metrics are those of the initial weights,
+    which every launch path must reproduce."""
+    return Shared(tmp_path_factory, "one", [LENET, f"data.root={mnist_root}", "data.val_size=1001",
+                                            "data.download=false", "epochs=1", "optim.lr=0", "eval_batch_size=100",
+                                            "trackers=[]"], env=CPU)  # on the CPU, as the others
 
 
-def test_two_processes_count_every_evaluation_sample_once(tiny, tmp_path):
+def same_evaluation(result, expected):
+    for split in ("val", "test"):
+        assert result[split]["samples"] == expected[split]["samples"] == 1001
+        assert result[split]["accuracy"] == expected[split]["accuracy"]
+        assert result[split]["loss"] == pytest.approx(expected[split]["loss"], rel=1e-6)
+
+
+def test_two_processes_count_every_evaluation_sample_once(one_process_eval, tmp_path):
     """Val and test have 1001 samples, in batches of 100 that split 6/5 over two ranks: a
     2-process run reports the same counts and accuracy as 1 process on the same weights (lr=0)."""
-    results = {}
-    for processes in (1, 2):
-        out = tmp_path / f"p{processes}"
-        run([LENET, *tiny, f"output_dir={out}", "epochs=1", "optim.lr=0", "eval_batch_size=100"],
-            tmp_path, processes)
-        results[processes] = summary(only_run(out))  # one run folder, also with two processes
-    for split in ("val", "test"):
-        one, two = results[1][split], results[2][split]
-        assert one["samples"] == two["samples"] == 1001
-        assert one["accuracy"] == two["accuracy"]
-        assert one["loss"] == pytest.approx(two["loss"], rel=1e-6)
-    assert results[2]["steps"] == results[1]["steps"] // 2 + results[1]["steps"] % 2  # each rank half
+    ok(launch_two([*one_process_eval.args, f"output_dir={tmp_path}"], cwd=tmp_path, flags=True))
+    one, two = summary(one_process_eval.run), summary(only_run(tmp_path))  # one run folder, also with two processes
+    same_evaluation(two, one)
+    assert two["steps"] == one["steps"] // 2 + one["steps"] % 2  # each rank half
 
 
 def read_probe(path, processes):
     return [[json.loads(line) for line in open(f"{path}.rank{rank}")] for rank in range(processes)]
 
 
-def test_each_rank_gets_its_own_data_and_randomness_reproducibly(tmp_path):
-    common = ["batch_size=16", "epochs=2", "trackers=[]", f"output_dir={tmp_path / 'runs'}"]
-    probes = {}
-    for name, processes, seed in (("a", 2, 0), ("b", 2, 0), ("one", 1, 0), ("seed1", 2, 1)):
-        run([PROBE, *common, f"probe={tmp_path / name}", f"seed={seed}"], tmp_path, processes)
+def test_each_rank_gets_its_own_data_and_randomness_reproducibly(probe_run, tmp_path):
+    """`probe_run` (2 processes, seed 0) is run "a"; this test runs it again ("b"), on 1 process
+    ("one") and with seed 1 ("seed1")."""
+    probes = {"a": read_probe(probe_run.probe, 2)}
+    for name, processes, seed in (("b", 2, 0), ("one", 1, 0), ("seed1", 2, 1)):
+        args = [*probe_run.args, f"probe={tmp_path / name}", f"seed={seed}", f"output_dir={tmp_path / 'runs'}"]
+        ok(launch_two(args, cwd=tmp_path, flags=True) if processes == 2 else launch(args, cwd=tmp_path))
         probes[name] = read_probe(tmp_path / name, processes)
 
     rank0, rank1 = probes["a"]
@@ -73,49 +72,23 @@ def test_each_rank_gets_its_own_data_and_randomness_reproducibly(tmp_path):
         assert [s[key] for s in single[:16]] == [r[i][key] for i in range(8) for r in (rank0, rank1)]
 
 
-@pytest.fixture(scope="module")
-def one_process_eval(mnist_root, tmp_path_factory):
-    """Val and test metrics of 1 process on the initial weights (lr=0): what every launch path
-    must reproduce."""
-    tmp = tmp_path_factory.mktemp("one")
-    args = eval_args(mnist_root, tmp)
-    run(args, tmp, 1)
-    return summary(only_run(tmp / "runs")), args
-
-
-def eval_args(mnist_root, tmp):
-    return [LENET, f"data.root={mnist_root}", "data.val_size=1001", "data.download=false", "epochs=1",
-            "optim.lr=0", "eval_batch_size=100", "trackers=[]", f"output_dir={tmp / 'runs'}"]
-
-
-def same_evaluation(result, expected):
-    for split in ("val", "test"):
-        assert result[split]["samples"] == expected[split]["samples"] == 1001
-        assert result[split]["accuracy"] == expected[split]["accuracy"]
-        assert result[split]["loss"] == pytest.approx(expected[split]["loss"], rel=1e-6)
-
-
 def test_torchrun_without_accelerate_launch(one_process_eval, tmp_path):
-    expected, args = one_process_eval
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_addr", "127.0.0.1", "--master_port", free_port()]
-    result = launch([*args, f"output_dir={tmp_path}"], cwd=tmp_path, launcher=torchrun, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    ok(launch([*one_process_eval.args, f"output_dir={tmp_path}"], cwd=tmp_path, launcher=torchrun, timeout=300))
     assert "2 process(es) on cpu" in (only_run(tmp_path) / "log.txt").read_text()  # gloo, no env needed
-    same_evaluation(summary(only_run(tmp_path)), expected)
+    same_evaluation(summary(only_run(tmp_path)), summary(one_process_eval.run))
 
 
 def two_machines(args, tmp_path, processes_per_machine, cwds=None, succeed=True):
     """Two `accelerate launch` commands with machine ranks 0 and 1, meeting on 127.0.0.1, each
     in its own working folder (`cwds`; default: both in tmp_path); each must succeed, or fail."""
     port = free_port()
-    commands = [[*accelerate_launch("--config_file", REPO / "accelerate_configs" / "multi_node.yaml",
-                                    "--num_processes", 2 * processes_per_machine, "--machine_rank", rank,
-                                    "--main_process_ip", "127.0.0.1", "--main_process_port", port),
-                 REPO / "launch.py", *args] for rank in (0, 1)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "1"}
-    machines = [subprocess.Popen(list(map(str, c)), cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE) for c, cwd in zip(commands, cwds or [tmp_path] * 2)]
+    launchers = [accelerate_launch("--config_file", REPO / "accelerate_configs" / "multi_node.yaml",
+                                   "--num_processes", 2 * processes_per_machine, "--machine_rank", rank,
+                                   "--main_process_ip", "127.0.0.1", "--main_process_port", port) for rank in (0, 1)]
+    machines = [start(args, cwd=cwd, launcher=launcher, env=CPU)
+                for launcher, cwd in zip(launchers, cwds or [tmp_path] * 2)]
     outputs = [m.communicate(timeout=300) for m in machines]
     for machine, (out, err) in zip(machines, outputs):
         assert (machine.returncode == 0) == succeed, err[-3000:]
@@ -123,18 +96,17 @@ def two_machines(args, tmp_path, processes_per_machine, cwds=None, succeed=True)
 
 
 def test_two_machines_of_two_processes_count_every_sample_once(one_process_eval, tmp_path):
-    expected, args = one_process_eval
-    outputs = two_machines([*args, f"output_dir={tmp_path}"], tmp_path, processes_per_machine=2)
+    outputs = two_machines([*one_process_eval.args, f"output_dir={tmp_path}"], tmp_path, processes_per_machine=2)
     run = only_run(tmp_path)  # one run folder for both machines
     assert "4 process(es) on cpu" in (run / "log.txt").read_text()
-    same_evaluation(summary(run), expected)
+    same_evaluation(summary(run), summary(one_process_eval.run))
     assert [out.count("test accuracy=") for out, _ in outputs] == [1, 0]  # printed once, by the main process
 
 
 def test_two_machines_train_as_one_machine_with_the_same_world_size(tiny, tmp_path):
     common = [LENET, *tiny, "epochs=2", "trackers=[]"]
     two_machines([*common, f"output_dir={tmp_path / 'machines'}"], tmp_path, processes_per_machine=1)
-    run([*common, f"output_dir={tmp_path / 'one'}"], tmp_path, 2)
+    ok(launch_two([*common, f"output_dir={tmp_path / 'one'}"], cwd=tmp_path, flags=True))
     machines, one = only_run(tmp_path / "machines"), only_run(tmp_path / "one")
     assert summary(machines)["test"] == summary(one)["test"]
     a = load_file(machines / "checkpoints" / "latest" / "model.safetensors")
@@ -158,7 +130,7 @@ def test_machines_that_do_not_share_the_output_dir_stop_at_once(tiny, tmp_path):
 def test_an_error_on_one_rank_ends_every_process_quickly(tmp_path):
     args = [PROBE, "batch_size=8", "epochs=2", "trackers=[]", "fail_rank=1", "fail_step=3", f"output_dir={tmp_path}"]
     started = time.monotonic()
-    result = launch(args, cwd=tmp_path, launcher=two_processes(), env={"ACCELERATE_USE_CPU": "1"}, timeout=60)
+    result = launch_two(args, cwd=tmp_path, timeout=60, flags=True)
     assert result.returncode != 0 and time.monotonic() - started < 60
     assert result.stderr.count("ValueError: sample") == 1  # the original error, once
     assert "error: rank 0 stopped: another process failed (rank 1)" in result.stderr

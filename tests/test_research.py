@@ -15,16 +15,9 @@ import threading
 import pytest
 import torch
 
-from helpers import LENET, REPO, accelerate_launch, free_port, launch, make_cifar10, only_run, run_dirs, summary
+from helpers import (LENET, PROBE, RESNET, copy_run, launch, launch_two, make_cifar10, make_mnist, ok, only_run,
+                     run_dirs, summary)
 from toolkit import recipe
-
-PROBE = REPO / "tests" / "recipes" / "probe.py"
-RESNET = REPO / "recipes" / "resnet_cifar.py"
-
-
-def ok(result):
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -32,9 +25,7 @@ def ok(result):
 
 def test_wandb_offline_makes_one_run_and_resume_continues_it(tiny, tmp_path):
     args = [LENET, *tiny, "epochs=1", "trackers=[tensorboard, wandb]", "wandb.mode=offline"]
-    launcher = accelerate_launch("--config_file", REPO / "accelerate_configs" / "multi_gpu.yaml",
-                                 "--num_processes", "2", "--main_process_port", free_port())
-    ok(launch(args, cwd=tmp_path, launcher=launcher, env={"ACCELERATE_USE_CPU": "1", "WANDB_SILENT": "true"}))
+    ok(launch_two(args, cwd=tmp_path, env={"WANDB_SILENT": "true"}))
     run = only_run(tmp_path / "runs")
     (first,) = (run / "wandb").glob("offline-run-*")  # one wandb run for two processes
     run_id = first.name.rsplit("-", 1)[1]
@@ -110,9 +101,8 @@ def test_a_plain_run_refuses_a_sweep_block(tiny, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The runs table, plots, the code snapshot
 
-def test_runs_lists_status_epochs_best_and_time(tiny, tmp_path):
-    ok(launch([LENET, *tiny, "epochs=1", "trackers=[]"], cwd=tmp_path))
-    finished = only_run(tmp_path / "runs")
+def test_runs_lists_status_epochs_best_and_time(lenet_run, tmp_path):
+    finished = copy_run(lenet_run.run, tmp_path)
     for status in ("failed", "interrupted", "running", "died"):
         copy = finished.with_name(f"{finished.name}-{status}")
         shutil.copytree(finished, copy)
@@ -124,14 +114,13 @@ def test_runs_lists_status_epochs_best_and_time(tiny, tmp_path):
     table = ok(launch(["runs", tmp_path / "runs"], cwd=tmp_path)).stdout.splitlines()
     assert table[0].split() == ["run", "recipe", "status", "epochs", "best", "time"]
     rows = {line.split()[0].rsplit("/", 1)[1]: line.split() for line in table[1:]}
-    assert rows[finished.name][1:5] == ["lenet", "finished", "1/1", f"val/accuracy={summary(finished)['best']['value']:.4g}"]
+    assert rows[finished.name][1:5] == ["lenet", "finished", "3/3", f"val/accuracy={summary(finished)['best']['value']:.4g}"]
     for status in ("failed", "interrupted", "running", "died"):
         assert rows[f"{finished.name}-{status}"][2] == status
 
 
-def test_plot_writes_a_png(tiny, tmp_path):
-    ok(launch([LENET, *tiny, "epochs=2", "trackers=[]"], cwd=tmp_path))
-    run = only_run(tmp_path / "runs")
+def test_plot_writes_a_png(lenet_run, tmp_path):
+    run = copy_run(lenet_run.run, tmp_path)  # the plot is written into the run folder
     out = ok(launch(["plot", run], cwd=tmp_path)).stdout.strip()
     png = (run / "curves.png").read_bytes()
     assert out == str(run / "curves.png") and png.startswith(b"\x89PNG") and len(png) > 10_000
@@ -147,17 +136,12 @@ def test_code_snapshot_records_the_git_commit_and_changes(tmp_path):
     with open(repo / "lenet.py", "a") as f:
         f.write("\n# an uncommitted change\n")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
-    ok(launch([repo / "lenet.py", "epochs=0", "data.download=false", f"data.root={make_mnist_root(tmp_path)}",
-               "data.val_size=100", f"output_dir={tmp_path / 'runs'}"], cwd=tmp_path))
+    data = make_mnist(tmp_path / "mnist", n_train=300, n_test=100)
+    ok(launch([repo / "lenet.py", "epochs=0", "data.download=false", f"data.root={data}", "data.val_size=100",
+               f"output_dir={tmp_path / 'runs'}"], cwd=tmp_path))
     run = only_run(tmp_path / "runs")
     assert (run / "git.txt").read_text().strip() == commit
     assert "+# an uncommitted change" in (run / "git.diff").read_text()
-
-
-def make_mnist_root(tmp_path):
-    from helpers import make_mnist
-
-    return make_mnist(tmp_path / "mnist", n_train=300, n_test=100)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,13 +241,16 @@ def test_resnet_cifar_learns_on_tiny_data(cifar_root, tmp_path):
     assert final["test"]["samples"] == 200 and final["test"]["accuracy"] > 0.5  # 10 classes: chance is 0.1
 
 
-def test_resnet_cifar_runs_on_two_processes(cifar_root, tmp_path):
-    launcher = accelerate_launch("--config_file", REPO / "accelerate_configs" / "multi_gpu.yaml",
-                                 "--num_processes", "2", "--main_process_port", free_port())
-    ok(launch([RESNET, f"data.root={cifar_root}", "data.download=false", "data.val_size=100", "depth=8",
-               "precision=no", "debug.fast_run=true", "trackers=[]", f"output_dir={tmp_path}"], cwd=tmp_path,
-              launcher=launcher, env={"ACCELERATE_USE_CPU": "1"}, timeout=300))
-    assert summary(only_run(tmp_path))["status"] == "finished"
+def test_fast_run_of_resnet_cifar_on_two_processes(cifar_root, tmp_path):
+    """debug.fast_run: one optimizer step, one val and one test batch per rank, a checkpoint saved
+    and loaded back; with BatchNorm buffers, on 2 processes."""
+    result = ok(launch_two([RESNET, f"data.root={cifar_root}", "data.download=false", "data.val_size=100", "depth=8",
+                            "precision=no", "debug.fast_run=true", "eval_batch_size=32", "trackers=[]",
+                            f"output_dir={tmp_path}"], cwd=tmp_path, timeout=300))
+    final = summary(only_run(tmp_path))
+    assert final["status"] == "finished" and final["steps"] == 1
+    assert final["val"]["samples"] == final["test"]["samples"] == 2 * 32  # of 100 and 200
+    assert "checkpoint saved and loaded back" in result.stderr
 
 
 def test_cifar_augmentation_crops_flips_and_depends_on_the_batch(cifar_root):

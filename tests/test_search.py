@@ -8,12 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO, free_port, launch, read_jsonl, run_dirs, summary
+from helpers import REPO, free_port, launch, ok, read_jsonl, run_dirs, summary, wait_until
 
 optuna = pytest.importorskip("optuna")
 
@@ -24,23 +23,11 @@ LINE = REPO / "tests" / "recipes" / "line.py"
 SPACE = "optim.lr=loguniform(1e-3,0.3)"
 
 
-def ok(result):
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 def study(folder):
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     storage = JournalStorage(JournalFileBackend(str(folder / "study.journal")))
     return optuna.load_study(study_name="search", storage=storage).get_trials()
-
-
-def poll(condition, what, timeout=120):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def start(args, cwd, env=None):
@@ -116,7 +103,7 @@ def test_a_killed_search_resumes_and_ends_with_exactly_its_trials(tmp_path):
     first = start(args, tmp_path)
     checkpoint = lambda: next(iter((tmp_path / "line").glob("search-*/line/trial-0001/checkpoints/latest")), None)
     try:
-        poll(checkpoint, "the second trial's first checkpoint")
+        wait_until(checkpoint, what="the second trial's first checkpoint")
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.communicate()
@@ -137,7 +124,7 @@ def test_two_search_processes_share_one_study(tmp_path):
     # 1. A search of three trials, one at a time; 2. a second process joins it as soon as it exists.
     first = start(["search", LINE, SPACE, "step_seconds=0.05", f"output_dir={tmp_path}", "--trials", 3,
                    "--pruner", "none"], tmp_path)
-    poll(lambda: list((tmp_path / "line").glob("search-*/settings.json")), "the search folder")
+    wait_until(lambda: list((tmp_path / "line").glob("search-*/settings.json")), what="the search folder")
     (folder,) = (tmp_path / "line").glob("search-*")
     second = start(["search", "--resume", folder], tmp_path)
     outputs = finish(first) + finish(second)
@@ -200,7 +187,8 @@ def test_a_slurm_job_requeues_itself_and_continues_its_run(tmp_path):
     #    and the job requeues itself.
     first = subprocess.Popen(list(map(str, job)), cwd=REPO, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
-    poll(lambda: (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text(), "the run's first steps")
+    wait_until(lambda: (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text(),
+               what="the run's first steps")
     first.send_signal(signal.SIGTERM)
     out, _ = first.communicate(timeout=120)
     assert first.returncode != 0, out[-3000:]

@@ -9,27 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 import launch as launch_module
-from conftest import TINY_TRAINING
-from helpers import FASHION_MNIST, LENET, REPO, accelerate_launch, free_port, launch, only_run, read_jsonl, summary
+from helpers import (FASHION_MNIST, LENET, PROBE, REPO, copy_run, launch, launch_two, ok, only_run, read_jsonl,
+                     records, summary)
 from toolkit import UserError, checkpoint, config, recipe
 from toolkit.loop import make_loader
 from toolkit.optim import lr_schedule, make_optimizer
-
-PROBE = REPO / "tests" / "recipes" / "probe.py"
-
-
-def ok(result):
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def two_processes():
-    return accelerate_launch("--config_file", REPO / "accelerate_configs" / "multi_gpu.yaml",
-                             "--num_processes", "2", "--main_process_port", free_port())
-
-
-def records(run, split):
-    return [r for r in read_jsonl(run / "metrics.jsonl") if r["split"] == split]
 
 
 def lenet_cfg(*overrides):
@@ -99,7 +83,7 @@ def test_clipping_bounds_the_update_and_the_norm_is_logged(tiny, tmp_path, clip)
 def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     args = [PROBE, "batch_size=8", "epochs=1", "log_every=4", "trackers=[]", "checkpoint.monitor=",
             "skip_nonfinite=true", "nan_rank=1", "nan_steps=[3, 4]", f"output_dir={tmp_path}"]
-    result = ok(launch(args, cwd=tmp_path, launcher=two_processes(), env={"ACCELERATE_USE_CPU": "1"}, timeout=180))
+    result = ok(launch_two(args, cwd=tmp_path, timeout=180))
     run = only_run(tmp_path)
     train = records(run, "train")
     assert [r["skipped_steps"] for r in train][:2] == [2, 0]
@@ -113,7 +97,7 @@ def test_too_many_non_finite_steps_stop_the_run_with_the_last_good_state(tmp_pat
             "checkpoint.every_steps=2", "skip_nonfinite=true", "nan_rank=1", f"nan_steps={list(range(5, 40))}",
             "nan_tolerance=3",
             f"output_dir={tmp_path}"]
-    result = launch(args, cwd=tmp_path, launcher=two_processes(), env={"ACCELERATE_USE_CPU": "1"}, timeout=180)
+    result = launch_two(args, cwd=tmp_path, timeout=180)
     assert result.returncode != 0
     run = only_run(tmp_path)
     final = summary(run)
@@ -183,8 +167,7 @@ def test_lr_trace_is_the_same_with_two_processes(tmp_path):
     common = [PROBE, "epochs=2", "log_every=1", "trackers=[]", "checkpoint.monitor=", "sched.name=cosine",
               "sched.warmup_epochs=0.5"]
     ok(launch([*common, "batch_size=16", f"output_dir={tmp_path / 'one'}"], cwd=tmp_path))
-    ok(launch([*common, "batch_size=8", f"output_dir={tmp_path / 'two'}"], cwd=tmp_path, launcher=two_processes(),
-              env={"ACCELERATE_USE_CPU": "1"}))
+    ok(launch_two([*common, "batch_size=8", f"output_dir={tmp_path / 'two'}"], cwd=tmp_path))
     one, two = records(only_run(tmp_path / "one"), "train"), records(only_run(tmp_path / "two"), "train")
     assert len(one) == 32 and [r["lr"] for r in one] == [r["lr"] for r in two]
     assert one[0]["lr"] == 0.0 and one[8]["lr"] == pytest.approx(1e-3) and one[-1]["lr"] < 1e-5  # warmup, cosine
@@ -193,48 +176,42 @@ def test_lr_trace_is_the_same_with_two_processes(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # EMA
 
-def test_ema_is_validated_monitored_saved_resumed_and_tested(tiny, tmp_path):
-    common = [LENET, *tiny, "epochs=3", "optim.lr=3e-4", "ema.decay=0.9", "checkpoint.monitor=val_ema/accuracy"]
-    ok(launch([*common, f"output_dir={tmp_path / 'unbroken'}"], cwd=tmp_path))
-    ok(launch([*common, "max_steps=45", f"output_dir={tmp_path / 'stopped'}"], cwd=tmp_path))
-    stopped = only_run(tmp_path / "stopped")
-    ok(launch(["resume", stopped, "max_steps=0"], cwd=tmp_path))
-    unbroken = only_run(tmp_path / "unbroken")
+def test_ema_is_validated_monitored_saved_and_tested(ema_run, tmp_path):
+    """`ema_run` kept an EMA of the weights (decay 0.9) and monitored it. (That it resumes bitwise
+    is checked in test_checkpoint.py::test_resume_equals_the_unbroken_run, on the same run.)"""
+    run = copy_run(ema_run.run, tmp_path)  # `test` writes its results into the run folder
+    assert len(records(run, "val_ema")) == 3 and summary(run)["best"]["monitor"] == "val_ema/accuracy"
+    ema = load_file(checkpoint.find(run) / "ema.safetensors")
+    raw = load_file(checkpoint.find(run) / "model.safetensors")
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # an average, not a copy
+    assert (run / "model_ema.safetensors").is_file()
 
-    assert len(records(unbroken, "val_ema")) == 3 and summary(unbroken)["best"]["monitor"] == "val_ema/accuracy"
-    ema_a = load_file(checkpoint.find(stopped) / "ema.safetensors")
-    ema_b = load_file(checkpoint.find(unbroken) / "ema.safetensors")
-    for key in ema_b:  # resumed bitwise
-        assert torch.equal(ema_a[key], ema_b[key]), key
-    raw = load_file(checkpoint.find(unbroken) / "model.safetensors")
-    assert any(not torch.equal(raw[k], ema_b[k]) for k in raw)  # an average, not a copy
-    assert (unbroken / "model_ema.safetensors").is_file()
-
-    out = ok(launch(["test", unbroken, "--ema", "--checkpoint", "latest", "--split", "val"], cwd=tmp_path)).stdout
-    assert out.startswith(f"val_ema accuracy={summary(unbroken)['val_ema']['accuracy']:.4g} ")
+    out = ok(launch(["test", run, "--ema", "--checkpoint", "latest", "--split", "val"], cwd=tmp_path)).stdout
+    assert out.startswith(f"val_ema accuracy={summary(run)['val_ema']['accuracy']:.4g} ")
 
 
 # ---------------------------------------------------------------------------------------------
 # Validation cadence, budgets, early stopping
 
 def test_val_every_epochs_and_steps(tiny, tmp_path):
-    ok(launch([LENET, *tiny, "epochs=4", "val_every=2", "val_every_steps=20", "checkpoint.every_epochs=0"],
+    """Every 20 steps mid-epoch; at the end of every 2nd epoch (64, not 32); and at the end (96)."""
+    ok(launch([LENET, *tiny, "epochs=3", "val_every=2", "val_every_steps=20", "checkpoint.every_epochs=0"],
               cwd=tmp_path))
     run = only_run(tmp_path / "runs")
-    assert [r["step"] for r in records(run, "val")] == [20, 40, 60, 64, 80, 100, 120, 128]
+    assert [r["step"] for r in records(run, "val")] == [20, 40, 60, 64, 80, 96]
 
 
 def test_max_minutes_stops_on_time(tiny, tmp_path):
     ok(launch([LENET, *tiny, "epochs=50", "max_minutes=0.0001"], cwd=tmp_path))
     run = only_run(tmp_path / "runs")
-    assert summary(run)["status"] == "finished" and summary(run)["steps"] < 50 * 32
-    assert "stopped at step" in (run / "log.txt").read_text() and "test" in summary(run)
+    final = summary(run)
+    assert final["status"] == "finished" and final["steps"] < 50 * 32 and "test" in final
+    assert f"stopped at step {final['steps']}: max_minutes" in (run / "log.txt").read_text()
 
 
 def test_early_stopping_stops_every_rank_together(tiny, tmp_path):
     """lr=0: the monitor never improves after the first validation, so patience 2 ends at epoch 3."""
-    ok(launch([LENET, *tiny, "epochs=10", "optim.lr=0", "early_stop.patience=2"], cwd=tmp_path,
-              launcher=two_processes(), env={"ACCELERATE_USE_CPU": "1"}, timeout=180))
+    ok(launch_two([LENET, *tiny, "epochs=10", "optim.lr=0", "early_stop.patience=2"], cwd=tmp_path, timeout=180))
     run = only_run(tmp_path / "runs")
     assert summary(run)["status"] == "finished" and summary(run)["epochs"] == 3
     assert "stopped at step 48: early_stop" in (run / "log.txt").read_text()
@@ -255,15 +232,6 @@ def test_overfit_batches_reaches_100_percent_with_the_recipe_defaults(tmp_path):
     assert records(run, "train")[-1]["accuracy"] == 1.0 and summary(run)["val"]["accuracy"] == 1.0
 
 
-def test_fast_run_on_two_processes(tiny, tmp_path):
-    result = ok(launch([LENET, *tiny, "debug.fast_run=true"], cwd=tmp_path, launcher=two_processes(),
-                       env={"ACCELERATE_USE_CPU": "1"}, timeout=180))
-    run = only_run(tmp_path / "runs")
-    final = summary(run)
-    assert final["steps"] == 1 and final["val"]["samples"] == final["test"]["samples"] == 2 * 256
-    assert "checkpoint saved and loaded back" in result.stderr
-
-
 def test_compile_runs_the_model_through_torch_compile_and_keeps_its_weight_names(tiny, tmp_path):
     # TORCH_LOGS=graph_code prints each graph that torch.compile captures.
     result = ok(launch([LENET, *tiny, "debug.fast_run=true", "compile=true"], cwd=tmp_path,
@@ -282,16 +250,18 @@ def test_limit_batches(tiny, tmp_path):
     assert final["steps"] == 6 and final["val"]["samples"] == 200 and final["test"]["samples"] == 1001
 
 
-def test_deterministic_runs_repeat(tiny, tmp_path):
+def test_deterministic_runs_repeat(tiny, probe_run, tmp_path):
     for name in ("a", "b"):
         ok(launch([LENET, *tiny, "epochs=1", "deterministic=true", f"output_dir={tmp_path / name}"], cwd=tmp_path))
     assert summary(only_run(tmp_path / "a"))["test"] == summary(only_run(tmp_path / "b"))["test"]
     # The training step runs with torch's deterministic algorithms on, and only when asked.
-    for flag in (True, False):
-        probe = tmp_path / f"probe-{flag}"
-        ok(launch([PROBE, "epochs=1", "trackers=[]", "checkpoint.monitor=", f"deterministic={str(flag).lower()}",
-                   f"probe={probe}", f"output_dir={tmp_path / 'probes'}"], cwd=tmp_path))
-        assert {r["deterministic"] for r in read_jsonl(f"{probe}.rank0")} == {flag}
+    probe = tmp_path / "probe"
+    ok(launch([PROBE, "epochs=1", "trackers=[]", "checkpoint.monitor=", "deterministic=true", f"probe={probe}",
+               f"output_dir={tmp_path / 'probes'}"], cwd=tmp_path))
+    assert {r["deterministic"] for r in read_jsonl(f"{probe}.rank0")} == {True}
+    assert "deterministic=" not in " ".join(probe_run.args)  # the default: off
+    for rank in (0, 1):
+        assert {r["deterministic"] for r in read_jsonl(f"{probe_run.probe}.rank{rank}")} == {False}
 
 
 class Seeds(torch.utils.data.Dataset):
