@@ -33,12 +33,13 @@ def status(summary):
     """running, finished, interrupted, failed; a run that says running but whose process is gone
     from this machine is reported as died."""
     state = summary.get("status", "unknown")
-    if state == "running" and summary.get("host") == socket.gethostname() and not _alive(summary.get("pid")):
+    if state == "running" and summary.get("host") == socket.gethostname() and not alive(summary.get("pid")):
         return "died"
     return state
 
 
-def _alive(pid):
+def alive(pid):
+    """Whether process `pid` of this machine is running."""
     try:
         os.kill(int(pid), 0)
     except (TypeError, ValueError, ProcessLookupError):

@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 from toolkit import UserError, config, parallel, sweep, tracking
+from toolkit.report import alive
 
 NAME = "search"  # the study's name in its journal file
 ENV_FOLDER, ENV_TRIAL = "MINLOOP_SEARCH", "MINLOOP_TRIAL"  # how a trial's process finds its study
@@ -70,24 +71,13 @@ def is_space(text):
 def read_space(files, overrides):
     """(config files without their search: block, fixed overrides, {key: spec text}) from the
     command line and the files; like sweep.read_grid."""
-    space, plain_files = {}, []
-    for path in files:
-        layer = config.yaml_load(Path(path).read_text(encoding="utf-8"), path) if Path(path).is_file() else None
-        if isinstance(layer, dict) and "search" in layer:
-            block = layer.pop("search")
-            if not isinstance(block, dict) or not all(isinstance(v, str) for v in block.values()):
-                raise UserError(f"{path}: search: must map keys to spaces, e.g. optim.lr: loguniform(1e-4, 1e-1)")
-            space.update(block)
-            plain_files.append((path, layer))
-        else:
-            plain_files.append(path)
-    fixed = []
-    for text in overrides:
-        key, raw = config.parse_override(text)
-        if is_space(raw):
-            space[key] = raw
-        else:
-            fixed.append(text)
+    plain_files, blocks, fixed, varying = sweep.read_layers(files, overrides, "search", is_space)
+    space = {}
+    for path, block in blocks:
+        if not isinstance(block, dict) or not all(isinstance(v, str) for v in block.values()):
+            raise UserError(f"{path}: search: must map keys to spaces, e.g. optim.lr: loguniform(1e-4, 1e-1)")
+        space.update(block)
+    space.update(varying)
     if not space:
         raise UserError("nothing to search: give a space such as optim.lr=loguniform(1e-4,1e-1) on the command "
                         "line or in a search: block of a --config file")
@@ -359,12 +349,12 @@ class Driver:
         if mtime is not None and self.seen.get(driver, (None,))[0] != mtime:
             self.seen[driver] = (mtime, time.monotonic())
         gone = (mtime is None or time.monotonic() - self.seen[driver][1] > STALE_S
-                or (host == HOST and not _alive(pid)))
+                or (host == HOST and not alive(pid)))
         if not gone:
             return False
         # Its run may still be saving a checkpoint (it is told to stop when its search process dies).
         summary = tracking.read_json(self.run_dir(trial.number) / "summary.json")
-        return not (summary.get("status") == "running" and summary.get("host") == HOST and _alive(summary.get("pid")))
+        return not (summary.get("status") == "running" and summary.get("host") == HOST and alive(summary.get("pid")))
 
     def beat(self):
         """Touch this process's heartbeat file (every few seconds)."""
@@ -448,16 +438,6 @@ class Driver:
 
 def _short(value):
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _alive(pid):
-    try:
-        os.kill(int(pid), 0)
-    except (TypeError, ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,29 +40,38 @@ def values(text):
     return [*parts, current]
 
 
-def read_grid(files, overrides):
-    """(the files, a file with a sweep block as (path, its other keys), fixed overrides,
-    {key: [value texts]})."""
-    grid, plain_files = {}, []
+def read_layers(files, overrides, block, varies):
+    """A sweep's or a search's config files and overrides, split into what stays and what varies:
+    (the files, each with a `block:` as (path, its other keys); [(path, its block)]; the fixed
+    overrides; {key: text} of the overrides that `varies(text)` picks out)."""
+    plain_files, blocks = [], []
     for path in files:
         layer = config.yaml_load(Path(path).read_text(encoding="utf-8"), path) if Path(path).is_file() else None
-        if isinstance(layer, dict) and "sweep" in layer:
-            block = layer.pop("sweep")
-            if not isinstance(block, dict) or not all(isinstance(v, list) and v for v in block.values()):
-                raise UserError(f"{path}: sweep: must map keys to lists of values, e.g. optim.lr: [1e-3, 3e-3]")
-            grid.update({key: [config.yaml_dump(v).strip().removesuffix("\n...") for v in vs]
-                         for key, vs in block.items()})
+        if isinstance(layer, dict) and block in layer:
+            blocks.append((path, layer.pop(block)))
             plain_files.append((path, layer))
         else:
             plain_files.append(path)
-    fixed = []
+    fixed, varying = [], {}
     for text in overrides:
         key, raw = config.parse_override(text)
-        options = values(raw)
-        if len(options) > 1:
-            grid[key] = options
+        if varies(raw):
+            varying[key] = raw
         else:
             fixed.append(text)
+    return plain_files, blocks, fixed, varying
+
+
+def read_grid(files, overrides):
+    """(the files, a file with a sweep block as (path, its other keys), fixed overrides,
+    {key: [value texts]})."""
+    plain_files, blocks, fixed, varying = read_layers(files, overrides, "sweep", lambda raw: len(values(raw)) > 1)
+    grid = {}
+    for path, block in blocks:
+        if not isinstance(block, dict) or not all(isinstance(v, list) and v for v in block.values()):
+            raise UserError(f"{path}: sweep: must map keys to lists of values, e.g. optim.lr: [1e-3, 3e-3]")
+        grid.update({key: [config.yaml_dump(v).strip().removesuffix("\n...") for v in vs] for key, vs in block.items()})
+    grid.update({key: values(raw) for key, raw in varying.items()})
     if not grid:
         raise UserError("nothing to sweep: give values separated by commas (optim.lr=1e-3,3e-3) or a "
                         "sweep: block in a --config file")
