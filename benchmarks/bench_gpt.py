@@ -13,11 +13,12 @@ reading the text, building the model), evaluation and checkpoints are not counte
 
 Two clocks, each giving both sides' tokens/s, pair by pair, and the median of the per-pair ratios
 a/b, which is the toolkit's overhead (target >= 0.97):
-  - wall clock: what a user waits; on a machine that other jobs keep busy it swings by +-20% from
-    one run to the next, more than the overhead being measured
+  - wall clock: what a user waits; on 2 cores that other jobs kept busy (load 5), a pair's ratio
+    ranged over 0.6-1.3, far more than the overhead being measured
   - CPU time of this process (CPU only): time slices that other processes take do not count, so
-    the ratio holds still on a busy machine. The loop's windows are timed by it by pointing
-    toolkit.loop's clock at time.process_time for the run; nothing else in the loop changes.
+    the ratio swings less (0.87-1.17 on that machine; caches and cores are still shared). The
+    loop's windows are timed by it by pointing toolkit.loop's clock at time.process_time for the
+    run; nothing else in the loop changes.
 On a busy machine, OMP_NUM_THREADS=1 also steadies both: the 2 threads of a step wait for each other
 whenever one of them is descheduled, and spin meanwhile.
 
