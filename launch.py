@@ -37,7 +37,7 @@ def train(args):
                             f"{cfg.output_dir}/{recipe.name}/<name>")
         run = Path(cfg.output_dir) / recipe.name / cfg.name
         if checkpoint.complete(run):
-            return continue_run(run, args.config, args.overrides)
+            return continue_run(run, args.config, args.overrides, args.force)
     return exit_status(loop.train(recipe, cfg, autoresume=args.autoresume))
 
 
@@ -204,9 +204,9 @@ def parser(command):
                        help="config overrides with dotted keys, e.g. optim.lr=3e-3 trackers=[]")
         p.add_argument("--config", action="append", default=[], metavar="FILE",
                        help="a YAML file of config values; repeatable, later files win")
-    if command == "resume":
-        p.add_argument("--force", action="store_true",
-                       help="resume even if the overrides change keys that shape the model or the data")
+    if command in ("resume", "train"):
+        p.add_argument("--force", action="store_true", help="resume (train: with --autoresume) even if the "
+                       "overrides change keys that shape the model or the data")
     if command == "test":
         p.add_argument("--checkpoint", default="", help="best, latest, or a folder name such as step-0000516 "
                        "(default: best, or latest when the run has no best yet)")
