@@ -272,14 +272,14 @@ class Seeds(torch.utils.data.Dataset):
         return torch.initial_seed()
 
 
-def test_dataloader_workers_and_ranks_get_different_seeds():
+def test_each_sample_draws_from_its_own_seed_on_any_worker_or_rank():
     cfg = lenet_cfg("num_workers=2", "eval_batch_size=1")
     seeds = []
     for rank in (0, 1):
         processes = SimpleNamespace(process_index=rank, device=torch.device("cpu"))
         loader = make_loader("val", Seeds(), cfg, SimpleNamespace(), processes)
-        seeds.append({int(s) for batch in loader for s in batch})
-    assert len(seeds[0]) == len(seeds[1]) == 2 and not seeds[0] & seeds[1]
+        seeds.append([int(s) for batch in loader for s in batch])
+    assert seeds[0] == seeds[1] and len(set(seeds[0])) == 8  # a function of the sample, not the worker
 
 
 # ---------------------------------------------------------------------------------------------

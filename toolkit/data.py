@@ -94,7 +94,7 @@ def is_stream(dataset):
 def _seed_sample(seed, epoch, index):
     """Seed the CPU random generators for one sample (about 12 µs). Only the CPU generator of
     torch: a GPU's generator belongs to the training step."""
-    key = hash((seed, epoch, index)) & 0xFFFF_FFFF_FFFF_FFFF  # ints hash the same in every process
+    key = hash((seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF  # ints hash alike everywhere; fits an int64
     torch.default_generator.manual_seed(key)
     random.seed(key)
     if "numpy" in sys.modules:
