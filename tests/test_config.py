@@ -133,3 +133,21 @@ def test_diff_lists_what_changed():
     base = resolve(RECIPE)
     assert config.diff(resolve(RECIPE, [], ["epochs=4", "trackers=[]"]), base) == ["epochs=4", "trackers=[]"]
     assert config.diff(base, base) == []
+
+
+def test_choices_are_written_once():
+    """config.CHOICES holds the only list of names: toolkit/optim.py implements exactly those, each
+    of them works, and the README table shows them."""
+    import torch
+
+    from toolkit import optim
+    assert set(optim.OPTIMIZERS) == set(config.CHOICES["optim.name"])
+    assert set(optim.SCHEDULES) == set(config.CHOICES["sched.name"])
+    model = torch.nn.Linear(2, 1)
+    for name in config.CHOICES["optim.name"]:
+        optimizer, _ = optim.make_optimizer(resolve(RECIPE, [], [f"optim.name={name}"]), model, None)
+        assert type(optimizer).__name__.lower() == name
+    for name in config.CHOICES["sched.name"]:
+        factor = optim.lr_schedule(resolve(RECIPE, [], [f"sched.name={name}"]), steps_per_epoch=10)
+        assert all(0 <= factor(step) <= 1 for step in range(30))
+    assert "| `optim.name` | `adamw` | adamw \\| adam \\| sgd |" in config.markdown_table()

@@ -21,6 +21,17 @@ import yaml
 
 from toolkit import UserError
 
+# The allowed values of keys, written only here: the checks, the README table and toolkit/optim.py's
+# tables of optimizers and schedules (a test holds them to the same names) take them from this table.
+CHOICES = {  # key -> allowed values (for a list: allowed elements)
+    "optim.name": ("adamw", "adam", "sgd"),
+    "sched.name": ("constant", "cosine", "linear", "step", "onecycle"),
+    "precision": ("no", "bf16", "fp16"),
+    "trackers": ("tensorboard", "wandb"),
+    "wandb.mode": ("", "online", "offline", "disabled"),
+    "checkpoint.mode": ("min", "max"),
+}
+# Every key with its default and meaning; the README's table is made from these lines (and CHOICES).
 DEFAULTS = {
     "seed": 0,                   # seeds python/numpy/torch; rank r draws its randomness from seed + r
     "deterministic": False,      # torch.use_deterministic_algorithms: bitwise repeatable on GPU, slower
@@ -33,7 +44,7 @@ DEFAULTS = {
     "eval_batch_size": 256,      # per process, for val/test (no gradients, so larger is cheaper)
     "num_workers": 0,            # DataLoader workers; 0 is fastest for in-memory datasets
     "optim": {
-        "name": "adamw",         # adamw | adam | sgd
+        "name": "adamw",
         "lr": 1e-3,              # base learning rate (times the schedule's factor)
         "weight_decay": 0.0,     # applied to matrices and kernels only, not to biases or norm weights
         "betas": [0.9, 0.999],   # adam and adamw
@@ -42,7 +53,7 @@ DEFAULTS = {
     },
     "freeze": [],                # parameter-name prefixes not to train, e.g. [features]
     "sched": {
-        "name": "constant",      # constant | cosine | linear | step | onecycle
+        "name": "constant",
         "warmup_steps": 0,       # linear warmup from 0, in optimizer steps
         "warmup_epochs": 0.0,    # the same in epochs, when warmup_steps is 0
         "min_lr": 0.0,           # cosine and linear end at min_lr x lr
@@ -69,7 +80,7 @@ DEFAULTS = {
         "overfit_batches": 0,    # train on N batches, repeated to fill each epoch, and validate on them (a model reaches ~100%)
         "fast_run": False,       # one train, val and test step, a checkpoint saved and loaded, then exit
     },
-    "precision": None,           # no | bf16 | fp16 (GPU); null: what `accelerate launch`/`accelerate config` set (no)
+    "precision": None,           # bf16/fp16 on GPUs; null: what `accelerate launch`/`accelerate config` set (no)
     "channels_last": False,      # store conv weights NHWC: faster convolutions on GPUs, with bf16/fp16 above all
     "compile": False,            # torch.compile the model: faster GPU steps after a compile of seconds to minutes
     "log_every": 50,             # optimizer steps between reads of the train metrics (host syncs)
@@ -78,14 +89,14 @@ DEFAULTS = {
         "every_steps": 0,        # also save every N optimizer steps, mid-epoch too (0: off)
         "keep": 3,               # newest checkpoints kept (0: all); the best one is always kept
         "monitor": "val/loss",   # the metric that picks the best checkpoint: val/<metric> or val_ema/<metric> ("": none)
-        "mode": "min",           # min | max: which way is better for the monitor
+        "mode": "min",           # which way is better for the monitor
     },
     "init_from": "",             # start from these weights: a .safetensors/.pt file or a run folder
-    "trackers": ["tensorboard"], # tensorboard, wandb; besides metrics.jsonl, which is always written; [] for none
+    "trackers": ["tensorboard"], # besides metrics.jsonl, which is always written; [] for none
     "wandb": {                   # "": what the WANDB_* variable says, else the default in brackets
         "project": "",           # the wandb project ("": $WANDB_PROJECT, else minloop); runs are named after their folder
         "entity": "",            # team or user ("": $WANDB_ENTITY, else yours); the key: `wandb login` or $WANDB_API_KEY
-        "mode": "",              # online | offline (no account needed) | disabled ("": $WANDB_MODE, else online)
+        "mode": "",              # offline needs no account ("": $WANDB_MODE, else online)
         "dir": "",               # wandb writes into <dir>/wandb ("": $WANDB_DIR, else the run folder)
         "group": "",             # e.g. a sweep's name ("": $WANDB_RUN_GROUP)
     },
@@ -102,14 +113,6 @@ DEFAULTS = {
     "name": "",                  # optional suffix of the run folder name
 }
 
-CHOICES = {  # key -> allowed values (for a list: allowed elements)
-    "optim.name": ("adamw", "adam", "sgd"),
-    "sched.name": ("constant", "cosine", "linear", "step", "onecycle"),
-    "precision": ("no", "bf16", "fp16"),
-    "trackers": ("tensorboard", "wandb"),
-    "wandb.mode": ("", "online", "offline", "disabled"),
-    "checkpoint.mode": ("min", "max"),
-}
 MINIMUMS = {  # key -> smallest valid value (every other number in DEFAULTS must be >= 0)
     "batch_size": 1, "eval_batch_size": 1, "log_every": 1, "grad_accum": 1,
 }
@@ -464,8 +467,11 @@ def markdown_table():
             groups.append((key, comment or ""))
             continue
         dotted = ".".join([g for g, _ in groups] + [key])
-        meaning = (comment or (groups[-1][1] if groups else "")).replace("|", "\\|").replace("<", "&lt;")
-        default = _get(DEFAULTS, dotted)
+        default, meaning = _get(DEFAULTS, dotted), comment or (groups[-1][1] if groups else "")
+        if dotted in CHOICES:  # a list takes any of them, other keys one
+            allowed = (", " if isinstance(default, list) else " | ").join(a for a in CHOICES[dotted] if a)
+            meaning = f"{allowed}: {meaning}" if meaning else allowed
+        meaning = meaning.replace("|", "\\|").replace("<", "&lt;")
         rows.append(f"| `{dotted}` | `{_short(default) if default != '' else repr('')}` | {meaning} |")
     return "\n".join(rows)
 

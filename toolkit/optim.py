@@ -11,6 +11,23 @@ import torch
 
 from toolkit import UserError
 
+# What each optim.name and sched.name does. The names allowed are written once, in config.CHOICES;
+# a test holds these two tables to exactly those names.
+OPTIMIZERS = {  # the torch optimizer, from the parameter groups and cfg.optim
+    "adamw": lambda groups, o: torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas)),
+    "adam": lambda groups, o: torch.optim.Adam(groups, lr=o.lr, betas=tuple(o.betas)),
+    "sgd": lambda groups, o: torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum),
+}
+SCHEDULES = {  # the LR factor after warmup, from the step, its progress (0 to 1 over the steps after warmup;
+    # None for a stream without max_steps), the floor (sched.min_lr; 0 for onecycle), cfg.sched and steps_per_epoch
+    "constant": lambda step, progress, floor, s, per_epoch: 1.0,
+    "cosine": lambda step, progress, floor, s, per_epoch:
+        floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)),
+    "linear": lambda step, progress, floor, s, per_epoch: floor + (1 - floor) * (1 - progress),
+    "step": lambda step, progress, floor, s, per_epoch: s.gamma ** (step // max(1, round(s.step_epochs * per_epoch))),
+}
+SCHEDULES["onecycle"] = SCHEDULES["cosine"]  # with its own warmup, start and floor (lr_schedule)
+
 
 def make_optimizer(cfg, model, recipe):
     """The recipe's `optimizer(cfg, model)` if it has one, else `optim.*` from the config.
@@ -44,11 +61,7 @@ def make_optimizer(cfg, model, recipe):
     if not groups:
         raise UserError("the model has no trainable parameters (check `freeze`)")
     param_groups = [{"params": ps, "lr": o.lr * mult, "weight_decay": decay} for (mult, decay), ps in groups.items()]
-    if o.name == "sgd":
-        optimizer = torch.optim.SGD(param_groups, lr=o.lr, momentum=o.momentum)
-    else:
-        optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[o.name](param_groups, lr=o.lr,
-                                                                                  betas=tuple(o.betas))
+    optimizer = OPTIMIZERS[o.name](param_groups, o)
     lines = [f"{o.name}: group {i}: lr {g['lr']:.3g}, weight_decay {g['weight_decay']:.3g}: "
              f"{len(g['params'])} tensors, {sum(p.numel() for p in g['params']):,} parameters"
              for i, g in enumerate(param_groups)]
@@ -79,18 +92,13 @@ def lr_schedule(cfg, steps_per_epoch):
         warmup = round(0.3 * total)
     start = 1 / 25 if s.name == "onecycle" else 0.0
     floor = 0.0 if s.name == "onecycle" else s.min_lr
+    decay = SCHEDULES[s.name]
 
     def factor(step):
         if step < warmup:
             return start + (1 - start) * step / warmup
-        if s.name == "constant":
-            return 1.0
-        if s.name == "step":
-            return s.gamma ** (step // max(1, round(s.step_epochs * steps_per_epoch)))
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if s.name == "linear":
-            return floor + (1 - floor) * (1 - progress)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))  # cosine, onecycle
+        progress = None if total is None else min(1.0, (step - warmup) / max(1, total - warmup))
+        return decay(step, progress, floor, s, steps_per_epoch)
 
     return factor
 
