@@ -191,15 +191,7 @@ def test_ema_is_validated_monitored_saved_and_tested(ema_run, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation cadence, budgets, early stopping
-
-def test_val_every_epochs_and_steps(tiny, tmp_path):
-    """Every 20 steps mid-epoch; at the end of every 2nd epoch (64, not 32); and at the end (96)."""
-    ok(launch([LENET, *tiny, "epochs=3", "val_every=2", "val_every_steps=20", "checkpoint.every_epochs=0"],
-              cwd=tmp_path))
-    run = only_run(tmp_path / "runs")
-    assert [r["step"] for r in records(run, "val")] == [20, 40, 60, 64, 80, 96]
-
+# Budgets, early stopping (the validation and save cadence: test_loop.py)
 
 def test_max_minutes_stops_on_time(tiny, tmp_path):
     ok(launch([LENET, *tiny, "epochs=50", "max_minutes=0.0001"], cwd=tmp_path))

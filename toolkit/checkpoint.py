@@ -19,6 +19,7 @@ load them, which would make a resumed run silently differ.
 
 import dataclasses
 import json
+import time
 import os
 import re
 import shutil
@@ -28,7 +29,8 @@ import torch
 from accelerate.utils import load as safe_torch_load
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from toolkit import UserError
+from toolkit import UserError, rundir
+from toolkit.logs import FILE_ONLY, log
 
 FORMAT = 1
 STATE_FILE = "train_state.json"
@@ -78,14 +80,13 @@ def save(accelerator, run_dir, state, keep, best, model, ema=None):
         if best:
             state.best_checkpoint = name
         for written in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
-            _fsync(written)
-        _write_json(tmp / STATE_FILE, {"format": FORMAT, **dataclasses.asdict(state)})
-        _fsync(tmp)
+            rundir.fsync(written)
+        rundir.write_json(tmp / STATE_FILE, {"format": FORMAT, **dataclasses.asdict(state)})  # and fsyncs tmp
         final = folder / name
         if final.exists():  # the same step saved again (e.g. mid-epoch, then at the epoch's end)
             _remove(final)
         tmp.rename(final)
-        _fsync(folder)
+        rundir.fsync(folder)
         _point(folder / "latest", name)
         if best:
             _point(folder / "best", name)
@@ -95,6 +96,24 @@ def save(accelerator, run_dir, state, keep, best, model, ema=None):
         _prune(run_dir, keep, state.best_checkpoint)
     accelerator.wait_for_everyone()
     return Path(run_dir) / "checkpoints" / name
+
+
+class Saver:
+    """Saves the checkpoints of one run (in the manner of timm's CheckpointSaver): bound once to
+    what every save writes, then `save(state, best)` at each save point, on every rank."""
+
+    def __init__(self, accelerator, run_dir, model, ema, keep, monitor, run):
+        self.accelerator, self.run_dir, self.model, self.ema = accelerator, run_dir, model, ema
+        self.keep, self.monitor = keep, monitor
+        self.run = run  # its clock (`started`) and metrics log: a checkpoint records both
+
+    def save(self, state, best=False):
+        state.wall_time_s = round(time.time() - self.run.started, 2)
+        state.metrics_lines = self.run.metrics.lines  # a resume cuts metrics.jsonl back to these
+        state.num_processes = self.accelerator.num_processes  # whose data shards `state.batch` counts
+        path = save(self.accelerator, self.run_dir, state, self.keep, best, self.model, self.ema)
+        log.info(f"saved {path}" + (f" (best {self.monitor}={state.best:.6g})" if best else ""), extra=FILE_ONLY)
+        return path
 
 
 def complete(run_dir):
@@ -276,20 +295,4 @@ def _write_safetensors(weights, path):
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)  # safetensors writes 0600; others may read a model as any other file
-    _fsync(path)
-
-
-def _write_json(path, data):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    _fsync(path)
-
-
-def _fsync(path):
-    """Flush a file's or a folder's entries to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    rundir.fsync(path)

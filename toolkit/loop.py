@@ -1,4 +1,6 @@
-"""The training loop. Read `train` top to bottom: build, prepare, train, evaluate, log.
+"""The training loop. Read `train` top to bottom: build, prepare, then the epochs, each a loop of
+optimizer steps (forward, backward, clip, step, schedule), after each of which `plan` says what
+else to do: log, validate, save, stop.
 
 Accelerate does device placement, DDP, mixed precision and gradient accumulation; everything else
 is plain PyTorch. Performance rules kept here: the loss and metric counts stay on the device and
@@ -6,6 +8,7 @@ are read every `log_every` steps (with `skip_nonfinite`, also one flag per optim
 barrier in the hot loop; gradients freed with set_to_none.
 """
 
+import contextlib
 import functools
 import importlib
 import itertools
@@ -18,6 +21,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 import accelerate
 import accelerate.optimizer
@@ -27,12 +31,12 @@ from accelerate.utils import (DataLoaderConfiguration, DistributedType, broadcas
                                parse_flag_from_env, set_seed)
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from toolkit import PeerFailure, UserError, checkpoint, config, data, search, tracking
-from toolkit.metrics import StepUnits, Totals, summarize
+from toolkit import PeerFailure, UserError, checkpoint, config, data, logs, rundir, search, tracking
+from toolkit.logs import FILE_ONLY, format_metrics, log
+from toolkit.metrics import StepUnits, Totals, Window, summarize
 from toolkit.notify import notify
 from toolkit.optim import lr_schedule, make_optimizer, set_lr
 from toolkit.signals import StopRequest
-from toolkit.tracking import FILE_ONLY, format_metrics, log
 
 # Accelerate's optimizer step looks up whether the `lomo_optim` package is installed, twice per
 # step, through importlib (about 0.1 ms each: 7% of a LeNet step on a CPU). The answer cannot
@@ -53,148 +57,55 @@ def train(recipe, cfg, resume=None, autoresume=False):
     resume_from = checkpoint.find(resume) if resume else None
     state = checkpoint.verify(resume_from, processes.num_processes) if resume else checkpoint.TrainState()
 
-    # Build with one seed on every rank, so that data splits and initial weights agree everywhere.
-    set_seed(cfg.seed, deterministic=cfg.deterministic)
-    with processes.main_process_first():  # the main process downloads; the others then read its files
-        splits = recipe.datasets(cfg)
-    check_splits(splits, cfg)
-    splits = limit_splits(splits, cfg, processes.num_processes)
-    model, ema, initialized = build_model(recipe, cfg, weights="" if resume else cfg.init_from, ema=True)
+    splits, model, ema, initialized = build(recipe, cfg, processes, weights="" if resume else cfg.init_from)
     optimizer, groups = make_optimizer(cfg, model, recipe)
     loaders = {split: make_loader(split, ds, cfg, recipe, processes) for split, ds in splits.items()}
-    # From here on each rank draws its own randomness (augmentation, dropout).
-    set_seed(cfg.seed + processes.process_index)
+    set_seed(cfg.seed + processes.process_index)  # from here on each rank draws its own randomness (augmentation)
 
-    run_dir = Path(resume) if resume else tracking.create_run_dir(processes, cfg.output_dir, recipe.name, cfg.name,
-                                                                   autoresume)
+    run_dir = Path(resume) if resume else rundir.create(processes, cfg.output_dir, recipe.name, cfg.name, autoresume)
     accelerator = Accelerator(
-        cpu=cpu,
-        mixed_precision=cfg.precision,
-        gradient_accumulation_steps=cfg.grad_accum,
-        log_with=tracking.make_trackers(cfg, run_dir, state) or None,
-        project_dir=run_dir,
-        # All ranks shuffle with the same seed, then each takes its own shard of every batch list:
-        # the data order depends only on `seed` and the epoch. Batches from pinned memory are
-        # copied to the GPU without blocking.
+        cpu=cpu, mixed_precision=cfg.precision, gradient_accumulation_steps=cfg.grad_accum,
+        log_with=tracking.make_trackers(cfg, run_dir, state) or None, project_dir=run_dir,
+        # Every rank shuffles with one seed and takes its shard of each batch list: the data order is
+        # a function of (seed, epoch). Batches in pinned memory go to the GPU without blocking.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed,
-                                                  non_blocking=processes.device.type == "cuda"),
-    )
+                                                  non_blocking=processes.device.type == "cuda"))
     model, optimizer = accelerator.prepare(model, optimizer)
     train_loader = prepare_loader(accelerator, loaders.pop("train"), training=True)
     eval_loaders = {split: prepare_loader(accelerator, loader, training=False) for split, loader in loaders.items()}
-    if ema is not None:
-        ema.to(accelerator.device)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     lr_factor = lr_schedule(cfg, steps_per_epoch=steps_per_epoch(train_loader, cfg))
     units = StepUnits(cfg.loss_per, accelerator, train_loader)  # exact gradients for a loss per token
-    if resume_from:
-        # Before anything in the run folder changes: a resume that fails leaves the run as it was.
+    if resume_from:  # before anything in the run folder changes: a failed resume leaves the run as it was
         checkpoint.load(accelerator, resume_from, ema)
 
-    if accelerator.is_main_process:
-        tracking.write_run_files(run_dir, cfg, None if resume else recipe.path)
-    tracking.setup_logging(run_dir, accelerator.is_main_process)
-    metrics_log = tracking.Metrics(accelerator, run_dir, state.metrics_lines if resume else None)
-    trial = search.Reporter(accelerator, run_dir)  # a search's trial reports validations to its study
-    log_header(accelerator, recipe, cfg, splits, accelerator.unwrap_model(model), run_dir, groups)
-    summary = {"status": "running", "recipe": recipe.name, "run_dir": str(run_dir), "epochs": state.epoch,
-               "steps": state.step, "host": socket.gethostname(), "pid": os.getpid()}
-    if accelerator.is_main_process:
-        tracking.write_summary(run_dir, summary)  # `launch.py runs` shows it as running
-    if initialized:
-        log.info(f"init_from {cfg.init_from}: missing keys {initialized[0] or 'none'}, "
-                 f"unexpected keys {initialized[1] or 'none'}")
-    if resume_from:
-        log.info(f"resumed from {resume_from} (epoch {state.epoch}, batch {state.batch}, step {state.step})")
-        if state.num_processes != accelerator.num_processes:
-            log.warning(f"the checkpoint was written by {state.num_processes} process(es), this run has "
-                        f"{accelerator.num_processes}: the data shards differ, so the run continues but not "
-                        f"exactly as it would have")
-
-    ckpt = cfg.checkpoint
-    monitor = ckpt.monitor if "val" in eval_loaders and (ema or not ckpt.monitor.startswith("val_ema/")) else ""
-    stop = StopRequest(accelerator.num_processes)
-    session_start = time.time() - state.wall_time_s
-    state.num_processes = accelerator.num_processes
-    check_finite = cfg.skip_nonfinite
-    per = cfg.loss_per or "samples"  # what the loss is a mean over
-    # Model FLOPs utilisation, on GPUs whose peak is known, for recipes that count their FLOPs.
-    flops_per_unit = recipe.flops(cfg, accelerator.unwrap_model(model)) if hasattr(recipe, "flops") else 0
-    peak_flops = peak_flops_per_s(accelerator.device, accelerator.mixed_precision)
-    window, window_start = Totals(per), time.perf_counter()
-    steps = StepStats(accelerator.device)  # grad norms and skipped steps of the window
-
-    def log_train(epoch, bar):
-        """Read the train window's sums (the host sync), log them and start the next window."""
-        nonlocal window_start
-        sums = window.reduce(accelerator)
-        seconds = time.perf_counter() - window_start
-        metrics = summarize(sums, getattr(recipe, "metrics", None), per)
-        metrics.update(steps.read(), lr=optimizer.param_groups[0]["lr"], samples_per_s=sums.get("samples", 0) / seconds)
-        if per != "samples":
-            metrics[f"{per}_per_s"] = sums.get(per, 0) / seconds
-            if flops_per_unit and peak_flops:
-                metrics["mfu"] = flops_per_unit * metrics[f"{per}_per_s"] / peak_flops
-        metrics_log.log("train", metrics, state.step, epoch)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_per_s=f"{metrics['samples_per_s']:.0f}")
-        log.info(f"epoch {epoch} step {state.step} train {format_metrics(metrics)}",
-                 extra=FILE_ONLY if not bar.disable else None)  # the bar shows it on a terminal
-        window_start = time.perf_counter()
-
-    def save(best=False):
-        nonlocal window_start
-        state.wall_time_s = round(time.time() - session_start, 2)
-        state.metrics_lines = metrics_log.lines
-        path = checkpoint.save(accelerator, run_dir, state, ckpt.keep, best, model, ema)
-        log.info(f"saved {path}" + (f" (best {monitor}={state.best:.6g})" if best else ""), extra=FILE_ONLY)
-        window_start = time.perf_counter()  # samples/s counts training time only
-
-    def validate(epoch):
-        """Validate (the EMA weights too), log, and decide on rank 0 for all: (is it the best so
-        far, the reason to stop early or None)."""
-        nonlocal window_start
-        for split, net in (("val", model), ("val_ema", ema)):
-            if net is not None:
-                summary[split] = evaluate(accelerator, net, eval_loaders["val"], recipe, cfg, "val")
-                metrics_log.log(split, summary[split], state.step, epoch)
-                log.info(f"epoch {epoch}/{cfg.epochs} step {state.step} {split} {format_metrics(summary[split])}")
-        window_start = time.perf_counter()
-        if not monitor:
-            return False, None
-        value = monitored(summary, monitor)
-        # Rank 0 decides for all: the collectives that follow (a save, stopping) must match.
-        best = broadcast_object_list([state.improves(value, ckpt.mode)])[0]
-        state.best = value if best else state.best
-        state.stale_validations = 0 if best else state.stale_validations + 1
-        pruned = trial.report(value)  # "pruned" when a search stops this trial, else None
-        early = bool(cfg.early_stop.patience) and state.stale_validations >= cfg.early_stop.patience
-        return best, "early_stop" if early else pruned
-
-    try:
+    monitor = monitor_for(cfg, has_val="val" in eval_loaders, has_ema=ema is not None)
+    run = Run(accelerator, recipe, cfg, run_dir, state, resume_from, monitor)
+    with run, StopRequest(accelerator.num_processes) as stop:
+        run.log_start(splits, accelerator.unwrap_model(model), groups, initialized)
+        saver = checkpoint.Saver(accelerator, run_dir, model, ema, cfg.checkpoint.keep, monitor, run)
+        validate = Validator(accelerator, recipe, cfg, eval_loaders.get("val"), {"val": model, "val_ema": ema}, run)
+        window = train_window(accelerator, recipe, cfg, accelerator.unwrap_model(model))
+        finite = FiniteCheck(cfg, accelerator, state)  # skip_nonfinite
         stopping = None  # why training ends before `epochs`: max_steps, max_minutes, early_stop, a signal, nan, pruned
-        finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
         last_epoch = state.epoch if cfg.max_steps and state.step >= cfg.max_steps else cfg.epochs
         for epoch in range(state.epoch + 1, last_epoch + 1):
             model.train()
             data.set_epoch(train_loader, epoch - 1)  # order and augmentation: functions of (seed, epoch)
             batches = skip_first_batches(train_loader, state.batch)
             length = len(train_loader) if data.has_length(train_loader) else None  # a stream has none
-            bar = tracking.progress_bar(accelerator, length, state.batch, f"epoch {epoch}/{cfg.epochs}")
-            end_of_epoch = state.batch == length
+            bar = logs.progress_bar(accelerator, length, state.batch, f"epoch {epoch}/{cfg.epochs}")
             for batch in batches:
                 with accelerator.accumulate(model):  # no DDP all-reduce until the last micro-batch
                     loss, counts = recipe.loss(model, batch, cfg)
                     accelerator.backward(units.weigh(loss, counts))  # exact weights: see StepUnits
-                    if check_finite:
-                        finite &= torch.isfinite(loss.detach())
+                    finite.add(loss)
                     if accelerator.sync_gradients:
                         units.normalize(model)  # with loss_per: divide by the step's tokens
                         grad_norm = None  # measured when needed, and for the log on its steps
-                        if cfg.clip_grad_norm or check_finite or (state.step + 1) % cfg.log_every == 0:
+                        if cfg.clip_grad_norm or finite.on or (state.step + 1) % cfg.log_every == 0:
                             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm or math.inf)
-                        # Gradients are all-reduced, so every rank sees the same norm; the loss is
-                        # per rank, so the flag is all-reduced too: all ranks skip, or none.
-                        good = not check_finite or all_finite(accelerator, finite, grad_norm, cfg.precision)
+                        good = finite.step_is_good(grad_norm)  # the same answer on every rank: all skip, or none
                         if good:
                             set_lr(optimizer, base_lrs, lr_factor(state.step))
                             optimizer.step()
@@ -204,114 +115,286 @@ def train(recipe, cfg, resume=None, autoresume=False):
                     window.add(loss, counts)
                 state.batch += 1
                 bar.update()
-                end_of_epoch = batches.end_of_dataloader
                 if not accelerator.sync_gradients:
                     continue  # micro-batches of one optimizer step; everything below is per step
 
                 state.step += 1
-                steps.add(grad_norm, updated)
+                window.step(grad_norm, updated)
                 if ema is not None and updated:
                     ema.update_parameters(accelerator.unwrap_model(model))
-                state.bad_steps = 0 if good else state.bad_steps + 1
-                if not good:
-                    finite.fill_(True)
-                    log.warning(f"step {state.step}: non-finite loss or gradient norm; step skipped "
-                                f"({state.bad_steps} in a row, nan_tolerance={cfg.nan_tolerance})")
-
-                over_time = cfg.max_minutes and time.time() - session_start > 60 * cfg.max_minutes
-                stopping = (stop.check("max_minutes" if over_time else None)
-                            or ("max_steps" if state.step == cfg.max_steps else None)
-                            or ("nan" if state.bad_steps > cfg.nan_tolerance else None))
-                validate_now = not end_of_epoch and cfg.val_every_steps and state.step % cfg.val_every_steps == 0
-                save_now = not end_of_epoch and (stopping or (ckpt.every_steps and state.step % ckpt.every_steps == 0))
-                if state.step % cfg.log_every == 0 or end_of_epoch or save_now or validate_now:
-                    log_train(epoch, bar)
-                if validate_now and "val" in eval_loaders:
-                    best, reason = validate(epoch)
-                    stopping = stopping or reason
-                    save_now = save_now or best or bool(stopping)
-                    model.train()
-                else:
-                    best = False
-                if save_now:
-                    save(best)
+                end_of_epoch = batches.end_of_dataloader
+                todo = plan(state.step, epoch, end_of_epoch, cfg, stop.check(run.over_time()), state.bad_steps)
+                if end_of_epoch:
+                    state.epoch, state.batch = epoch, 0
+                if todo.log:
+                    run.log_train(window.read(accelerator, optimizer.param_groups[0]["lr"]), state.step, epoch, bar)
+                best, reason = validate(state, epoch) if todo.validate else (False, None)  # reason: to stop
+                stopping = todo.stop or reason
+                if todo.save or best or reason:
+                    saver.save(state, best)
+                if todo.validate or todo.save:
+                    window.restart()  # samples/s counts training time only
                 if stopping:
                     break
             bar.close()
-            if not end_of_epoch:  # stopped mid-epoch, saved above
-                break
-            state.epoch, state.batch = epoch, 0
-            summary.update(epochs=epoch, steps=state.step)
-
-            best = False
-            last = epoch == cfg.epochs or stopping in ("max_steps", "max_minutes")
-            if "val" in eval_loaders and ((cfg.val_every and epoch % cfg.val_every == 0) or last):
-                best, reason = validate(epoch)
-                stopping = stopping or reason
-            scheduled = (ckpt.every_epochs and epoch % ckpt.every_epochs == 0) or (
-                ckpt.every_steps and state.step % ckpt.every_steps == 0)
-            if best or scheduled or stopping or last:
-                save(best)
             if stopping:
                 break
 
-        stop.finish()
-        summary.update(epochs=state.epoch, steps=state.step)
+        if run.ends(stopping):  # a normal end (not a signal, nan or pruning) goes on to test
+            if "test" in eval_loaders:
+                run.summary["test"] = evaluate(accelerator, model, eval_loaders["test"], recipe, cfg, "test")
+                run.metrics.log("test", run.summary["test"], state.step, state.epoch)
+            if cfg.debug.fast_run:
+                checkpoint.load(accelerator, checkpoint.find(run_dir), ema)
+                log.info("fast_run: one train, val and test step done, a checkpoint saved and loaded back")
+    del model, optimizer  # before the process group: else gloo aborts at exit ("terminate called without...")
+    accelerator.free_memory()
+    accelerator.end_training()  # finishes the trackers and ends the process group
+    return run.summary
+
+
+class Plan(NamedTuple):
+    """What to do after an optimizer step, besides the step itself."""
+    log: bool  # read the train window's metrics (the host sync) and log them
+    validate: bool  # validate, if the recipe has a val split
+    save: bool  # save a checkpoint (so does a validation that finds a new best, or a reason to stop)
+    stop: str | None  # why training ends at this step: max_steps, max_minutes, nan, SIGTERM, SIGINT; else None
+
+
+def plan(step, epoch, end_of_epoch, cfg, request=None, bad_steps=0):
+    """What to do after optimizer step `step` of `epoch` (the step that ends the epoch, if
+    `end_of_epoch`): a function of its arguments only. `request` is a reason to stop that every
+    rank agreed on (a signal, max_minutes), `bad_steps` the non-finite steps skipped in a row.
+
+    Mid-epoch, validations and saves follow val_every_steps and checkpoint.every_steps. At the end
+    of an epoch, they follow val_every, checkpoint.every_epochs and every_steps, and the last
+    epoch (or a stop for max_steps or max_minutes) validates and saves. Every stop saves."""
+    ckpt = cfg.checkpoint
+    stop = request or ("max_steps" if step == cfg.max_steps else None) or (
+        "nan" if bad_steps > cfg.nan_tolerance else None)
+    if not end_of_epoch:
+        validate = _every(cfg.val_every_steps, step)
+        save = bool(stop) or _every(ckpt.every_steps, step)
+        return Plan(_every(cfg.log_every, step) or validate or save, validate, save, stop)
+    last = epoch == cfg.epochs or stop in ("max_steps", "max_minutes")
+    validate = _every(cfg.val_every, epoch) or last
+    save = _every(ckpt.every_epochs, epoch) or _every(ckpt.every_steps, step) or bool(stop) or last
+    return Plan(True, validate, save, stop)
+
+
+def monitor_for(cfg, has_val, has_ema):
+    """checkpoint.monitor where the run can measure it (a val split; an EMA for val_ema/), else ""."""
+    monitor = cfg.checkpoint.monitor
+    return monitor if has_val and (has_ema or not monitor.startswith("val_ema/")) else ""
+
+
+def train_window(accelerator, recipe, cfg, model):
+    """The train metrics' `Window`, with the model FLOPs utilisation (MFU) where it can be known: on
+    GPUs whose peak is known, for recipes that count their FLOPs (the `flops` hook)."""
+    flops = recipe.flops(cfg, model) if hasattr(recipe, "flops") else 0
+    return Window(cfg.loss_per or "samples", accelerator.device, getattr(recipe, "metrics", None), flops,
+                  peak_flops_per_s(accelerator.device, accelerator.mixed_precision))
+
+
+def _every(n, count):
+    """Whether `count` is a multiple of `n` (never, for n=0: off)."""
+    return bool(n) and count % n == 0
+
+
+class Run:
+    """The records of one training session, bound once: log.txt and the console, metrics.jsonl and
+    the trackers (`metrics`), summary.json (`summary`) and the run's clock (`started`: time.time()
+    at its start, less the time of its earlier sessions).
+
+    `with run:` opens them, and ends them whatever happens: the summary says how the run ended (a
+    failing rank of several also leaves its traceback in error-rank<N>.txt), it is written and
+    sent (notify), log.txt gets the result line, and the files and trackers are closed."""
+
+    def __init__(self, accelerator, recipe, cfg, run_dir, state, resumed_from, monitor):
+        self.accelerator, self.recipe, self.cfg, self.dir, self.state = accelerator, recipe, cfg, run_dir, state
+        self.resumed_from, self.monitor = resumed_from, monitor
+        self.started = time.time() - state.wall_time_s
+        self.summary = {"status": "running", "recipe": recipe.name, "run_dir": str(run_dir), "epochs": state.epoch,
+                        "steps": state.step, "host": socket.gethostname(), "pid": os.getpid()}
+        self.metrics, self.closing = None, contextlib.ExitStack()
+
+    def __enter__(self):
+        main = self.accelerator.is_main_process
+        if main:
+            rundir.write_run_files(self.dir, self.cfg, None if self.resumed_from else self.recipe.path)
+        self.closing.enter_context(logs.writing(self.dir, main))
+        keep = self.state.metrics_lines if self.resumed_from else None
+        self.metrics = self.closing.enter_context(tracking.Metrics(self.accelerator, self.dir, keep))
+        if main:
+            rundir.write_summary(self.dir, self.summary)  # `launch.py runs` shows it as running
+        return self
+
+    def __exit__(self, kind, error, trace):
+        try:
+            if error is not None:
+                self.failed(error)
+        finally:
+            state, summary = self.state, self.summary
+            summary.update(epochs=state.epoch, steps=state.step, wall_time_s=round(time.time() - self.started, 2))
+            if state.best is not None:
+                summary["best"] = {"monitor": self.monitor, "value": state.best, "checkpoint": state.best_checkpoint}
+            if self.accelerator.is_main_process:
+                rundir.write_summary(self.dir, summary)
+                notify(self.cfg, summary)
+            log.info(logs.result_line(summary), extra=FILE_ONLY)  # log.txt's last line, whatever happened
+            self.closing.close()
+        if summary["status"] == "finished" and self.accelerator.is_main_process:  # once, not once per machine
+            print(logs.result_line(summary))
+
+    def failed(self, error):
+        """Record `error` in the summary (and, for a rank of several, in error-rank<N>.txt); a
+        collective that broke because another process failed becomes a PeerFailure."""
+        accelerator, summary = self.accelerator, self.summary
+        summary["status"] = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        summary["error"] = f"{type(error).__name__}: {error}"
+        if accelerator.num_processes > 1 and lost_a_peer(error):
+            # The process that failed first wrote its error (below) before it exited, which is
+            # what broke this collective.
+            causes = [p.read_text().strip().splitlines()[-1] for p in sorted(self.dir.glob("error-rank*.txt"))]
+            summary["error"] = f"another process failed: {'; '.join(causes) or 'see its error'}"
+            raise PeerFailure(f"rank {accelerator.process_index} stopped: another process failed "
+                              f"({', '.join(p.split(':')[0] for p in causes) or 'see its error above'})") from error
+        if accelerator.num_processes > 1 and not isinstance(error, KeyboardInterrupt):
+            (self.dir / f"error-rank{accelerator.process_index}.txt").write_text(
+                "".join(traceback.format_exception(error)).rstrip() + f"\nrank {accelerator.process_index}: "
+                f"{type(error).__name__}: {error}\n", encoding="utf-8")
+
+    def log_start(self, splits, model, groups, initialized):
+        """The opening lines of log.txt: what runs, where, on what (the console shows the short ones)."""
+        accelerator, cfg, recipe = self.accelerator, self.cfg, self.recipe
+        changed = config.diff(cfg, config.resolve(recipe.config))
+        params = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        device = accelerator.device.type
+        if device == "cuda":
+            device = f"cuda ({torch.cuda.get_device_name(accelerator.device)}, CUDA {torch.version.cuda})"
+        log.info(f"command: {shlex.join([sys.executable, *sys.argv])}", extra=FILE_ONLY)
+        log.info(f"run {self.dir} | recipe {recipe.path} | changed from the recipe's config: "
+                 f"{' '.join(changed) if changed else 'nothing'}")
+        log.info(f"{accelerator.num_processes} process(es) on {device} | precision {accelerator.mixed_precision} | "
+                 f"python {sys.version.split()[0]} | torch {torch.__version__} | "
+                 f"accelerate {accelerate.__version__}")
+        sizes = ", ".join(f"{split} {len(ds) if data.has_length(ds) else 'stream'}" for split, ds in splits.items())
+        log.info(f"data: {sizes} | "
+                 f"model {type(model).__name__}: {params:,} parameters ({trainable:,} trainable, "
+                 f"{params - trainable:,} frozen)")
+        for name, module in model.named_children():
+            counts = [p.numel() for p in module.parameters()]
+            log.info(f"model {name}: {type(module).__name__}, {sum(counts):,} parameters in {len(counts)} tensors",
+                     extra=FILE_ONLY)
+        for line in groups:
+            log.info(f"optimizer {line}", extra=FILE_ONLY)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        if device == "cpu" and accelerator.num_processes == 1 and torch.get_num_threads() == 1 and cores > 1:
+            log.warning(f"torch computes on 1 of {cores} CPU cores (OMP_NUM_THREADS="
+                        f"{os.environ.get('OMP_NUM_THREADS')}), which is what `accelerate launch` without a config "
+                        f"sets; for all of them, use --num_cpu_threads_per_process {cores}, --config_file "
+                        f"accelerate_configs/cpu.yaml or python launch.py")
+        if initialized:
+            log.info(f"init_from {cfg.init_from}: missing keys {initialized[0] or 'none'}, "
+                     f"unexpected keys {initialized[1] or 'none'}")
+        if self.resumed_from:
+            state = self.state
+            log.info(f"resumed from {self.resumed_from} (epoch {state.epoch}, batch {state.batch}, step {state.step})")
+            if state.num_processes != accelerator.num_processes:
+                log.warning(f"the checkpoint was written by {state.num_processes} process(es), this run has "
+                            f"{accelerator.num_processes}: the data shards differ, so the run continues but not "
+                            f"exactly as it would have")
+
+    def over_time(self):
+        """The reason to stop, "max_minutes", once the run has trained that long (over all its sessions)."""
+        minutes = self.cfg.max_minutes
+        return "max_minutes" if minutes and time.time() - self.started > 60 * minutes else None
+
+    def log_train(self, metrics, step, epoch, bar):
+        """Log a train window's metrics (on a terminal, the bar shows the main ones)."""
+        self.metrics.log("train", metrics, step, epoch)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_per_s=f"{metrics['samples_per_s']:.0f}")
+        log.info(f"epoch {epoch} step {step} train {format_metrics(metrics)}",
+                 extra=FILE_ONLY if not bar.disable else None)
+
+    def ends(self, stopping):
+        """Record why training ended; whether it ended normally (then `train` tests the model)."""
+        state, summary = self.state, self.summary
         if stopping == "nan":
             summary.update(status="failed", error=(
                 f"{state.bad_steps} optimizer steps in a row had a non-finite loss or gradient norm (more than "
-                f"nan_tolerance={cfg.nan_tolerance}); they were skipped and the last good state is saved in "
-                f"{checkpoint.find(run_dir)}"))
+                f"nan_tolerance={self.cfg.nan_tolerance}); they were skipped and the last good state is saved in "
+                f"{checkpoint.find(self.dir)}"))
         elif stopping in ("SIGTERM", "SIGINT"):
             summary.update(status="interrupted", signal=stopping)
-            log.info(f"stopped by {stopping} at step {state.step}; continue with: python launch.py resume {run_dir}")
+            log.info(f"stopped by {stopping} at step {state.step}; continue with: python launch.py resume {self.dir}")
         elif stopping == "pruned":  # ends cleanly, without testing: the search has no use for it
             summary["status"] = "pruned"
             log.info(f"pruned by the search at step {state.step}")
         else:
             if stopping:
                 log.info(f"stopped at step {state.step}: {stopping}")
-            if "test" in eval_loaders:
-                summary["test"] = evaluate(accelerator, model, eval_loaders["test"], recipe, cfg, "test")
-                metrics_log.log("test", summary["test"], state.step, state.epoch)
-            if cfg.debug.fast_run:
-                checkpoint.load(accelerator, checkpoint.find(run_dir), ema)
-                log.info("fast_run: one train, val and test step done, a checkpoint saved and loaded back")
             summary["status"] = "finished"
-    except BaseException as e:
-        summary["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-        summary["error"] = f"{type(e).__name__}: {e}"
-        if accelerator.num_processes > 1 and lost_a_peer(e):
-            # The process that failed first wrote its error (below) before it exited, which is
-            # what broke this collective.
-            causes = [p.read_text().strip().splitlines()[-1] for p in sorted(run_dir.glob("error-rank*.txt"))]
-            summary["error"] = f"another process failed: {'; '.join(causes) or 'see its error'}"
-            raise PeerFailure(f"rank {accelerator.process_index} stopped: another process failed "
-                              f"({', '.join(p.split(':')[0] for p in causes) or 'see its error above'})") from e
-        if accelerator.num_processes > 1 and not isinstance(e, KeyboardInterrupt):
-            (run_dir / f"error-rank{accelerator.process_index}.txt").write_text(
-                "".join(traceback.format_exception(e)).rstrip() + f"\nrank {accelerator.process_index}: "
-                f"{type(e).__name__}: {e}\n", encoding="utf-8")
-        raise
-    finally:
-        stop.close()
-        summary.update(epochs=state.epoch, steps=state.step, wall_time_s=round(time.time() - session_start, 2))
-        if state.best is not None:
-            summary["best"] = {"monitor": monitor, "value": state.best, "checkpoint": state.best_checkpoint}
-        if accelerator.is_main_process:
-            tracking.write_summary(run_dir, summary)
-            notify(cfg, summary)
-        log.info(tracking.result_line(summary), extra=FILE_ONLY)  # log.txt's last line, whatever happened
-        metrics_log.close()
-        tracking.close_logging()
-    if summary["status"] == "finished" and accelerator.is_main_process:  # once, not once per machine
-        print(tracking.result_line(summary))
-    # Drop the DDP model before its process group: the other way round, gloo processes abort at
-    # exit ("terminate called without an active exception").
-    del model, optimizer
-    accelerator.free_memory()
-    accelerator.end_training()  # finishes the trackers and ends the process group
-    return summary
+        return summary["status"] == "finished"
+
+
+class Validator:
+    """Validates the model and its EMA (`models`: split name -> model or None) on the val split,
+    logs their metrics, and, with a monitor, decides on rank 0 for every rank whether this is the
+    best so far, and whether to stop: early_stop, or a search pruning this trial."""
+
+    def __init__(self, accelerator, recipe, cfg, loader, models, run):
+        self.accelerator, self.recipe, self.cfg, self.loader, self.run = accelerator, recipe, cfg, loader, run
+        self.models = {split: net for split, net in models.items() if net is not None}
+        self.trial = search.Reporter(accelerator, run.dir)  # a search's trial reports validations to its study
+
+    def __call__(self, state, epoch):
+        """Returns (whether it is the best so far, the reason to stop or None)."""
+        if self.loader is None:
+            return False, None
+        cfg, summary, monitor = self.cfg, self.run.summary, self.run.monitor
+        for split, net in self.models.items():
+            summary[split] = evaluate(self.accelerator, net, self.loader, self.recipe, cfg, "val")
+            self.run.metrics.log(split, summary[split], state.step, epoch)
+            log.info(f"epoch {epoch}/{cfg.epochs} step {state.step} {split} {format_metrics(summary[split])}")
+        if not monitor:
+            return False, None
+        value = monitored(summary, monitor)
+        # Rank 0 decides for all: the collectives that follow (a save, stopping) must match.
+        best = broadcast_object_list([state.improves(value, cfg.checkpoint.mode)])[0]
+        state.best = value if best else state.best
+        state.stale_validations = 0 if best else state.stale_validations + 1
+        pruned = self.trial.report(value)  # "pruned" when a search stops this trial, else None
+        early = bool(cfg.early_stop.patience) and state.stale_validations >= cfg.early_stop.patience
+        return best, "early_stop" if early else pruned
+
+
+def build(recipe, cfg, processes, weights="", training=True, strict=False, use_ema=False):
+    """The data and the model, built alike by `train` and `test` (so that the same weights give the
+    same numbers), with one seed on every rank (so that data splits and initial weights agree
+    everywhere). Returns (splits, model, the EMA model or None, the (missing, unexpected) names of
+    `weights` or None).
+
+    The model: the recipe's, with `weights` loaded (init_from, or a checkpoint's for `test`),
+    channels_last, then, for training with ema.decay, its average, then compiled (except for
+    `use_ema`: training validates its EMA weights uncompiled). For training, the splits are checked
+    and cut (limit_batches, overfit_batches)."""
+    set_seed(cfg.seed, deterministic=cfg.deterministic)
+    with processes.main_process_first():  # the main process downloads; the others then read its files
+        splits = recipe.datasets(cfg)
+    if training:
+        check_splits(splits, cfg)
+        splits = limit_splits(splits, cfg, processes.num_processes)
+    model = recipe.model(cfg)
+    loaded = checkpoint.load_weights(model, weights, strict=strict) if weights else None
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema.decay), use_buffers=True).to(
+        processes.device) if training and cfg.ema.decay else None
+    if cfg.compile and not use_ema:
+        model.compile()  # in place, so the weights keep their names: checkpoints do not depend on it
+    return splits, model, ema, loaded
 
 
 def test(recipe, cfg, run_dir, which="", split="", use_ema=False):
@@ -324,15 +407,10 @@ def test(recipe, cfg, run_dir, which="", split="", use_ema=False):
     weights = path / ("ema.safetensors" if use_ema else "model.safetensors")
     if not weights.is_file():
         raise UserError(f"{path} has no {weights.name}" + (" (the run had no EMA: ema.decay=0)" if use_ema else ""))
-    set_seed(cfg.seed)
-    with processes.main_process_first():
-        splits = recipe.datasets(cfg)
+    splits, model, _, _ = build(recipe, cfg, processes, weights, training=False, strict=True, use_ema=use_ema)
     split = split or ("test" if "test" in splits else "val")
     if split not in splits:
         raise UserError(f"the recipe has no {split!r} split; it has {', '.join(splits)}")
-    # As training built it (channels_last, compiled), so the same weights give the same numbers; the
-    # EMA weights as training validated them, uncompiled.
-    model, _, _ = build_model(recipe, cfg, weights, strict=True, compile=not use_ema)
     accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.precision)
     model = accelerator.prepare(model)
     loader = prepare_loader(accelerator, make_loader(split, splits[split], cfg, recipe, processes), training=False)
@@ -341,7 +419,7 @@ def test(recipe, cfg, run_dir, which="", split="", use_ema=False):
     result = {"run_dir": str(run_dir), "checkpoint": path.name, "step": checkpoint.read_state(path).step,
               "split": name, name: metrics}
     if accelerator.is_main_process:
-        tracking.write_json(Path(run_dir) / f"{name}-{path.name}.json", result)
+        rundir.write_json(Path(run_dir) / f"{name}-{path.name}.json", result)
         print(f"{name} {format_metrics(metrics)} | checkpoint {which} ({path.name}) | run {run_dir}")
     del model
     accelerator.free_memory()
@@ -365,39 +443,40 @@ def monitored(summary, monitor):
     return summary[split][name]
 
 
-def all_finite(accelerator, finite, grad_norm, precision):
-    """Whether this optimizer step's loss (on every rank) and gradient norm are finite: the same
-    answer on every rank, from one all-reduce and one host sync. Under fp16 the gradient scaler
-    already skips steps with infinite gradients (that is how it finds its scale), so only the
-    loss counts."""
-    flag = ~finite
-    if grad_norm is not None and precision != "fp16":
-        flag = flag | ~torch.isfinite(grad_norm)
-    flag = flag.float()
-    if accelerator.num_processes > 1:
-        flag = accelerator.reduce(flag, reduction="sum")
-    return flag.item() == 0
+class FiniteCheck:
+    """skip_nonfinite: whether an optimizer step's loss (on every rank) and gradient norm are
+    finite, with the same answer on every rank from one all-reduce and one host sync per step.
+    Gradients are all-reduced, so every rank sees the same norm, but the loss is per rank. Under
+    fp16 the gradient scaler already skips steps with infinite gradients (that is how it finds its
+    scale), so only the loss counts. Keeps `state.bad_steps`, the steps skipped in a row."""
 
+    def __init__(self, cfg, accelerator, state):
+        self.on, self.precision, self.accelerator, self.state = cfg.skip_nonfinite, cfg.precision, accelerator, state
+        self.tolerance = cfg.nan_tolerance
+        self.finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
 
-class StepStats:
-    """Per-window sums of the gradient norm and skipped steps, kept on the device."""
+    def add(self, loss):
+        """One micro-batch's loss, on the device (no host sync)."""
+        if self.on:
+            self.finite &= torch.isfinite(loss.detach())
 
-    def __init__(self, device):
-        self.norm, self.steps, self.measured, self.skipped = torch.zeros((), device=device), 0, 0, 0
-
-    def add(self, grad_norm, good):
-        self.steps += 1
-        self.skipped += not good
-        if grad_norm is not None and good:
-            self.norm += grad_norm.detach().float()
-            self.measured += 1
-
-    def read(self):
-        result = {"skipped_steps": self.skipped}
-        if self.measured:
-            result["grad_norm"] = self.norm.item() / self.measured
-        self.__init__(self.norm.device)
-        return result
+    def step_is_good(self, grad_norm):
+        """Whether to take this optimizer step; off, every step is good, at no cost."""
+        good = True
+        if self.on:
+            flag = ~self.finite
+            if grad_norm is not None and self.precision != "fp16":
+                flag = flag | ~torch.isfinite(grad_norm)
+            flag = flag.float()
+            if self.accelerator.num_processes > 1:
+                flag = self.accelerator.reduce(flag, reduction="sum")
+            good = flag.item() == 0
+            self.finite.fill_(True)
+        self.state.bad_steps = 0 if good else self.state.bad_steps + 1
+        if not good:
+            log.warning(f"step {self.state.step + 1}: non-finite loss or gradient norm; step skipped "
+                        f"({self.state.bad_steps} in a row, nan_tolerance={self.tolerance})")
+        return good
 
 
 @torch.no_grad()
@@ -545,22 +624,6 @@ def steps_per_epoch(loader, cfg):
     return math.ceil(len(loader) / cfg.grad_accum) if data.has_length(loader) else None
 
 
-def build_model(recipe, cfg, weights="", strict=False, ema=False, compile=True):
-    """The recipe's model as training runs it: `weights` loaded (init_from, or a checkpoint's
-    for `test`), channels_last, then, if `ema` and ema.decay, its average, then compiled. `train`
-    and `test` both build it here, so the same weights give the same numbers. Returns (model,
-    the EMA model or None, (missing, unexpected) weight names or None)."""
-    model = recipe.model(cfg)
-    loaded = checkpoint.load_weights(model, weights, strict=strict) if weights else None
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema.decay), use_buffers=True) \
-        if ema and cfg.ema.decay else None
-    if cfg.compile and compile:
-        model.compile()  # in place, so the weights keep their names: checkpoints do not depend on it
-    return model, average, loaded
-
-
 def start_processes(cfg):
     """The process group (Accelerate's PartialState) and whether it runs on the CPU.
 
@@ -583,38 +646,6 @@ def start_processes(cfg):
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
     return processes, cpu
-
-
-def log_header(accelerator, recipe, cfg, splits, model, run_dir, groups):
-    """The opening lines of log.txt: what ran, where, on what (the console shows the short ones)."""
-    changed = config.diff(cfg, config.resolve(recipe.config))
-    params = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    device = accelerator.device.type
-    if device == "cuda":
-        device = f"cuda ({torch.cuda.get_device_name(accelerator.device)}, CUDA {torch.version.cuda})"
-    log.info(f"command: {shlex.join([sys.executable, *sys.argv])}", extra=FILE_ONLY)
-    log.info(f"run {run_dir} | recipe {recipe.path} | changed from the recipe's config: "
-             f"{' '.join(changed) if changed else 'nothing'}")
-    log.info(f"{accelerator.num_processes} process(es) on {device} | precision {accelerator.mixed_precision} | "
-             f"python {sys.version.split()[0]} | torch {torch.__version__} | "
-             f"accelerate {__import__('accelerate').__version__}")
-    sizes = ", ".join(f"{split} {len(ds) if data.has_length(ds) else 'stream'}" for split, ds in splits.items())
-    log.info(f"data: {sizes} | "
-             f"model {type(model).__name__}: {params:,} parameters ({trainable:,} trainable, "
-             f"{params - trainable:,} frozen)")
-    for name, module in model.named_children():
-        counts = [p.numel() for p in module.parameters()]
-        log.info(f"model {name}: {type(module).__name__}, {sum(counts):,} parameters in {len(counts)} tensors",
-                 extra=FILE_ONLY)
-    for line in groups:
-        log.info(f"optimizer {line}", extra=FILE_ONLY)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if device == "cpu" and accelerator.num_processes == 1 and torch.get_num_threads() == 1 and cores > 1:
-        log.warning(f"torch computes on 1 of {cores} CPU cores (OMP_NUM_THREADS="
-                    f"{os.environ.get('OMP_NUM_THREADS')}), which is what `accelerate launch` without a config "
-                    f"sets; for all of them, use --num_cpu_threads_per_process {cores}, --config_file "
-                    f"accelerate_configs/cpu.yaml or python launch.py")
 
 
 # Dense bf16/fp16 peak FLOP/s of the GPUs whose name contains the key (their data sheets).

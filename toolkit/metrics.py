@@ -9,6 +9,8 @@ so the result is the exact figure over every sample seen, whatever the batch siz
 number of processes.
 """
 
+import time
+
 import torch
 from accelerate.utils import gather_object
 
@@ -55,6 +57,52 @@ class Totals:
         values = accelerator.reduce(stacked, reduction="sum").tolist()  # the host sync
         self.sums = {}
         return dict(zip(names, values))
+
+
+class Window:
+    """The train metrics of the steps since the last `read`: the loss and counts summed on the
+    device (as in `Totals`), the mean gradient norm of the steps that measured one, the skipped
+    steps, and the throughput over the window's training time (`restart` the clock after
+    anything else, such as a validation or a save)."""
+
+    def __init__(self, per, device, recipe_metrics=None, flops_per_unit=0, peak_flops=0):
+        self.per, self.recipe_metrics = per, recipe_metrics
+        self.flops_per_unit, self.peak_flops = flops_per_unit, peak_flops  # for the MFU, where both are known
+        self.totals = Totals(per)
+        self.norm, self.measured, self.skipped = torch.zeros((), device=device), 0, 0
+        self.restart()
+
+    def add(self, loss, counts):
+        """One micro-batch's loss and counts."""
+        self.totals.add(loss, counts)
+
+    def step(self, grad_norm, updated):
+        """One optimizer step: its gradient norm (None where not measured), and whether it updated."""
+        self.skipped += not updated
+        if grad_norm is not None and updated:
+            self.norm += grad_norm.detach().float()
+            self.measured += 1
+
+    def restart(self):
+        self.start = time.perf_counter()
+
+    def read(self, accelerator, lr):
+        """The window's metrics over all ranks (a collective, and the host sync); a new window starts."""
+        sums = self.totals.reduce(accelerator)
+        seconds = time.perf_counter() - self.start
+        metrics = summarize(sums, self.recipe_metrics, self.per)
+        metrics["skipped_steps"] = self.skipped
+        if self.measured:
+            metrics["grad_norm"] = self.norm.item() / self.measured
+        metrics.update(lr=lr, samples_per_s=sums.get("samples", 0) / seconds)
+        if self.per != "samples":
+            metrics[f"{self.per}_per_s"] = sums.get(self.per, 0) / seconds
+            if self.flops_per_unit and self.peak_flops:
+                metrics["mfu"] = self.flops_per_unit * metrics[f"{self.per}_per_s"] / self.peak_flops
+        self.norm.zero_()
+        self.measured = self.skipped = 0
+        self.restart()
+        return metrics
 
 
 def check_counts(counts, per="samples"):

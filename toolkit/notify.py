@@ -12,7 +12,7 @@ import socket
 import urllib.request
 from email.message import EmailMessage
 
-from toolkit.tracking import log, result_line
+from toolkit.logs import log, result_line
 
 
 def notify(cfg, summary):

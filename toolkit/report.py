@@ -8,7 +8,8 @@ from pathlib import Path
 
 from toolkit import UserError
 from toolkit.config import yaml_load
-from toolkit.tracking import read_json, text_table
+from toolkit.logs import text_table
+from toolkit.rundir import read_json
 
 
 def list_runs(folder="runs"):

@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from toolkit import UserError, config, parallel, sweep, tracking
+from toolkit import UserError, config, parallel, rundir, sweep
 from toolkit.report import alive
 
 NAME = "search"  # the study's name in its journal file
@@ -176,7 +176,7 @@ def start(recipe, files, overrides, trials, parallel_runs, launcher, pruner, sta
     base = config.resolve(recipe.config, plain_files, fixed)
     pool = parallel.Pool(parallel_runs)  # refuses --parallel larger than the GPUs before anything is written
 
-    folder = tracking.claim_folder(Path(base.output_dir) / recipe.name / f"search-{time.strftime('%Y%m%d-%H%M%S')}")
+    folder = rundir.claim_folder(Path(base.output_dir) / recipe.name / f"search-{time.strftime('%Y%m%d-%H%M%S')}")
     # The recipe and the config files as the search started: a search resumed later, or joined
     # from another machine, runs the same code and values.
     shutil.copy2(recipe.path, folder / Path(recipe.path).name)
@@ -191,7 +191,7 @@ def start(recipe, files, overrides, trials, parallel_runs, launcher, pruner, sta
                 "direction": "maximize" if base.checkpoint.mode == "max" else "minimize",
                 "pruner": pruner, "startup_trials": startup_trials, "sampler": sampler, "seed": seed,
                 "launcher": launcher, "cwd": os.getcwd(), "wandb_group": "" if base.wandb.group else folder.name}
-    tracking.write_json(folder / "settings.json", settings)
+    rundir.write_json(folder / "settings.json", settings)
     optuna.create_study(storage=storage(folder), study_name=NAME, direction=settings["direction"])
     print(f"search of {trials} trials in {folder}: {', '.join(f'{k}={v}' for k, v in space.items())}; "
           f"objective {settings['monitor']} ({settings['direction']}), pruner {pruner}", flush=True)
@@ -202,12 +202,12 @@ def resume(folder, trials=None, parallel_runs=1, launcher=None):
     """Continue the search in `folder` (or work on it beside other machines) until it has its trials."""
     import_optuna()
     folder = Path(folder)
-    settings = tracking.read_json(folder / "settings.json")
+    settings = rundir.read_json(folder / "settings.json")
     if not settings or not (folder / "study.journal").is_file():
         raise UserError(f"{folder} is not a search folder (no settings.json and study.journal in it)")
     if trials is not None:  # for every process that works on it
         settings["trials"] = trials
-        tracking.write_json(folder / "settings.json", settings)
+        rundir.write_json(folder / "settings.json", settings)
     if launcher is not None:
         settings["launcher"] = launcher
     pool = parallel.Pool(parallel_runs)
@@ -282,7 +282,7 @@ class Driver:
         while not self.stopping:
             self.beat()
             # --resume --trials N, from any process, changes the count for all of them
-            self.settings["trials"] = tracking.read_json(self.folder / "settings.json").get("trials",
+            self.settings["trials"] = rundir.read_json(self.folder / "settings.json").get("trials",
                                                                                            self.settings["trials"])
             while self.pool.free and not self.stopping:
                 job = self.next_trial()
@@ -290,7 +290,7 @@ class Driver:
                     break
                 number, params, fresh = job
                 run = self.run_dir(number)
-                summary = tracking.read_json(run / "summary.json")
+                summary = rundir.read_json(run / "summary.json")
                 if not fresh and summary.get("status") in ("finished", "pruned", "failed"):
                     self.finish(number, 0)  # it ended after its search process did
                     continue
@@ -353,7 +353,7 @@ class Driver:
         if not gone:
             return False
         # Its run may still be saving a checkpoint (it is told to stop when its search process dies).
-        summary = tracking.read_json(self.run_dir(trial.number) / "summary.json")
+        summary = rundir.read_json(self.run_dir(trial.number) / "summary.json")
         return not (summary.get("status") == "running" and summary.get("host") == HOST and alive(summary.get("pid")))
 
     def beat(self):
@@ -384,7 +384,7 @@ class Driver:
         from optuna.trial import TrialState
 
         run = self.run_dir(number)
-        summary = tracking.read_json(run / "summary.json")
+        summary = rundir.read_json(run / "summary.json")
         status = summary.get("status")
         if self.stopping and status in ("interrupted", "running", None):
             return  # stopped with this search: left running in the study, for --resume
@@ -460,7 +460,7 @@ class Reporter:
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             folder = Path(os.environ[ENV_FOLDER])
             store = storage(folder)
-            study = load_study(store, tracking.read_json(folder / "settings.json"))
+            study = load_study(store, rundir.read_json(folder / "settings.json"))
             trial_id = store.get_trial_id_from_study_id_trial_number(store.get_study_id_from_name(NAME),
                                                                       int(os.environ[ENV_TRIAL]))
             self.trial = optuna.trial.Trial(study, trial_id)

@@ -43,6 +43,16 @@ class StopRequest:
         self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         return agreed
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        """Training ended: normally, wait for the last all-reduce (every rank gets here); either way,
+        give the signals back."""
+        if error is None:
+            self.finish()
+        self.close()
+
     def finish(self):
         """Wait for the last all-reduce (every rank calls this when training ends normally)."""
         if self.pending is not None:

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from toolkit import UserError, config, parallel, tracking
+from toolkit import UserError, config, logs, parallel, rundir
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch.py"
 
@@ -94,7 +94,7 @@ def sweep(recipe, files, overrides, launcher="", parallel_runs=1):
         raise config.ConfigError(problems)
     pool = parallel.Pool(parallel_runs)  # refuses --parallel larger than the GPUs before anything is written
 
-    folder = tracking.claim_folder(Path(base.output_dir) / recipe.name / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+    folder = rundir.claim_folder(Path(base.output_dir) / recipe.name / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
     files_used = []
     for i, f in enumerate(plain_files):  # the files as each run reads them: without the sweep block
         if isinstance(f, tuple):
@@ -127,7 +127,7 @@ def sweep(recipe, files, overrides, launcher="", parallel_runs=1):
 
 
 def row(point, run, code):
-    summary = tracking.read_json(run / "summary.json") if run else {}
+    summary = rundir.read_json(run / "summary.json") if run else {}
     final = summary.get("test") or summary.get("val") or {}
     return {"run": " ".join(point), "folder": str(run) if run else "",
             "status": summary.get("status", "failed") + ("" if code == 0 else f" (exit {code})"),
@@ -148,8 +148,8 @@ def report(rows, folder, mode, kind="sweep"):
     lines = [[r["run"], r["status"], f"{r['best']:.4g}" if r["best"] is not None else "-",
               f"{r['split']} " + " ".join(f"{k}={v:.4g}" for k, v in r["final"].items()) if r["final"] else "-",
               f"{r['wall_time_s']:.1f}" if r["wall_time_s"] is not None else "-"] for r in ranked]
-    text = tracking.text_table(lines, headers)
+    text = logs.text_table(lines, headers)
     (folder / f"{kind}.txt").write_text(text + "\n", encoding="utf-8")
-    tracking.write_json(folder / f"{kind}.json", ranked)
+    rundir.write_json(folder / f"{kind}.json", ranked)
     print(f"\n{text}\n\n{kind} {folder}")
     return ranked
