@@ -1,17 +1,45 @@
 """Fixtures: tiny data, and trained runs that several tests share.
 
 A shared run is trained once per session, through the real command line. Tests only read it, or
-work on a copy of it (`helpers.copy_run`) in their own tmp_path."""
+work on a copy of it (`helpers.copy_run`) in their own tmp_path. When pytest-xdist runs the tests
+in several processes, the first one to need a shared folder makes it and the others wait for it."""
 
-import pytest
+import json
+import os
+import shutil
+import subprocess
 
-from helpers import LENET, PROBE, launch, launch_two, make_mnist, ok, only_run
+# One torch thread in this process (read when torch is imported, just below) and in every one it
+# starts: the tests run as one process per core (pytest-xdist), and two threads on a busy core
+# wait for each other at every parallel op (a 10 s training took minutes).
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+from filelock import FileLock  # noqa: E402
+
+from helpers import LENET, PROBE, launch, launch_two, make_mnist, ok, only_run  # noqa: E402
+
+
+def shared_folder(tmp_path_factory, name, make):
+    """A folder that `make(folder)` fills once per test session, for every xdist worker."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = tmp_path_factory.mktemp(name)
+        make(folder)
+        return folder
+    folder = tmp_path_factory.getbasetemp().parent / name  # the session's folder, above each worker's
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".made").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            (folder / ".made").touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
 def mnist_root(tmp_path_factory):
     """Tiny MNIST-format data: 3000 training and 1001 test samples, gzipped IDX files."""
-    return make_mnist(tmp_path_factory.mktemp("mnist"))
+    return shared_folder(tmp_path_factory, "mnist", make_mnist)
 
 
 TINY_TRAINING = ["batch_size=64", "optim.lr=1e-3", "sched.name=constant", "sched.warmup_epochs=0"]
@@ -36,11 +64,15 @@ class Shared:
     read it, or copy it), `result` (the CompletedProcess) and `tmp` (its own folder, the cwd)."""
 
     def __init__(self, tmp_path_factory, name, args, processes=1, env=None):
-        self.tmp = tmp_path_factory.mktemp(name)
+        def make(folder):
+            train = launch_two if processes == 2 else launch
+            result = ok(train([*args, f"output_dir={folder / 'runs'}"], cwd=folder, env=env))
+            (folder / "result.json").write_text(json.dumps([result.returncode, result.stdout, result.stderr]))
+
         self.args = args
+        self.tmp = shared_folder(tmp_path_factory, name, make)
         self.output_dir = self.tmp / "runs"
-        train = launch_two if processes == 2 else launch
-        self.result = ok(train([*args, f"output_dir={self.output_dir}"], cwd=self.tmp, env=env))
+        self.result = subprocess.CompletedProcess(args, *json.loads((self.tmp / "result.json").read_text()))
         self.run = only_run(self.output_dir)
 
 
@@ -68,8 +100,7 @@ def ema_run(mnist_root, tmp_path_factory):
 def probe_run(tmp_path_factory):
     """The probe recipe on 2 processes (accelerate_configs/multi_gpu.yaml), 2 epochs of 8 steps:
     each rank's samples, augmentation draws and step RNG are in `probe`.rank<RANK>."""
-    tmp = tmp_path_factory.mktemp("probe")
     shared = Shared(tmp_path_factory, "probe-run", [PROBE, "batch_size=16", "epochs=2", "log_every=4", "trackers=[]",
-                                                    "checkpoint.monitor=", f"probe={tmp / 'probe'}"], processes=2)
-    shared.probe = tmp / "probe"
+                                                    "checkpoint.monitor=", "probe=probe"], processes=2)
+    shared.probe = shared.tmp / "probe"  # relative to the run's working directory
     return shared

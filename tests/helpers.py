@@ -1,12 +1,15 @@
 """Shared test helpers: tiny MNIST-format data and running the real command line."""
 
+import contextlib
 import gzip
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -53,10 +56,60 @@ def environment(env=None):
     return {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
 
 
-def launch(args, cwd, launcher=(), env=None, timeout=300):
-    """Run `launch.py` as a user would; return the CompletedProcess (a hang becomes a failure)."""
-    return subprocess.run(command(args, launcher), cwd=cwd, env=environment(env), capture_output=True, text=True,
-                          timeout=timeout)
+def launch(args, cwd, launcher=(), env=None, timeout=300, fresh=False):
+    """Run `launch.py args` as a user would; return a CompletedProcess (status, stdout, stderr).
+
+    One process runs inside this one, as torchtune's recipe tests do: the same `main`, in `cwd`,
+    with `env` added to the environment, sys.argv set, and its output captured, but without a new
+    interpreter's 3 s of start-up (importing torch and accelerate). With a `launcher` (several
+    processes), or `fresh` (a test of the process itself: signals, variables read when torch is
+    imported), it is a new process, and a hang becomes a failure after `timeout` seconds. So are
+    `sweep` and `search`, whose runs are processes that write to their parent's own output."""
+    if launcher or fresh or args[0] in ("sweep", "search"):
+        return subprocess.run(command(args, launcher), cwd=cwd, env=environment(env), capture_output=True,
+                              text=True, timeout=timeout)
+    return in_this_process(args, cwd, env)
+
+
+def in_this_process(args, cwd, env=None):
+    import launch as cli
+
+    args = [str(arg) for arg in args]
+    out, err = io.StringIO(), io.StringIO()
+    saved = dict(os.environ), os.getcwd(), sys.argv, torch.get_num_threads()
+    os.environ.update(env or {})
+    if "OMP_NUM_THREADS" in (env or {}):  # read when torch starts, which it has here: set it as it would
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    os.chdir(cwd)
+    sys.argv = [str(REPO / "launch.py"), *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = cli.main(args)
+            except SystemExit as e:  # argparse's usage errors
+                status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            except Exception:  # what Python does with an uncaught exception
+                traceback.print_exc()
+                status = 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved[0])
+        os.chdir(saved[1])
+        sys.argv = saved[2]
+        torch.set_num_threads(saved[3])
+        forget_the_run()
+    return subprocess.CompletedProcess(["launch.py", *args], status, out.getvalue(), err.getvalue())
+
+
+def forget_the_run():
+    """What a run leaves in its process, which the next run in it must not inherit: Accelerate's
+    process state (as Accelerate's own tests reset it) and torch's determinism switch."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    torch.use_deterministic_algorithms(False)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, False
 
 
 def start(args, cwd, launcher=(), env=None, output=True):

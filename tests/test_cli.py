@@ -36,6 +36,9 @@ def test_run_folder_is_complete(lenet_run):
     lines = [line.split(" ", 2)[2] for line in (run / "log.txt").read_text().splitlines()]  # without the time
     # It opens with what ran, where and on what ...
     assert lines[0].startswith("command: ") and "launch.py" in lines[0] and "epochs=3" in lines[0]
+    # The console shows the short lines only (not the command line).
+    console = lenet_run.result.stderr
+    assert f"run {run} | recipe" in console and "command: " not in console
     assert lines[1].startswith(f"run {run} | recipe {REPO / 'recipes' / 'lenet.py'} | changed from the recipe's "
                                f"config: ") and " epochs=3 " in lines[1] and " data.val_size=1001" in lines[1]
     assert re.fullmatch(r"1 process\(es\) on cpu \| precision no \| python [\d.]+ \| torch \S+ \| accelerate \S+",
@@ -136,7 +139,8 @@ def test_bad_input_is_one_line(case, tmp_path, mnist_root, capsys):
 
 def test_bad_input_from_the_real_command_line(tmp_path):
     """Unknown keys: one line each, with the closest valid keys (or none), and no traceback."""
-    result = run_launch([LENET, "optim.lrr=1", "epoch=3", "zzz=1", f"output_dir={tmp_path / 'runs'}"], cwd=tmp_path)
+    result = run_launch([LENET, "optim.lrr=1", "epoch=3", "zzz=1", f"output_dir={tmp_path / 'runs'}"], cwd=tmp_path,
+                        fresh=True)  # `python launch.py` itself: its exit status and all it prints
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "error: unknown key 'optim.lrr' from the command line; closest valid keys: optim.lr, optim.lr_mult, optim",
