@@ -108,6 +108,16 @@ def test_resume_refuses_changes_to_the_model_or_data(one_epoch_run, tmp_path):
     assert summary(run)["epochs"] == 2
 
 
+def test_a_position_past_the_end_of_a_shorter_epoch_goes_on_with_the_next(tiny, tmp_path):
+    """A checkpoint at batch 20 of 32, resumed with batches twice as large (16 to an epoch): that
+    epoch is over, and the run trains the next one in full (it used to train nothing, ever)."""
+    ok(launch([LENET, *tiny, "epochs=2", "max_steps=20"], cwd=tmp_path))
+    run = only_run(tmp_path / "runs")
+    result = ok(launch(["resume", run, "max_steps=0", "batch_size=128", "--force"], cwd=tmp_path))
+    assert "epoch 1 had no batch left after the checkpoint's position (batch 20" in result.stderr
+    assert (summary(run)["status"], summary(run)["epochs"], summary(run)["steps"]) == ("finished", 2, 20 + 16)
+
+
 def test_resume_needs_a_checkpoint(tmp_path):
     (tmp_path / "config.yaml").write_text("epochs: 1\n")
     (tmp_path / "lenet.py").write_text((REPO / "recipes" / "lenet.py").read_text())

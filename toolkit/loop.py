@@ -139,6 +139,8 @@ def train(recipe, cfg, resume=None, autoresume=False):
             bar.close()
             if stopping:
                 break
+            if state.epoch < epoch:  # a resumed epoch had no batch left
+                past_the_end(state, epoch)
 
         if run.ends(stopping):  # a normal end (not a signal, nan or pruning) goes on to test
             if "test" in eval_loaders:
@@ -196,6 +198,15 @@ def train_window(accelerator, recipe, cfg, model):
                   peak_flops_per_s(accelerator.device, accelerator.mixed_precision))
 
 
+def past_the_end(state, epoch):
+    """A resumed epoch that had no batch left is over. That happens when the checkpoint was written
+    mid-epoch by more processes or a smaller batch_size (--force) than this run has, whose epochs
+    are shorter: the run goes on with the next epoch, without the end-of-epoch validation and save."""
+    log.warning(f"epoch {epoch} had no batch left after the checkpoint's position (batch {state.batch} of its "
+                f"processes and batch size): it is over, and training goes on with epoch {epoch + 1}")
+    state.epoch, state.batch = epoch, 0
+
+
 def _every(n, count):
     """Whether `count` is a multiple of `n` (never, for n=0: off)."""
     return bool(n) and count % n == 0
@@ -213,7 +224,6 @@ class Run:
     def __init__(self, accelerator, recipe, cfg, run_dir, state, resumed_from, monitor):
         self.accelerator, self.recipe, self.cfg, self.dir, self.state = accelerator, recipe, cfg, run_dir, state
         self.resumed_from, self.monitor = resumed_from, monitor
-        self.started = time.time() - state.wall_time_s
         self.summary = {"status": "running", "recipe": recipe.name, "run_dir": str(run_dir), "epochs": state.epoch,
                         "steps": state.step, "host": socket.gethostname(), "pid": os.getpid()}
         self.metrics, self.closing = None, contextlib.ExitStack()
@@ -222,11 +232,14 @@ class Run:
         main = self.accelerator.is_main_process
         if main:
             rundir.write_run_files(self.dir, self.cfg, None if self.resumed_from else self.recipe.path)
-        self.closing.enter_context(logs.writing(self.dir, main))
-        keep = self.state.metrics_lines if self.resumed_from else None
-        self.metrics = self.closing.enter_context(tracking.Metrics(self.accelerator, self.dir, keep))
+        with contextlib.ExitStack() as opening:  # a tracker that fails to start closes what opened before it
+            opening.enter_context(logs.writing(self.dir, main))
+            keep = self.state.metrics_lines if self.resumed_from else None
+            self.metrics = opening.enter_context(tracking.Metrics(self.accelerator, self.dir, keep))
+            self.closing = opening.pop_all()
         if main:
             rundir.write_summary(self.dir, self.summary)  # `launch.py runs` shows it as running
+        self.started = time.time() - self.state.wall_time_s  # training time: the setup above is not counted
         return self
 
     def __exit__(self, kind, error, trace):
