@@ -4,12 +4,14 @@ import contextlib
 import gzip
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -53,7 +55,9 @@ def command(args, launcher=()):
 
 
 def environment(env=None):
-    return {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    """This process's environment with `env` added; a variable given as None is removed."""
+    merged = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return {key: value for key, value in merged.items() if value is not None}
 
 
 def launch(args, cwd, launcher=(), env=None, timeout=300, fresh=False):
@@ -77,17 +81,20 @@ def in_this_process(args, cwd, env=None):
     args = [str(arg) for arg in args]
     out, err = io.StringIO(), io.StringIO()
     saved = dict(os.environ), os.getcwd(), sys.argv, torch.get_num_threads()
-    os.environ.update(env or {})
-    if "OMP_NUM_THREADS" in (env or {}):  # read when torch starts, which it has here: set it as it would
+    os.environ.clear()
+    os.environ.update(environment(env))
+    if (env or {}).get("OMP_NUM_THREADS"):  # read when torch starts, which it has here: set it as it would
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     os.chdir(cwd)
     sys.argv = [str(REPO / "launch.py"), *args]
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), as_a_process():
             try:
                 status = cli.main(args)
-            except SystemExit as e:  # argparse's usage errors
+            except SystemExit as e:  # argparse's usage errors, sys.exit(...)
                 status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if not isinstance(e.code, (int, type(None))):
+                    print(e.code, file=sys.stderr)  # as Python prints sys.exit("text")
             except Exception:  # what Python does with an uncaught exception
                 traceback.print_exc()
                 status = 1
@@ -99,6 +106,28 @@ def in_this_process(args, cwd, env=None):
         torch.set_num_threads(saved[3])
         forget_the_run()
     return subprocess.CompletedProcess(["launch.py", *args], status, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def as_a_process():
+    """Warnings and other libraries' log records go to stderr, as in a process of its own (pytest
+    would otherwise keep them), so that a test of what a run prints sees them."""
+    root = logging.getLogger()
+    handlers, root.handlers = root.handlers, []  # pytest's; without any, logging prints to stderr
+    with warnings.catch_warnings():
+        warnings.resetwarnings()  # Python's default filters, not pytest's
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", category)
+        warnings.showwarning = show_warning
+        try:
+            yield
+        finally:
+            root.handlers = handlers
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None):
+    """Python's own way of showing a warning: on stderr (the one of the moment: redirected here)."""
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def forget_the_run():
