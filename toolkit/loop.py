@@ -151,7 +151,7 @@ def train(recipe, cfg, resume=None, autoresume=False):
                 log.info("fast_run: one train, val and test step done, a checkpoint saved and loaded back")
     del model, optimizer  # before the process group: else gloo aborts at exit ("terminate called without...")
     accelerator.free_memory()
-    accelerator.end_training()  # finishes the trackers and ends the process group
+    accelerator.end_training()  # ends the process group (`run` ended the trackers)
     return run.summary
 
 
