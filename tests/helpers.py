@@ -81,8 +81,9 @@ def in_this_process(args, cwd, env=None):
     args = [str(arg) for arg in args]
     out, err = io.StringIO(), io.StringIO()
     saved = dict(os.environ), os.getcwd(), sys.argv, torch.get_num_threads()
+    run_environment = environment(env)
     os.environ.clear()
-    os.environ.update(environment(env))
+    os.environ.update(run_environment)
     if (env or {}).get("OMP_NUM_THREADS"):  # read when torch starts, which it has here: set it as it would
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     os.chdir(cwd)
