@@ -226,7 +226,7 @@ class Run:
         self.resumed_from, self.monitor = resumed_from, monitor
         self.summary = {"status": "running", "recipe": recipe.name, "run_dir": str(run_dir), "epochs": state.epoch,
                         "steps": state.step, "host": socket.gethostname(), "pid": os.getpid()}
-        self.metrics, self.closing = None, contextlib.ExitStack()
+        self.metrics = self.closing = None  # opened by __enter__
 
     def __enter__(self):
         main = self.accelerator.is_main_process
