@@ -20,7 +20,6 @@ load them, which would make a resumed run silently differ.
 import dataclasses
 import json
 import time
-import os
 import re
 import shutil
 from pathlib import Path
@@ -257,13 +256,11 @@ def load_weights(model, source, strict=False):
 
 def _point(link, name):
     """Atomically make `link` a relative symlink to `name`."""
-    tmp = link.with_name(f".{link.name}.tmp")
-    tmp.unlink(missing_ok=True)
     try:
-        tmp.symlink_to(name)
-        os.replace(tmp, link)
+        with rundir.replacing(link) as tmp:
+            tmp.symlink_to(name)
     except OSError:  # a file system without symlinks: the code does not need them
-        tmp.unlink(missing_ok=True)
+        pass
 
 
 def _prune(run_dir, keep, best):
@@ -283,16 +280,13 @@ def _remove(path):
 
 
 def _export(weights, target):
-    tmp = target.with_name(f".{target.name}.tmp")
-    _write_safetensors(weights, tmp)
-    os.replace(tmp, target)
+    with rundir.replacing(target) as tmp:
+        _write_safetensors(weights, tmp)
 
 
 def _write_safetensors(weights, path):
     from safetensors.torch import save_file
 
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, path, metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)  # safetensors writes 0600; others may read a model as any other file
+    rundir.readable(path)
     rundir.fsync(path)

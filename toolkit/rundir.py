@@ -11,12 +11,16 @@
         summary.json     status, final metrics, steps and wall time
         checkpoints/, model.safetensors   written by toolkit.checkpoint
 
-Every JSON file of the toolkit (summary.json, a checkpoint's train_state.json, a sweep's or a
-search's files) is written by `write_json`: whole or not at all, and on disk once it returns.
+Every file of the toolkit that a reader may open while it is written (summary.json, config.yaml, a
+checkpoint's train_state.json and weights, a sweep's or a search's files) is written through
+`replacing`: whole or not at all, and on disk once it returns, even when several processes (the
+machines of one search) write the same file at once.
 """
 
+import contextlib
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -75,7 +79,7 @@ def write_run_files(run_dir, cfg, recipe_path=None):
     """config.yaml (rewritten on resume, with the overrides it allowed), a copy of the recipe, and,
     when the code is in a git repository, its commit (git.txt) and uncommitted changes (git.diff):
     what it takes to run this again."""
-    (run_dir / "config.yaml").write_text(yaml_dump(cfg.to_dict()), encoding="utf-8")
+    write_text(run_dir / "config.yaml", yaml_dump(cfg.to_dict()))
     if recipe_path is None:
         return
     shutil.copy2(recipe_path, run_dir / Path(recipe_path).name)
@@ -109,16 +113,45 @@ def read_json(path):
 
 
 def write_json(path, data):
-    """Write JSON atomically and durably: into a temporary file, flushed to disk, then renamed over
-    `path` (a reader sees the old file or the new one, never a part), and the rename flushed too."""
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_text(path, text):
+    """Write a text file atomically and durably (see `replacing`), readable as any other file."""
+    with replacing(path) as tmp:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        readable(tmp)
+
+
+@contextlib.contextmanager
+def replacing(path):
+    """A temporary path beside `path` for the block to write, renamed over `path` when the block
+    ends (a reader sees the old file or the new one, never a part), and the rename flushed to disk.
+    If the block fails, `path` is left as it was and the temporary is removed.
+
+    The name is this writer's alone (its pid and a random part): when several processes or threads
+    write one file at once, none renames away another's half-written file, and the last rename
+    wins with a complete file of its own."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(data, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
     fsync(path.parent)
+
+
+def readable(path):
+    """Give a file the permissions of any other new file (mkstemp and safetensors make them 0600):
+    the people who may read the run folder may read its files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def fsync(path):

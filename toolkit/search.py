@@ -431,7 +431,7 @@ class Driver:
             values["wandb"]["group"] = ""
         header = (f"# trial {best.number} of {self.folder}: {self.settings['monitor']}={best.value:.6g}, the best of "
                   f"{len(rows)}\n# python launch.py <recipe> --config best.yaml\n")
-        (self.folder / "best.yaml").write_text(header + config.yaml_dump(values), encoding="utf-8")
+        rundir.write_text(self.folder / "best.yaml", header + config.yaml_dump(values))
         print(f"best: trial {best.number}, {self.settings['monitor']}={best.value:.4g}; its config: "
               f"{self.folder / 'best.yaml'}")
 

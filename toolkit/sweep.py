@@ -149,7 +149,7 @@ def report(rows, folder, mode, kind="sweep"):
               f"{r['split']} " + " ".join(f"{k}={v:.4g}" for k, v in r["final"].items()) if r["final"] else "-",
               f"{r['wall_time_s']:.1f}" if r["wall_time_s"] is not None else "-"] for r in ranked]
     text = logs.text_table(lines, headers)
-    (folder / f"{kind}.txt").write_text(text + "\n", encoding="utf-8")
+    rundir.write_text(folder / f"{kind}.txt", text + "\n")
     rundir.write_json(folder / f"{kind}.json", ranked)
     print(f"\n{text}\n\n{kind} {folder}")
     return ranked
