@@ -3,6 +3,7 @@
     python launch.py recipes/lenet.py [--config a.yaml ...] [key.sub=value ...]    train a new run
     python launch.py resume runs/lenet/<run> [key=value ...]                        continue a run
     python launch.py test runs/lenet/<run> [--checkpoint best|latest|step-N]        evaluate a run
+    python launch.py export runs/lenet/<run> OUT [--checkpoint ...] [--ema]          weights for other code
     python launch.py sweep recipes/lenet.py optim.lr=1e-3,3e-3 [...]               a grid of runs
     python launch.py search recipes/lenet.py "optim.lr=loguniform(1e-4,1e-1)" [...]  a search (Optuna)
     python launch.py runs [runs/lenet]                                              list runs
@@ -75,6 +76,16 @@ def test(args):
     run, recipe = load_run(args.run)
     cfg = config.resolve(recipe.config, [run / "config.yaml", *args.config], args.overrides)
     loop.test(recipe, cfg, run, args.checkpoint, args.split, args.ema)
+    return 0
+
+
+def export(args):
+    from toolkit import config, export as exports
+
+    run, recipe = load_run(args.run)
+    cfg = config.resolve(recipe.config, [run / "config.yaml"])
+    path = exports.export(recipe, cfg, run, args.out, args.checkpoint, args.ema)
+    print(f"exported {path}{' (EMA weights)' if args.ema else ''} to {args.out}")
     return 0
 
 
@@ -151,11 +162,16 @@ def plot(args):
 HELP = {  # command -> (description, example)
     "train": ("Train a recipe in a new run folder. " + LAYERS,
               "python launch.py recipes/lenet.py --config my.yaml optim.lr=3e-3 epochs=5\n"
-              "other commands: resume, test, sweep, search, runs, plot (each with --help)"),
+              "other commands: resume, test, export, sweep, search, runs, plot (each with --help)"),
     "resume": (resume.__doc__.split("\n\n")[0], "python launch.py resume runs/lenet/20261124-130102 epochs=20"),
     "test": ("Evaluate a run's checkpoint on the test split (or val, if the recipe has no test). Prints the "
              "metrics and saves them as <run>/<split>-<checkpoint>.json.",
              "python launch.py test runs/lenet/20261124-130102 --checkpoint latest"),
+    "export": ("Write a run's weights (checkpoint best, else latest) into the new folder OUT for code without the "
+               "toolkit: a transformers model with save_pretrained (AutoModel*.from_pretrained(OUT) loads it), any "
+               "other as model.safetensors beside the run's config.yaml. A recipe's export(cfg, folder) hook adds "
+               "the rest, e.g. its tokenizer.",
+               "python launch.py export runs/hf_classify/20261124-130102 my-model"),
     "sweep": ("Train every combination of the values given as key=v1,v2 (or in a sweep: block of a --config file),"
               " one run after another (or --parallel K at a time), under one sweep folder; then print the runs, "
               "best first.",
@@ -191,8 +207,10 @@ def parser(command):
         p.add_argument("recipe", help="path to a recipe file, e.g. recipes/lenet.py")
     elif command == "search":
         p.add_argument("recipe", nargs="?", help="path to a recipe file, e.g. recipes/lenet.py")
-    elif command in ("resume", "test"):
+    elif command in ("resume", "test", "export"):
         p.add_argument("run", help="a run folder, e.g. runs/lenet/20261124-130102")
+    if command == "export":
+        p.add_argument("out", help="the folder to write; it must not exist, or be empty")
     elif command == "runs":
         p.add_argument("folder", nargs="?", default="runs", help="where to look (default: runs)")
     elif command == "plot":
@@ -207,11 +225,12 @@ def parser(command):
     if command in ("resume", "train"):
         p.add_argument("--force", action="store_true", help="resume (train: with --autoresume) even if the "
                        "overrides change keys that shape the model or the data")
-    if command == "test":
+    if command in ("test", "export"):
         p.add_argument("--checkpoint", default="", help="best, latest, or a folder name such as step-0000516 "
                        "(default: best, or latest when the run has no best yet)")
+        p.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights (ema.decay > 0)")
+    if command == "test":
         p.add_argument("--split", default="", choices=["", "test", "val"], help="default: test, else val")
-        p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights (ema.decay > 0)")
     if command == "train":
         p.add_argument("--autoresume", action="store_true",
                        help="the run's folder is <output_dir>/<recipe>/<name>; if it has a checkpoint, continue it "
@@ -237,8 +256,8 @@ def parser(command):
     return p
 
 
-COMMANDS = {"train": train, "resume": resume, "test": test, "sweep": sweep, "search": search, "runs": runs,
-            "plot": plot}
+COMMANDS = {"train": train, "resume": resume, "test": test, "export": export, "sweep": sweep, "search": search,
+            "runs": runs, "plot": plot}
 
 
 def main(argv=None):

@@ -48,20 +48,26 @@ def test_logs_every_n_steps_at_each_epoch_end_and_with_every_validation_or_save(
     assert all(todo.log for _, todo in plans.values() if todo.validate or todo.save)
 
 
-@pytest.mark.parametrize("max_steps, validated", [(40, [32]), (64, [32, 64])])
-def test_max_steps_stops_and_saves_there(max_steps, validated):
-    """Mid-epoch, max_steps saves without validating; at an epoch's end it is the last epoch."""
-    plans = run(cfg(f"max_steps={max_steps}"))
+@pytest.mark.parametrize("max_steps", [40, 64])
+@pytest.mark.parametrize("val_every", [1, 0])
+def test_max_steps_ends_the_run_with_a_validation_and_a_save(max_steps, val_every):
+    """Mid-epoch or at an epoch's end, the run's last step validates and saves (val_every=0: only then)."""
+    plans = run(cfg(f"max_steps={max_steps}", f"val_every={val_every}"))
     assert max(plans) == max_steps and plans[max_steps][1].stop == "max_steps"
     assert steps(plans, "save") == [32, max_steps]
-    assert steps(plans, "validate") == validated
+    assert steps(plans, "validate") == ([32] if val_every and max_steps > 32 else []) + [max_steps]
 
 
-@pytest.mark.parametrize("request_", ["SIGTERM", "SIGINT", "max_minutes"])
-def test_a_stop_request_stops_at_that_step_with_a_checkpoint(request_):
+@pytest.mark.parametrize("request_", ["SIGTERM", "SIGINT"])
+def test_a_signal_stops_at_that_step_with_a_checkpoint(request_):
     plans = run(cfg(), requests={7: request_})
     assert max(plans) == 7
     assert plans[7] == (1, Plan(log=True, validate=False, save=True, stop=request_))
+
+
+def test_max_minutes_mid_epoch_ends_the_run_with_a_validation_and_a_save():
+    assert run(cfg(), requests={7: "max_minutes"})[7] == (1, Plan(log=True, validate=True, save=True,
+                                                                  stop="max_minutes"))
 
 
 def test_max_minutes_at_an_epoch_end_validates_as_the_last_epoch():

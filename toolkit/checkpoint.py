@@ -19,8 +19,9 @@ load them, which would make a resumed run silently differ.
 
 import dataclasses
 import json
-import time
+import logging
 import re
+import time
 import shutil
 from pathlib import Path
 
@@ -30,6 +31,10 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from toolkit import UserError, rundir
 from toolkit.logs import FILE_ONLY, log
+
+# save_state writes a tensor that two names share (tied embeddings) once, and Accelerate says so
+# at every save; loading gives it back to both names (tested), so the line only adds noise.
+logging.getLogger("accelerate.utils.other").addFilter(lambda record: "Removed shared tensor" not in record.getMessage())
 
 FORMAT = 1
 STATE_FILE = "train_state.json"
@@ -75,7 +80,7 @@ def save(accelerator, run_dir, state, keep, best, model, ema=None):
     if accelerator.is_main_process:
         if ema is not None:
             state.ema_updates = int(ema.n_averaged)
-            _write_safetensors(ema.module.state_dict(), tmp / "ema.safetensors")
+            write_safetensors(ema.module.state_dict(), tmp / "ema.safetensors")
         if best:
             state.best_checkpoint = name
         for written in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
@@ -185,7 +190,7 @@ def load(accelerator, checkpoint, ema=None):
     if ema is not None:
         if not (Path(checkpoint) / "ema.safetensors").is_file():
             raise UserError(f"{checkpoint} has no EMA weights (ema.decay was 0 when it was saved)")
-        ema.module.load_state_dict(_load_safetensors(Path(checkpoint) / "ema.safetensors", str(accelerator.device)))
+        _load_into(ema.module, _load_safetensors(Path(checkpoint) / "ema.safetensors", str(accelerator.device)))
         ema.n_averaged.fill_(read_state(checkpoint).ema_updates)
 
 
@@ -228,11 +233,14 @@ def _reason(error):
 
 def load_weights(model, source, strict=False):
     """Load weights into `model` from a .safetensors file, a .pt/.pth/.bin state dict (read with
-    weights_only=True), a run folder (its best `model.safetensors`) or a checkpoint folder.
-    Non-strict unless `strict`; returns (missing, unexpected) key lists."""
+    weights_only=True), a folder with a `model.safetensors` (a run's best weights, a checkpoint, an
+    export), or, for a `transformers` model, anything its `from_pretrained` takes (a hub id, an HF
+    folder). Non-strict unless `strict`; returns (missing, unexpected) key lists."""
     path = Path(source)
     if path.is_dir():
         path = path / "model.safetensors"
+    if not path.is_file() and callable(getattr(model, "from_pretrained", None)):
+        return _load_into(model, _pretrained(model, source), strict)  # an HF hub id, a sharded HF folder
     if not path.is_file():
         raise UserError(f"{source}: no such file (give a .safetensors file, a run folder or a checkpoint)")
     if path.suffix == ".safetensors":
@@ -248,10 +256,32 @@ def load_weights(model, source, strict=False):
         raise UserError(f"{source}: expected a .safetensors, .pt, .pth or .bin file or a folder")
     consume_prefix_in_state_dict_if_present(weights, "module.")  # saved from a DDP-wrapped model
     try:
-        result = model.load_state_dict(weights, strict=strict)
+        return _load_into(model, weights, strict)
     except RuntimeError as e:
         raise UserError(f"{source} does not fit the model: {str(e).splitlines()[1].strip()}") from e
-    return result.missing_keys, result.unexpected_keys
+
+
+def _pretrained(model, source):
+    """The state dict of `type(model).from_pretrained(source)` (load_state_dict casts it to the model's dtypes)."""
+    try:
+        return type(model).from_pretrained(str(source)).state_dict()
+    except Exception as e:  # noqa: BLE001 - not found, offline, another architecture: one line
+        raise UserError(f"init_from={source}: {type(model).__name__}.from_pretrained failed: {_reason(e)}") from e
+
+
+def _load_into(model, weights, strict=True):
+    """`model.load_state_dict(weights)`, where a name that `weights` lacks because it shares its
+    tensor with a name that it has (tied embeddings: safetensors holds one of them) is not missing:
+    loading the one loads both. Returns (missing, unexpected) key lists."""
+    result = model.load_state_dict(weights, strict=False)
+    tensors, names = model.state_dict(keep_vars=True), {}
+    for name, tensor in tensors.items():
+        names.setdefault(_place(tensor), set()).add(name)
+    missing = [name for name in result.missing_keys if not names[_place(tensors[name])] & weights.keys()]
+    if strict and (missing or result.unexpected_keys):
+        raise RuntimeError(f"Error(s) in loading state_dict for {type(model).__name__}:\n"
+                           f"missing keys {missing or 'none'}, unexpected keys {result.unexpected_keys or 'none'}")
+    return missing, result.unexpected_keys
 
 
 def _point(link, name):
@@ -281,12 +311,36 @@ def _remove(path):
 
 def _export(weights, target):
     with rundir.replacing(target) as tmp:
-        _write_safetensors(weights, tmp)
+        write_safetensors(weights, tmp)
 
 
-def _write_safetensors(weights, path):
+def write_safetensors(weights, path):
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, path, metadata={"format": "pt"})
+    save_file(_unshared(weights), path, metadata={"format": "pt"})
     rundir.readable(path)
     rundir.fsync(path)
+
+
+def _place(tensor):
+    """Where a tensor's values are: two names of one place are one tensor (tied weights)."""
+    if not tensor.numel():
+        return id(tensor)
+    return tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride()
+
+
+def _unshared(weights):
+    """`weights` (a state dict) as safetensors can write them, on the CPU: a tensor that an earlier
+    name holds already (tied embeddings, a shared parameter) is written once, under that name
+    (`_load_into` gives it back to both); another view of a storage already written is a copy."""
+    kept, places, storages = {}, set(), set()
+    for name, tensor in weights.items():
+        tensor = tensor.detach()
+        place = _place(tensor)
+        if place in places:
+            continue
+        places.add(place)
+        storage = place[:2] if tensor.numel() else place
+        kept[name] = tensor.cpu().clone() if storage in storages else tensor.cpu().contiguous()
+        storages.add(storage)
+    return kept

@@ -68,6 +68,7 @@ DEFAULTS = {
     },
     "val_every": 1,              # validate every N epochs (0: only when training ends)
     "val_every_steps": 0,        # also every N optimizer steps (0: off)
+    "sanity_val_batches": 2,     # val batches evaluated before the first step: a bad monitor or loss fails in seconds
     "early_stop": {
         "patience": 0,           # stop after N validations without a better checkpoint.monitor (0: off)
     },
@@ -91,7 +92,7 @@ DEFAULTS = {
         "monitor": "val/loss",   # the metric that picks the best checkpoint: val/<metric> or val_ema/<metric> ("": none)
         "mode": "min",           # which way is better for the monitor
     },
-    "init_from": "",             # start from these weights: a .safetensors/.pt file or a run folder
+    "init_from": "",             # start from these weights: a .safetensors/.pt file, a run folder, an HF folder or hub id
     "trackers": ["tensorboard"], # besides metrics.jsonl, which is always written; [] for none
     "wandb": {                   # "": what the WANDB_* variable says, else the default in brackets
         "project": "",           # the wandb project ("": $WANDB_PROJECT, else minloop); runs are named after their folder
@@ -118,7 +119,7 @@ MINIMUMS = {  # key -> smallest valid value (every other number in DEFAULTS must
 }
 # Keys a resumed run may change: they do not change the model, the data or the results so far.
 RESUMABLE = ("epochs", "max_steps", "max_minutes", "log_every", "eval_batch_size", "num_workers", "compile",
-             "trackers", "val_every", "val_every_steps", "early_stop.patience", "skip_nonfinite", "nan_tolerance",
+             "trackers", "val_every", "val_every_steps", "sanity_val_batches", "early_stop.patience", "skip_nonfinite", "nan_tolerance",
              "checkpoint.every_epochs", "checkpoint.every_steps", "checkpoint.keep",
              "data.root", "data.download", "wandb.", "notify.")  # a trailing dot: every key under it
 
@@ -272,8 +273,9 @@ def resolve(recipe_config, files=(), overrides=()):
 
 
 def _fast_run(grad_accum):
-    """What debug.fast_run=true means: one optimizer step, one val and one test batch."""
-    return {"epochs": 1, "max_steps": 0, "max_minutes": 0.0,
+    """What debug.fast_run=true means: one optimizer step, one val and one test batch. A length
+    for the LR schedule that a stream without one needs (max_steps)."""
+    return {"epochs": 1, "max_steps": 1, "max_minutes": 0.0,
             "limit_batches": {"train": grad_accum, "val": 1, "test": 1}}
 
 

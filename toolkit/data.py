@@ -108,9 +108,17 @@ def _own_randomness():
     if get_worker_info() is not None:  # a worker's generators serve the data alone
         yield
         return
+    with untouched_randomness():
+        yield
+
+
+@contextlib.contextmanager
+def untouched_randomness(device=None):
+    """What runs inside draws from the CPU generators of torch, numpy and `random` (and of `device`,
+    a GPU) without moving them: afterwards they are where they were."""
     numpy = sys.modules.get("numpy")
     python_state, numpy_state = random.getstate(), numpy.random.get_state() if numpy else None
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[device] if device is not None and device.type == "cuda" else []):
         yield
     random.setstate(python_state)
     if numpy:
@@ -162,6 +170,12 @@ class SeededSamples(torch.utils.data.Dataset):
 
 # ---------------------------------------------------------------------------------------------
 # Streams: an IterableDataset, read once per epoch, without a length.
+#
+# A pass is split over slots (process x DataLoader worker) exactly once on each of the two axes,
+# either by the stream or by the toolkit. HF `datasets` streams and webdataset pipelines split
+# themselves, and the toolkit asks them how (`library_split`); a stream that calls `stream_part()`
+# reads its slot's part; any other stream is read whole in every slot, and the toolkit keeps sample
+# `k` of the pass in slot `k % slots`.
 
 _part = None  # (slot, slots, seed, epoch) while a stream's next sample is read by the toolkit
 _split_itself = False
@@ -185,13 +199,60 @@ def stream_part():
     return slot, slots
 
 
+def library_split(dataset, rank, world):
+    """How a library's stream splits itself: (the stream, splits over processes, splits over
+    DataLoader workers), or None for a stream of no library that we know.
+
+    - HF `datasets.IterableDataset` splits over workers by itself (each worker reads its shards),
+      and over processes after `split_dataset_by_node`, which is applied here unless the recipe did
+      (then with this run's rank and number of processes, or the run is refused).
+    - webdataset (`WebDataset`, `DataPipeline`) splits where its pipeline has `split_by_node` and
+      `split_by_worker` (WebDataset's default `workersplitter`)."""
+    hf = sys.modules.get("datasets")
+    if hf is not None and isinstance(dataset, hf.IterableDataset):
+        split = dataset._distributed
+        if split is None and world > 1:
+            from datasets.distributed import split_dataset_by_node
+
+            dataset = split_dataset_by_node(dataset, rank=rank, world_size=world)
+        elif split is not None and (split.rank, split.world_size) != (rank, world):
+            raise UserError(f"an HF stream was split with split_dataset_by_node(rank={split.rank}, world_size="
+                            f"{split.world_size}), but this is process {rank} of {world}: return the stream unsplit "
+                            f"(the toolkit splits it), or split it with the run's rank and number of processes")
+        return dataset, True, True
+    wds = sys.modules.get("webdataset")
+    if wds is not None and isinstance(dataset, wds.DataPipeline):
+        stages = [getattr(stage, "__wrapped__", stage) for stage in dataset.pipeline]
+        if wds.shardlists.single_node_only in stages and world > 1:
+            raise UserError(f"a webdataset stream without a nodesplitter cannot be read by {world} processes: give "
+                            f"WebDataset(..., nodesplitter=wds.split_by_node), and each process reads its shards")
+        return dataset, wds.split_by_node in stages, wds.split_by_worker in stages
+    return None
+
+
+@contextlib.contextmanager
+def _no_worker():
+    """The stream (and any library inside it) sees no DataLoader worker while the toolkit reads it:
+    the toolkit gives each worker its part, which must not be split a second time. (torch's
+    get_worker_info() returns this module global, however it was imported.)"""
+    from torch.utils.data._utils import worker
+
+    info, worker._worker_info = worker._worker_info, None
+    try:
+        yield
+    finally:
+        worker._worker_info = info
+
+
 class StreamPart(IterableDataset):
     """One slot's part of a stream (slot = process x workers + worker, of `slots`): sample `k` of
     a pass goes to slot `k % slots` and draws its randomness from (seed, epoch, k). With `limit`,
     a pass ends after the stream's first `limit` samples."""
 
     def __init__(self, dataset, rank, world, seed, limit=0):
-        self.dataset, self.rank, self.world, self.seed, self.limit = dataset, rank, world, seed, limit
+        self.rank, self.world, self.seed, self.limit = rank, world, seed, limit
+        library = library_split(dataset, rank, world)
+        self.dataset, *self.splits = library or (dataset, None, None)  # splits: over processes, over workers
         self.epoch = _Epoch()
 
     def set_epoch(self, epoch):
@@ -199,30 +260,44 @@ class StreamPart(IterableDataset):
         if hasattr(self.dataset, "set_epoch"):  # e.g. a stream that shuffles its shards per epoch
             self.dataset.set_epoch(epoch)
 
+    def _parts(self, own):
+        """((index, count) of the pass that the stream reads itself, (index, count) of what it reads
+        that the toolkit keeps), for a stream that splits itself over processes and over DataLoader
+        workers where `own` says so. Sample `k` that the stream yields is sample
+        `k * count + index` of the pass (exactly so where the stream splits by sample)."""
+        info = get_worker_info()
+        axes = [(self.rank, self.world), (info.id, info.num_workers) if info else (0, 1)]
+        parts = [[0, 1], [0, 1]]  # [the stream's, the toolkit's]
+        for (index, count), its_own in zip(axes, own):
+            part = parts[0 if its_own else 1]
+            part[0], part[1] = part[0] * count + index, part[1] * count
+        return parts
+
     def __iter__(self):
         global _part, _split_itself
-        info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        slot, slots = self.rank * workers + worker, self.world * workers
+        known = self.splits[0] is not None  # a library's stream, whose split we know
+        itself, kept = self._parts(self.splits if known else (False, False))
+        slot = self._parts((True, True))[0]  # this slot of all, as stream_part() returns it
+        hide = _no_worker if not known and get_worker_info() is not None else contextlib.nullcontext
         epoch, samples = int(self.epoch), iter(self.dataset)
-        own = None  # whether the dataset reads its part itself: it says so before its first sample
         for position in itertools.count():
-            index = position * slots + slot if own else position  # the sample's place in the pass
+            index = position * itself[1] + itself[0]  # the sample's place in the pass
             if self.limit and index >= self.limit:
                 return
-            with _own_randomness():
+            with _own_randomness(), hide():
                 _seed_sample(self.seed, epoch, index)
-                _part, _split_itself = (slot, slots, self.seed, epoch), False
+                _part, _split_itself = (*slot, self.seed, epoch), False
                 try:
                     sample = next(samples)
                 except StopIteration:
                     return
                 finally:
-                    own = _split_itself if own is None else own
                     _part = None
-            if own and self.limit and position * slots + slot >= self.limit:
-                return
-            if own or position % slots == slot:
+            if position == 0 and _split_itself:  # stream_part() was called: the stream reads its part
+                itself, kept = slot, (0, 1)
+                if self.limit and itself[0] >= self.limit:
+                    return
+            if position % kept[1] == kept[0]:
                 yield sample
 
 
@@ -243,7 +318,10 @@ class StreamLoader(DataLoaderStateMixin):
         self.part = StreamPart(dataset, processes.process_index, processes.num_processes, seed, limit)
         self.loader = torch.utils.data.DataLoader(
             self.part, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn,
-            pin_memory=processes.device.type == "cuda")
+            pin_memory=processes.device.type == "cuda",
+            # Its own generator: starting a pass draws the workers' base seed from it, not from the
+            # global RNG of the training step (dropout), which a resume restores mid-pass.
+            generator=torch.Generator().manual_seed(seed + processes.process_index))
         self.device, self.agree = processes.device, agree
         self.group = dist.new_group(backend="gloo") if agree and processes.num_processes > 1 else None
         self.gradient_state = GradientState()  # tells accelerator.accumulate where a pass ends
@@ -437,4 +515,3 @@ def load_cifar10(root, download=True):
         parts = [read_cifar_bin(folder / f) for f in files]
         result[split] = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
     return result
-

@@ -28,7 +28,7 @@ import accelerate.optimizer
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import (DataLoaderConfiguration, DistributedType, broadcast, broadcast_object_list,
-                               parse_flag_from_env, set_seed)
+                               parse_flag_from_env, send_to_device, set_seed)
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from toolkit import PeerFailure, UserError, checkpoint, config, data, logs, rundir, search, tracking
@@ -85,6 +85,7 @@ def train(recipe, cfg, resume=None, autoresume=False):
         run.log_start(splits, accelerator.unwrap_model(model), groups, initialized)
         saver = checkpoint.Saver(accelerator, run_dir, model, ema, cfg.checkpoint.keep, monitor, run)
         validate = Validator(accelerator, recipe, cfg, eval_loaders.get("val"), {"val": model, "val_ema": ema}, run)
+        validate.sanity_check(splits.get("val"))  # a bad monitor or loss fails here, in seconds
         window = train_window(accelerator, recipe, cfg, accelerator.unwrap_model(model))
         finite = FiniteCheck(cfg, accelerator, state)  # skip_nonfinite
         stopping = None  # why training ends before `epochs`: max_steps, max_minutes, early_stop, a signal, nan, pruned
@@ -169,16 +170,19 @@ def plan(step, epoch, end_of_epoch, cfg, request=None, bad_steps=0):
     rank agreed on (a signal, max_minutes), `bad_steps` the non-finite steps skipped in a row.
 
     Mid-epoch, validations and saves follow val_every_steps and checkpoint.every_steps. At the end
-    of an epoch, they follow val_every, checkpoint.every_epochs and every_steps, and the last
-    epoch (or a stop for max_steps or max_minutes) validates and saves. Every stop saves."""
+    of an epoch, they follow val_every, checkpoint.every_epochs and every_steps. The run's end
+    (its last epoch, or a stop for max_steps or max_minutes, mid-epoch too) validates and saves,
+    so that every finished run has its final validation, its best and model.safetensors. Every
+    stop saves."""
     ckpt = cfg.checkpoint
     stop = request or ("max_steps" if step == cfg.max_steps else None) or (
         "nan" if bad_steps > cfg.nan_tolerance else None)
+    finishes = stop in ("max_steps", "max_minutes")
     if not end_of_epoch:
-        validate = _every(cfg.val_every_steps, step)
+        validate = _every(cfg.val_every_steps, step) or finishes
         save = bool(stop) or _every(ckpt.every_steps, step)
         return Plan(_every(cfg.log_every, step) or validate or save, validate, save, stop)
-    last = epoch == cfg.epochs or stop in ("max_steps", "max_minutes")
+    last = epoch == cfg.epochs or finishes
     validate = _every(cfg.val_every, epoch) or last
     save = _every(ckpt.every_epochs, epoch) or _every(ckpt.every_steps, step) or bool(stop) or last
     return Plan(True, validate, save, stop)
@@ -361,6 +365,26 @@ class Validator:
         self.accelerator, self.recipe, self.cfg, self.loader, self.run = accelerator, recipe, cfg, loader, run
         self.models = {split: net for split, net in models.items() if net is not None}
         self.trial = search.Reporter(accelerator, run.dir)  # a search's trial reports validations to its study
+
+    def sanity_check(self, val):
+        """Evaluate the first `sanity_val_batches` batches of the val split `val` before the first
+        step, as a validation would, so that a loss or metrics() that fails on val batches, or a
+        checkpoint.monitor that validation does not report, ends the run in seconds rather than
+        after an epoch. Every rank evaluates the same batches; nothing is logged or kept, and no
+        generator of the training step moves (a resumed run stays exact)."""
+        cfg, accelerator = self.cfg, self.accelerator
+        n = cfg.sanity_val_batches * cfg.eval_batch_size
+        if self.loader is None or not n:
+            return
+        first = list(itertools.islice(val, n)) if data.is_stream(val) else \
+            torch.utils.data.Subset(val, range(min(n, len(val))))
+        with data.untouched_randomness(accelerator.device):
+            loader = make_loader("val", first, cfg, self.recipe, accelerator, num_workers=0)
+            batches = [send_to_device(batch, accelerator.device) for batch in loader]
+            reported = {split: evaluate(accelerator, net, batches, self.recipe, cfg, "val")
+                        for split, net in self.models.items()}
+        if self.run.monitor:
+            monitored(reported, self.run.monitor)
 
     def __call__(self, state, epoch):
         """Returns (whether it is the best so far, the reason to stop or None)."""
@@ -580,12 +604,14 @@ def limit_splits(splits, cfg, num_processes):
     return limited
 
 
-def make_loader(split, dataset, cfg, recipe, processes):
+def make_loader(split, dataset, cfg, recipe, processes, num_workers=None):
     """A loader for one split; the training one shuffles. A dataset that serves whole batches
     (`toolkit.data.TensorDataset`, also inside a Subset) brings its own `collate_fn`; a recipe's
     `collate` wins. Other map-style datasets draw their samples' randomness from (seed, epoch,
-    index); a stream (IterableDataset) gets a `StreamLoader`."""
+    index); a stream (IterableDataset) gets a `StreamLoader`. `processes`: a PartialState or an
+    Accelerator; `num_workers`: instead of cfg.num_workers."""
     training = split == "train"
+    num_workers = cfg.num_workers if num_workers is None else num_workers
     batch_size = cfg.batch_size if training else cfg.eval_batch_size
     base = dataset
     while isinstance(base, torch.utils.data.Subset):
@@ -593,7 +619,7 @@ def make_loader(split, dataset, cfg, recipe, processes):
     collate = getattr(recipe, "collate", None) or getattr(base, "collate_fn", None)
     if data.is_stream(dataset):
         limit = cfg.limit_batches[split] * batch_size * processes.num_processes
-        return data.StreamLoader(dataset, batch_size, cfg.num_workers, collate, processes, cfg.seed,
+        return data.StreamLoader(dataset, batch_size, num_workers, collate, processes, cfg.seed,
                                  agree=training, limit=limit)
     if not isinstance(base, (data.TensorDataset, torch.utils.data.TensorDataset)):
         dataset = data.SeededSamples(dataset, cfg.seed)
@@ -601,8 +627,8 @@ def make_loader(split, dataset, cfg, recipe, processes):
         dataset,
         batch_size=batch_size,
         shuffle=training,
-        num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
         pin_memory=processes.device.type == "cuda",
         collate_fn=collate,
         # Its own generator (it seeds the workers), so that starting an epoch, or resuming in the

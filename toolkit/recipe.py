@@ -19,7 +19,8 @@ from pathlib import Path
 from toolkit import UserError
 
 REQUIRED = {"datasets": "cfg", "model": "cfg", "loss": "model, batch, cfg"}
-OPTIONAL = {"metrics": "totals", "optimizer": "cfg, model", "collate": "batch", "flops": "cfg, model"}
+OPTIONAL = {"metrics": "totals", "optimizer": "cfg, model", "collate": "batch", "flops": "cfg, model",
+            "export": "cfg, folder"}
 
 
 def load(path):

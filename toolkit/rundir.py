@@ -128,9 +128,10 @@ def write_text(path, text):
 
 @contextlib.contextmanager
 def replacing(path):
-    """A temporary path beside `path` for the block to write, renamed over `path` when the block
-    ends (a reader sees the old file or the new one, never a part), and the rename flushed to disk.
-    If the block fails, `path` is left as it was and the temporary is removed.
+    """A temporary path beside `path` for the block to write (a file, a link, or a folder that
+    replaces an empty one), renamed over `path` when the block ends (a reader sees the old file or
+    the new one, never a part), and the rename flushed to disk. If the block fails, `path` is left
+    as it was and the temporary is removed.
 
     The name is this writer's alone (its pid and a random part): when several processes or threads
     write one file at once, none renames away another's half-written file, and the last rename
@@ -141,7 +142,9 @@ def replacing(path):
         yield tmp
         os.replace(tmp, path)
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        if tmp.is_dir() and not tmp.is_symlink():  # a folder (an export) that failed half way
+            shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
             os.unlink(tmp)
     fsync(path.parent)
 

@@ -1,0 +1,127 @@
+"""Streams that split themselves (HF `datasets` streaming, webdataset) or not: every sample once per
+pass with 0 or 2 DataLoader workers and 1 or 2 processes.
+
+Each process's loader is built as the run builds it (`StreamLoader`, as for evaluation), here in one
+test process, one rank after the other: the processes' parts are what the test counts."""
+
+import os
+from types import SimpleNamespace
+from unittest import mock
+
+import datasets
+import pytest
+import torch
+import webdataset as wds
+from datasets.distributed import split_dataset_by_node
+
+from toolkit import UserError
+from toolkit.data import StreamLoader, stream_part
+
+N = 250  # samples before the filter
+KEPT = [i for i in range(N) if i % 7 != 3]  # after it
+
+
+def read(make, processes, workers, env=lambda rank, world: {}):
+    """The sample numbers that each of `processes` ranks reads in one pass of `make(rank, world)`."""
+    parts = []
+    for rank in range(processes):
+        ranks = SimpleNamespace(process_index=rank, num_processes=processes, device=torch.device("cpu"))
+        loader = StreamLoader(make(rank, processes), 16, workers, None, ranks, seed=0, agree=False)
+        with mock.patch.dict(os.environ, env(rank, processes)):
+            parts.append([int(i) for batch in loader for i in batch["x"]])
+    return parts
+
+
+def assert_each_once(parts, expected):
+    everything = sorted(i for part in parts for i in part)
+    assert everything == sorted(expected), f"{len(everything)} samples read, {len(expected)} in the pass"
+
+
+TABLE = [(1, 0), (1, 2), (2, 0), (2, 2)]
+CELLS = pytest.mark.parametrize("processes,workers", TABLE, ids=[f"{p}-processes-{w}-workers" for p, w in TABLE])
+
+
+def hf_stream(shards):
+    stream = datasets.Dataset.from_dict({"x": list(range(N))}).to_iterable_dataset(num_shards=shards)
+    return stream.map(lambda e: {"y": e["x"] * 2}).filter(lambda e: e["x"] % 7 != 3).shuffle(seed=0, buffer_size=16)
+
+
+class HFThroughStreamPart(torch.utils.data.IterableDataset):
+    """The HF idiom inside a plain stream that reads its part: split_dataset_by_node(stream_part())."""
+
+    def __init__(self, shards):
+        self.stream = hf_stream(shards)
+
+    def __iter__(self):
+        part, parts = stream_part()
+        yield from split_dataset_by_node(self.stream, rank=part, world_size=parts)
+
+
+HF_WAYS = {
+    "as-it-is": lambda shards: lambda rank, world: hf_stream(shards),
+    "split_dataset_by_node": lambda shards: lambda rank, world: split_dataset_by_node(hf_stream(shards), rank, world),
+    "through-stream_part": lambda shards: lambda rank, world: HFThroughStreamPart(shards),
+}
+
+
+@CELLS
+@pytest.mark.parametrize("way", HF_WAYS)
+@pytest.mark.parametrize("shards", [1, 4])
+def test_an_hf_stream_is_read_once_per_pass(way, shards, processes, workers):
+    assert_each_once(read(HF_WAYS[way](shards), processes, workers), KEPT)
+
+
+def test_an_hf_stream_split_for_another_world_is_refused():
+    with pytest.raises(UserError, match=r"split_dataset_by_node\(rank=0, world_size=4\), but this is process 0 of 2"):
+        read(lambda rank, world: split_dataset_by_node(hf_stream(4), 0, 4), 2, 0)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shards")
+    for shard in range(4):
+        with wds.TarWriter(str(folder / f"shard-{shard}.tar")) as tar:
+            for i in range(shard * 50, shard * 50 + 50):
+                tar.write({"__key__": f"{i:05d}", "cls": i})
+    return sorted(str(p) for p in folder.glob("*.tar"))
+
+
+def webdataset(urls, **splitters):
+    return wds.WebDataset(urls, shardshuffle=False, empty_check=False, **splitters).decode().map(
+        lambda sample: {"x": sample["cls"]})
+
+
+RANKS = lambda rank, world: {"RANK": str(rank), "WORLD_SIZE": str(world)}  # noqa: E731 - what webdataset reads
+
+
+SPLITTERS = [(splitters, p, w) for splitters in ("by-node-and-worker", "by-node", "by-worker") for p, w in TABLE
+             if splitters != "by-worker" or p == 1]  # WebDataset's default nodesplitter: one process (test below)
+
+
+@pytest.mark.parametrize("splitters,processes,workers", SPLITTERS, ids=[f"{s}-{p}-processes-{w}-workers"
+                                                                        for s, p, w in SPLITTERS])
+def test_a_webdataset_is_read_once_per_pass(shards, splitters, processes, workers):
+    chosen = {"by-node-and-worker": {"nodesplitter": wds.split_by_node},
+              "by-node": {"nodesplitter": wds.split_by_node, "workersplitter": None},
+              "by-worker": {}}[splitters]
+    parts = read(lambda rank, world: webdataset(shards, **chosen), processes, workers, RANKS)
+    assert_each_once(parts, range(200))
+
+
+def test_a_webdataset_without_a_nodesplitter_is_refused_with_several_processes(shards):
+    with pytest.raises(UserError, match=r"nodesplitter=wds.split_by_node"):
+        read(lambda rank, world: webdataset(shards), 2, 0, RANKS)
+
+
+class SplitsByWorker(torch.utils.data.IterableDataset):
+    """A plain stream that splits itself over the DataLoader workers without telling the toolkit."""
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        index, count = (info.id, info.num_workers) if info else (0, 1)
+        yield from ({"x": i} for i in range(index, 100, count))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_plain_stream_that_splits_over_workers_itself_is_still_read_once(workers):
+    assert_each_once(read(lambda rank, world: SplitsByWorker(), 2, workers), range(100))
