@@ -17,8 +17,8 @@ a/b, which is the toolkit's overhead (target >= 0.97):
     ranged over 0.6-1.3, far more than the overhead being measured
   - CPU time of this process (CPU only): time slices that other processes take do not count, so
     the ratio swings less (0.87-1.17 on that machine; caches and cores are still shared). The
-    loop's windows are timed by it by pointing toolkit.loop's clock at time.process_time for the
-    run; nothing else in the loop changes.
+    loop's windows are timed by it by pointing toolkit.metrics' clock (the train windows') at
+    time.process_time for the run; nothing else in the loop changes.
 On a busy machine, OMP_NUM_THREADS=1 also steadies both: the 2 threads of a step wait for each other
 whenever one of them is descheduled, and spin meanwhile.
 
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from common import REPO, machine, records, table
 
 import launch  # noqa: E402 - common puts the repository on the path
-from toolkit import config, loop, recipe  # noqa: E402
+from toolkit import config, metrics, recipe  # noqa: E402
 
 GPT = recipe.load(REPO / "recipes" / "gpt.py")
 WARMUP, STEPS, PAIRS = 5, 20, 5
@@ -58,13 +58,13 @@ def toolkit(overrides):
             "limit_batches.val=1", "limit_batches.test=1", "checkpoint.every_epochs=0", "checkpoint.monitor=",
             "trackers=[]", *overrides, f"output_dir={out}"]
     console = io.StringIO()
-    wall_clock = loop.time
-    loop.time = types.SimpleNamespace(time=time.time, perf_counter=time.process_time)  # the windows' clock
+    wall_clock = metrics.time  # the clock of the train windows (toolkit.metrics.Window)
+    metrics.time = types.SimpleNamespace(time=time.time, perf_counter=time.process_time)
     try:
         with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
             status = launch.main(args)
     finally:
-        loop.time = wall_clock
+        metrics.time = wall_clock
     if status:
         raise RuntimeError(f"launch.py {' '.join(args)} failed:\n{console.getvalue()[-3000:]}")
     warmup, *windows = records(next(out.glob("*/*")), "train")

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from conftest import Shared
 from helpers import (CPU, LENET, PROBE, REPO, accelerate_launch, free_port, launch, launch_two, ok, only_run, start,
                      summary)
+from toolkit.loop import first_line
 
 # Here 2 processes start with the flags form (`launch_two(..., flags=True)`); the other test files
 # use accelerate_configs/multi_gpu.yaml.
@@ -132,8 +133,8 @@ def test_an_error_on_one_rank_ends_every_process_quickly(tmp_path):
     started = time.monotonic()
     result = launch_two(args, cwd=tmp_path, timeout=60, flags=True)
     assert result.returncode != 0 and time.monotonic() - started < 60
-    assert result.stderr.count("ValueError: sample") == 1  # the original error, once
-    assert "error: rank 0 stopped: another process failed (rank 1)" in result.stderr
+    assert result.stderr.count("]: ValueError: sample") == 1  # the original error, once
+    assert "error: rank 0 stopped: another process failed (rank 1: ValueError: sample" in result.stderr
     assert "Connection closed by peer" not in result.stderr  # no second traceback from rank 0
     final = summary(only_run(tmp_path))
     assert final["status"] == "failed" and final["error"].startswith("another process failed: rank 1: ValueError")
@@ -145,3 +146,63 @@ def test_accelerate_launch_cpu_with_several_processes_is_refused(tiny, tmp_path)
     assert result.returncode != 0
     assert "error: accelerate launch was asked for several CPU processes but started only this one" in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+class FailsInAWorker(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        raise ValueError("No samples found in dataset; perhaps you have fewer shards than workers.\n"
+                         "Turn off using empty_check=False in the WebDataset constructor.")
+        yield
+
+
+def test_an_error_relayed_from_a_dataloader_worker_names_its_exception_and_first_line():
+    with pytest.raises(ValueError) as raised:
+        list(torch.utils.data.DataLoader(FailsInAWorker(), num_workers=1))
+    assert first_line(raised.value) == "ValueError: No samples found in dataset; perhaps you have fewer shards " \
+                                       "than workers."
+    assert first_line(KeyError("x")) == "KeyError: 'x'"
+
+
+SIZED = '''
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+config = {"trackers": [], "epochs": 1, "checkpoint": {"monitor": ""}}
+
+
+def datasets(cfg):  # a length that differs by process, or that a file sets: data that is not the same
+    n = int(Path("n.txt").read_text()) if Path("n.txt").exists() else 64 + int(os.environ.get("RANK", 0))
+    x = torch.arange(n, dtype=torch.float32).unsqueeze(1)
+    return {"train": torch.utils.data.TensorDataset(x, 2 * x)}
+
+
+def model(cfg):
+    return torch.nn.Linear(1, 1)
+
+
+def loss(model, batch, cfg):
+    x, y = batch
+    return F.mse_loss(model(x), y), {"samples": len(x)}
+'''
+
+
+def test_datasets_that_differ_between_processes_are_refused_before_training(tmp_path):
+    (tmp_path / "sized.py").write_text(SIZED)
+    result = launch_two([tmp_path / "sized.py", f"output_dir={tmp_path}"], cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert "error: the recipe's datasets() gave the processes different data: split lengths rank 0: {'train': 64}; " \
+           "rank 1: {'train': 65}" in result.stderr
+
+
+def test_a_resume_on_other_data_is_refused(tmp_path):
+    (tmp_path / "sized.py").write_text(SIZED)
+    (tmp_path / "n.txt").write_text("64")
+    ok(launch([tmp_path / "sized.py", f"output_dir={tmp_path}"], cwd=tmp_path))
+    (tmp_path / "n.txt").write_text("50")
+    result = launch(["resume", only_run(tmp_path), "epochs=2"], cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr == (
+        "error: the recipe's datasets() now gives split lengths {'train': 50}, but the run trained on {'train': 64}: "
+        "a resumed run needs the data it started with\n")

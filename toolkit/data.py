@@ -139,15 +139,32 @@ class _Epoch:
         return int(self.value)
 
 
+def draws_nothing(dataset):
+    """Whether fetching samples of `dataset` surely draws no randomness: a list or tuple, torch's
+    TensorDataset, an HF `datasets.Dataset` without a transform of its own (`set_transform`,
+    `with_transform`), or a Subset of one of them. Anything else may (a torchvision transform)."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    if isinstance(dataset, (list, tuple, torch.utils.data.TensorDataset)):
+        return True
+    hf = sys.modules.get("datasets")
+    return hf is not None and isinstance(dataset, hf.Dataset) and dataset.format["type"] != "custom"
+
+
 class SeededSamples(torch.utils.data.Dataset):
     """A map-style dataset whose sample `i` draws its randomness from (seed, epoch, i).
 
     The loop wraps every map-style split in it, except `TensorDataset` (seeded per batch) and
-    torch's own `TensorDataset` (no randomness). The cost is about 12 µs per sample.
+    torch's own `TensorDataset` (no randomness). The cost is about 12 µs per sample, and a fetch
+    per sample. A dataset that draws nothing (`draws_nothing`) is not seeded, and one with a batched
+    fetch of its own (`__getitems__`: an HF `Dataset` reads a batch from Arrow in one call) is
+    asked for the whole batch at once.
     """
 
     def __init__(self, dataset, seed):
         self.dataset, self.seed, self.epoch = dataset, seed, _Epoch()
+        self.seeded = not draws_nothing(dataset)
+        self.fetch = getattr(dataset, "__getitems__", None)  # a Subset has one; it asks its dataset's
 
     def set_epoch(self, epoch):
         self.epoch.set_epoch(epoch)
@@ -156,6 +173,8 @@ class SeededSamples(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitems__(self, indices):
+        if not self.seeded:
+            return self.fetch(indices) if self.fetch is not None else [self.dataset[i] for i in indices]
         epoch = int(self.epoch)
         samples = []
         with _own_randomness():

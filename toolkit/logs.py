@@ -2,6 +2,7 @@
 
 import contextlib
 import logging
+import os
 import sys
 
 from tqdm.auto import tqdm
@@ -34,6 +35,21 @@ def writing(run_dir, is_main):
         for handler in list(log.handlers):
             handler.close()
             log.removeHandler(handler)
+
+
+def quiet_libraries(is_main):
+    """On every process but the main one, HF `datasets`' progress bars (a recipe's `.map`) and
+    `transformers`' warnings and load reports are off: the main process shows them once. The
+    variables reach a library imported later; the calls, one imported already."""
+    if is_main:
+        return
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.set_verbosity_error()
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def progress_bar(accelerator, total, initial, desc):

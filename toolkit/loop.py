@@ -31,7 +31,7 @@ from accelerate.utils import (DataLoaderConfiguration, DistributedType, broadcas
                                parse_flag_from_env, send_to_device, set_seed)
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from toolkit import PeerFailure, UserError, checkpoint, config, data, logs, rundir, search, tracking
+from toolkit import PeerFailure, UserError, checkpoint, config, data, logs, recipe as recipes, rundir, search, tracking
 from toolkit.logs import FILE_ONLY, format_metrics, log
 from toolkit.metrics import StepUnits, Totals, Window, summarize
 from toolkit.notify import notify
@@ -58,6 +58,10 @@ def train(recipe, cfg, resume=None, autoresume=False):
     state = checkpoint.verify(resume_from, processes.num_processes) if resume else checkpoint.TrainState()
 
     splits, model, ema, initialized = build(recipe, cfg, processes, weights="" if resume else cfg.init_from)
+    if resume and state.split_sizes and state.split_sizes != sizes(splits):
+        raise UserError(f"the recipe's datasets() now gives split lengths {sizes(splits)}, but the run trained on "
+                        f"{state.split_sizes}: a resumed run needs the data it started with")
+    state.split_sizes = sizes(splits)
     optimizer, groups = make_optimizer(cfg, model, recipe)
     loaders = {split: make_loader(split, ds, cfg, recipe, processes) for split, ds in splits.items()}
     set_seed(cfg.seed + processes.process_index)  # from here on each rank draws its own randomness (augmentation)
@@ -275,11 +279,11 @@ class Run:
             causes = [p.read_text().strip().splitlines()[-1] for p in sorted(self.dir.glob("error-rank*.txt"))]
             summary["error"] = f"another process failed: {'; '.join(causes) or 'see its error'}"
             raise PeerFailure(f"rank {accelerator.process_index} stopped: another process failed "
-                              f"({', '.join(p.split(':')[0] for p in causes) or 'see its error above'})") from error
+                              f"({'; '.join(causes) or 'see its error above'})") from error
         if accelerator.num_processes > 1 and not isinstance(error, KeyboardInterrupt):
             (self.dir / f"error-rank{accelerator.process_index}.txt").write_text(
                 "".join(traceback.format_exception(error)).rstrip() + f"\nrank {accelerator.process_index}: "
-                f"{type(error).__name__}: {error}\n", encoding="utf-8")
+                f"{first_line(error)}\n", encoding="utf-8")
 
     def log_start(self, splits, model, groups, initialized):
         """The opening lines of log.txt: what runs, where, on what (the console shows the short ones)."""
@@ -307,7 +311,9 @@ class Run:
         for line in groups:
             log.info(f"optimizer {line}", extra=FILE_ONLY)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        if device == "cpu" and accelerator.num_processes == 1 and torch.get_num_threads() == 1 and cores > 1:
+        launched = "ACCELERATE_MIXED_PRECISION" in os.environ  # by accelerate launch, which set the threads
+        if device == "cpu" and accelerator.num_processes == 1 and torch.get_num_threads() == 1 and cores > 1 \
+                and launched:
             log.warning(f"torch computes on 1 of {cores} CPU cores (OMP_NUM_THREADS="
                         f"{os.environ.get('OMP_NUM_THREADS')}), which is what `accelerate launch` without a config "
                         f"sets; for all of them, use --num_cpu_threads_per_process {cores}, --config_file "
@@ -423,6 +429,7 @@ def build(recipe, cfg, processes, weights="", training=True, strict=False, use_e
     if training:
         check_splits(splits, cfg)
         splits = limit_splits(splits, cfg, processes.num_processes)
+    same_everywhere(splits, processes)
     model = recipe.model(cfg)
     loaded = checkpoint.load_weights(model, weights, strict=strict) if weights else None
     if cfg.channels_last:
@@ -462,6 +469,19 @@ def test(recipe, cfg, run_dir, which="", split="", use_ema=False):
     accelerator.free_memory()
     accelerator.end_training()
     return result
+
+
+def first_line(error):
+    """`Type: the first line of its message`: for an error raised in a DataLoader worker (which
+    torch raises again with the worker's traceback as its message), the original one's."""
+    lines = str(error).splitlines()
+    if "Original Traceback (most recent call last):" in lines:
+        after = lines[lines.index("Original Traceback (most recent call last):") + 1:]
+        raised = [line for line in after if line.strip() and not line.startswith(" ")]
+        if raised:
+            return raised[0]
+    lines = [line.strip() for line in lines if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def lost_a_peer(error):
@@ -580,6 +600,25 @@ def check_splits(splits, cfg):
                             f"or onecycle), use sched.warmup_steps, or give the dataset a __len__")
 
 
+def sizes(splits):
+    """{split: its length, or None for a stream}."""
+    return {split: len(ds) if data.has_length(ds) else None for split, ds in splits.items()}
+
+
+def same_everywhere(splits, processes):
+    """The recipe's datasets() gave every process the same splits, as far as their lengths tell (a
+    tokenizer trained per process, or unseeded sampling, would give each its own data)."""
+    if processes.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    seen = gather_object([sizes(splits)])
+    if any(other != seen[0] for other in seen):
+        raise UserError(f"the recipe's datasets() gave the processes different data: split lengths "
+                        f"{'; '.join(f'rank {r}: {s}' for r, s in enumerate(seen))}; it must give the same data on "
+                        f"every process (draw with cfg.seed, and build or train anything once, on every process alike)")
+
+
 def limit_splits(splits, cfg, num_processes):
     """`limit_batches` and `debug.overfit_batches`: the first N batches' worth of samples (over all
     processes) of a split; overfitting trains and validates on the same ones. A stream is cut as
@@ -616,7 +655,7 @@ def make_loader(split, dataset, cfg, recipe, processes, num_workers=None):
     base = dataset
     while isinstance(base, torch.utils.data.Subset):
         base = base.dataset
-    collate = getattr(recipe, "collate", None) or getattr(base, "collate_fn", None)
+    collate = recipes.collate(recipe, cfg) or getattr(base, "collate_fn", None)
     if data.is_stream(dataset):
         limit = cfg.limit_batches[split] * batch_size * processes.num_processes
         return data.StreamLoader(dataset, batch_size, num_workers, collate, processes, cfg.seed,
@@ -678,6 +717,7 @@ def start_processes(cfg):
                         "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N launch.py ..., "
                         "or torchrun --nproc_per_node N launch.py ...")
     processes = PartialState(cpu=cpu)
+    logs.quiet_libraries(processes.is_main_process)
     precision = cfg.precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if precision == "fp16" and processes.device.type == "cpu":
         raise UserError("precision=fp16 needs a GPU (on the CPU it would silently train in fp32); "

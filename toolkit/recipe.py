@@ -7,9 +7,11 @@ A recipe is one Python file with:
     def model(cfg): ...               # -> torch.nn.Module
     def loss(model, batch, cfg): ...  # -> (scalar loss, {"samples": n, other summable counts...})
 
-and optionally `metrics(totals) -> dict` to turn summed counts into reported numbers.
+and optionally `metrics(totals) -> dict` to turn summed counts into reported numbers, and the other
+hooks of OPTIONAL (a `|` separates the signatures a hook may have).
 """
 
+import functools
 import importlib.util
 import inspect
 import sys
@@ -19,7 +21,7 @@ from pathlib import Path
 from toolkit import UserError
 
 REQUIRED = {"datasets": "cfg", "model": "cfg", "loss": "model, batch, cfg"}
-OPTIONAL = {"metrics": "totals", "optimizer": "cfg, model", "collate": "batch", "flops": "cfg, model",
+OPTIONAL = {"metrics": "totals", "optimizer": "cfg, model", "collate": "batch | batch, cfg", "flops": "cfg, model",
             "export": "cfg, folder"}
 
 
@@ -47,10 +49,10 @@ def load(path):
         function = getattr(module, name, None)
         if function is None:
             continue
-        try:
-            inspect.signature(function).bind(*params.split(", "))
-        except TypeError:
-            raise UserError(f"recipe {path}: {name} must be a function {name}({params})") from None
+        options = params.split(" | ")
+        if not any(_takes(function, *option.split(", ")) for option in options):
+            raise UserError(f"recipe {path}: {name} must be a function "
+                            f"{' or '.join(f'{name}({option})' for option in options)}")
     config = getattr(module, "config", {})
     if not isinstance(config, dict):
         raise UserError(f"recipe {path}: `config` must be a dict, got {type(config).__name__}")
@@ -58,6 +60,24 @@ def load(path):
     module.name = path.stem
     module.path = path
     return module
+
+
+def _takes(function, *args):
+    """Whether `function` (any callable) can be called with these positional arguments."""
+    try:
+        inspect.signature(function).bind(*args)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def collate(recipe, cfg):
+    """The recipe's `collate` as a function of the batch alone (`collate(batch, cfg)` gets the run's
+    cfg, e.g. to build a tokenizer's collator), or None."""
+    function = getattr(recipe, "collate", None)
+    if function is None or _takes(function, "batch"):
+        return function
+    return functools.partial(function, cfg=cfg)
 
 
 class RecipeError(UserError):
