@@ -264,9 +264,12 @@ def _no_worker():
 
 
 class StreamPart(IterableDataset):
-    """One slot's part of a stream (slot = process x workers + worker, of `slots`): sample `k` of
-    a pass goes to slot `k % slots` and draws its randomness from (seed, epoch, k). With `limit`,
-    a pass ends after the stream's first `limit` samples."""
+    """One slot's part of a stream (slot = process x workers + worker, of `slots`). The stream
+    splits itself over the axes it knows (a library's: `library_split`; all of them after
+    `stream_part()`); over the others the toolkit keeps every `count`-th sample that it yields (for
+    a stream that splits nothing, sample `k` of a pass goes to slot `k % slots`). A sample draws its
+    randomness from (seed, epoch, its place in the pass). With `limit`, a pass ends after its first
+    `limit` samples."""
 
     def __init__(self, dataset, rank, world, seed, limit=0):
         self.rank, self.world, self.seed, self.limit = rank, world, seed, limit
