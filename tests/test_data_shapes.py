@@ -236,3 +236,13 @@ def test_a_stream_without_max_steps_refuses_a_schedule_that_needs_its_length(tmp
                              "is a stream without one: set max_steps (with cosine, linear or onecycle), use "
                              "sched.warmup_steps, or give the dataset a __len__\n")
     assert not (tmp_path / "stream").exists()
+
+
+def test_fast_run_takes_the_readme_stream_pattern(tmp_path):
+    """debug.fast_run on a stream with a schedule that needs the run's length (max_steps): one step,
+    a checkpoint saved and loaded back."""
+    result = ok(launch([STREAM, "sched.name=cosine", "max_steps=300", "debug.fast_run=true", "trackers=[]",
+                        f"output_dir={tmp_path}"], cwd=tmp_path))
+    final = summary(only_run(tmp_path))
+    assert final["status"] == "finished" and final["steps"] == 1
+    assert "checkpoint saved and loaded back" in result.stderr
