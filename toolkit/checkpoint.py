@@ -21,8 +21,8 @@ import dataclasses
 import json
 import logging
 import re
-import time
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -241,10 +241,10 @@ def load_weights(model, source, strict=False):
     if path.is_dir():
         path = path / "model.safetensors"
     if not path.is_file() and callable(getattr(model, "from_pretrained", None)):
-        return _load_into(model, _pretrained(model, source), strict)  # an HF hub id, a sharded HF folder
-    if not path.is_file():
+        weights = _pretrained(model, source)  # an HF hub id, a sharded HF folder
+    elif not path.is_file():
         raise UserError(f"{source}: no such file (give a .safetensors file, a run folder or a checkpoint)")
-    if path.suffix == ".safetensors":
+    elif path.suffix == ".safetensors":
         weights = _load_safetensors(path)
     elif path.suffix in (".pt", ".pth", ".bin"):
         try:
@@ -275,10 +275,12 @@ def _load_into(model, weights, strict=True):
     tensor with a name that it has (tied embeddings: safetensors holds one of them) is not missing:
     loading the one loads both. Returns (missing, unexpected) key lists."""
     result = model.load_state_dict(weights, strict=False)
-    tensors, names = model.state_dict(keep_vars=True), {}
-    for name, tensor in tensors.items():
-        names.setdefault(_place(tensor), set()).add(name)
-    missing = [name for name in result.missing_keys if not names[_place(tensors[name])] & weights.keys()]
+    missing = result.missing_keys
+    if missing:
+        tensors, names = model.state_dict(keep_vars=True), {}
+        for name, tensor in tensors.items():
+            names.setdefault(_place(tensor), set()).add(name)
+        missing = [name for name in missing if not names[_place(tensors[name])] & weights.keys()]
     if strict and (missing or result.unexpected_keys):
         raise RuntimeError(f"Error(s) in loading state_dict for {type(model).__name__}:\n"
                            f"missing keys {missing or 'none'}, unexpected keys {result.unexpected_keys or 'none'}")

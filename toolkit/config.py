@@ -92,7 +92,7 @@ DEFAULTS = {
         "monitor": "val/loss",   # the metric that picks the best checkpoint: val/<metric> or val_ema/<metric> ("": none)
         "mode": "min",           # which way is better for the monitor
     },
-    "init_from": "",             # start from these weights: a .safetensors/.pt file, a run folder, an HF folder or hub id
+    "init_from": "",             # start from these weights: a .safetensors/.pt file, a run or HF folder, an HF hub id
     "trackers": ["tensorboard"], # besides metrics.jsonl, which is always written; [] for none
     "wandb": {                   # "": what the WANDB_* variable says, else the default in brackets
         "project": "",           # the wandb project ("": $WANDB_PROJECT, else minloop); runs are named after their folder
@@ -119,7 +119,8 @@ MINIMUMS = {  # key -> smallest valid value (every other number in DEFAULTS must
 }
 # Keys a resumed run may change: they do not change the model, the data or the results so far.
 RESUMABLE = ("epochs", "max_steps", "max_minutes", "log_every", "eval_batch_size", "num_workers", "compile",
-             "trackers", "val_every", "val_every_steps", "sanity_val_batches", "early_stop.patience", "skip_nonfinite", "nan_tolerance",
+             "trackers", "val_every", "val_every_steps", "sanity_val_batches", "early_stop.patience", "skip_nonfinite",
+             "nan_tolerance",
              "checkpoint.every_epochs", "checkpoint.every_steps", "checkpoint.keep",
              "data.root", "data.download", "wandb.", "notify.")  # a trailing dot: every key under it
 

@@ -276,7 +276,6 @@ class StreamPart(IterableDataset):
         library = library_split(dataset, rank, world)
         self.dataset, *self.splits = library or (dataset, None, None)  # splits: over processes, over workers
         self.epoch = _Epoch()
-        self.guarded = False  # whether the reader keeps the draws out of the training step's generators
 
     def set_epoch(self, epoch):
         self.epoch.set_epoch(epoch)
@@ -302,13 +301,12 @@ class StreamPart(IterableDataset):
         itself, kept = self._parts(self.splits if known else (False, False))
         slot = self._parts((True, True))[0]  # this slot of all, as stream_part() returns it
         hide = _no_worker if not known and get_worker_info() is not None else contextlib.nullcontext
-        own = contextlib.nullcontext if self.guarded else _own_randomness
         epoch, samples = int(self.epoch), iter(self.dataset)
         for position in itertools.count():
             index = position * itself[1] + itself[0]  # the sample's place in the pass
             if self.limit and index >= self.limit:
                 return
-            with own(), hide():
+            with hide():  # the reader keeps these draws out of the training step's (StreamLoader)
                 _seed_sample(self.seed, epoch, index)
                 _part, _split_itself = (*slot, self.seed, epoch), False
                 try:
@@ -347,9 +345,6 @@ class StreamLoader(DataLoaderStateMixin):
             # global RNG of the training step (dropout), which a resume restores mid-pass.
             generator=torch.Generator().manual_seed(seed + processes.process_index))
         self.device, self.agree = processes.device, agree
-        # Without workers the stream is read here, between training steps: its draws are kept out of
-        # theirs once per batch, not per sample (saving numpy's generator costs 80 µs).
-        self.part.guarded = num_workers == 0
         self.group = dist.new_group(backend="gloo") if agree and processes.num_processes > 1 else None
         self.gradient_state = GradientState()  # tells accelerator.accumulate where a pass ends
         self.skip, self.padding, self.ranks_with_data = 0, False, processes.num_processes
@@ -382,7 +377,10 @@ class StreamLoader(DataLoaderStateMixin):
             batches = iter(self.loader)
 
             def fetch():
-                with untouched_randomness() if self.part.guarded else contextlib.nullcontext():
+                # Without workers the stream is read here, between training steps: its draws are kept
+                # out of theirs, once per batch (saving numpy's generator costs 80 µs); a worker's
+                # generators serve the data alone.
+                with untouched_randomness() if self.loader.num_workers == 0 else contextlib.nullcontext():
                     return next(batches, None)
 
             upcoming = fetch()
