@@ -1,8 +1,9 @@
 """What a stream costs the loader: samples/s of reading an HF `datasets` stream through the toolkit's
-`StreamLoader` (as one process of a run reads it), with 0 and 2 DataLoader workers, against the same
-stream read by a plain DataLoader; and what a resume deep into a pass costs when the pass is read
-again up to the checkpoint's batch (the toolkit's way: a stream cannot seek) against HF's own
-`IterableDataset.state_dict()` / `load_state_dict()`.
+`StreamLoader` (as one process of a run reads it: for evaluation, and for training, where it keeps
+the stream's state after every batch through torchdata's StatefulDataLoader), with 0 and 2
+DataLoader workers, against the same stream read by a plain DataLoader; and what a resume deep into
+a pass costs when the pass is read again up to the checkpoint's batch against one from the state
+that the checkpoint keeps (HF's own `IterableDataset.state_dict()`).
 
 The stream: `N` rows of 48 token ids made by `Dataset.to_iterable_dataset(num_shards=4)`, with a
 `.map` and a `.filter`, batches of 64, padded by a collate; nothing trains. ROUNDS rounds of each
@@ -39,9 +40,9 @@ def collate(batch):
     return torch.tensor([sample["ids"] for sample in batch])
 
 
-def toolkit(workers):
+def toolkit(workers, training=False):
     one = SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"))
-    return StreamLoader(stream(), BATCH, workers, collate, one, seed=0, agree=False)
+    return StreamLoader(stream(), BATCH, workers, collate, one, seed=0, agree=training)
 
 
 def plain(workers):
@@ -56,42 +57,45 @@ def rate(loader):
     return samples / (time.perf_counter() - start), samples
 
 
-def resume_by_reading(batches):
-    """Seconds until the first batch after `batches` batches of the pass, read again (0 workers)."""
+def resume_by_reading(batches, workers):
+    """Seconds until the first batch after `batches` batches of the pass, read again."""
     start = time.perf_counter()
-    next(iter(toolkit(0).skip_first_batches(batches)))
+    next(iter(toolkit(workers).skip_first_batches(batches)))
     return time.perf_counter() - start
 
 
-def resume_by_state(batches):
-    """The same with HF's own state: saved after `batches` batches, then loaded into a new stream."""
-    ds = stream()
-    for i, _ in enumerate(ds.iter(batch_size=BATCH)):
+def resume_by_state(batches, workers):
+    """The same from the resume point that a checkpoint after `batches` batches keeps."""
+    first = toolkit(workers, training=True)
+    for i, _ in enumerate(first):
         if i + 1 == batches:
             break
-    state = ds.state_dict()
+    point = first.resume_point()
     start = time.perf_counter()
-    again = stream()
-    again.load_state_dict(state)
-    next(iter(again.iter(batch_size=BATCH)))
+    again = toolkit(workers, training=True)
+    again.resume_from(point)
+    next(iter(again.skip_first_batches(batches)))
     return time.perf_counter() - start
 
 
 def main():
     print(f"{N} samples, batch {BATCH}, median of {ROUNDS} rounds")
     for workers in (0, 2):
-        ours, theirs = [], []
+        ours, training, theirs = [], [], []
         for _ in range(ROUNDS):
             ours.append(rate(toolkit(workers)))
+            training.append(rate(toolkit(workers, training=True)))
             theirs.append(rate(plain(workers)))
-        a, b = statistics.median(r for r, _ in ours), statistics.median(r for r, _ in theirs)
-        print(f"{workers} workers: StreamLoader {a:,.0f} samples/s ({ours[0][1]} samples read), plain "
-              f"DataLoader {b:,.0f} samples/s ({theirs[0][1]} read), ratio {a / b:.3f}")
+        a, t, b = (statistics.median(r for r, _ in rates) for rates in (ours, training, theirs))
+        print(f"{workers} workers: StreamLoader {a:,.0f} samples/s ({ours[0][1]} samples read), training (with "
+              f"its state) {t:,.0f} ({training[0][1]}), plain DataLoader {b:,.0f} ({theirs[0][1]}); "
+              f"ratios {a / b:.3f}, {t / b:.3f}")
     deep = int(0.9 * N / BATCH)
-    reading = statistics.median(resume_by_reading(deep) for _ in range(ROUNDS))
-    state = statistics.median(resume_by_state(deep) for _ in range(ROUNDS))
-    print(f"resume at batch {deep} of {N // BATCH}: reading the pass again {reading:.2f} s, "
-          f"HF state_dict {state:.3f} s")
+    for workers in (0, 2):
+        reading = statistics.median(resume_by_reading(deep, workers) for _ in range(ROUNDS))
+        state = statistics.median(resume_by_state(deep, workers) for _ in range(ROUNDS))
+        print(f"{workers} workers, resume at batch {deep} of {N // BATCH}: reading the pass again {reading:.2f} s, "
+              f"from the stream's state {state:.3f} s")
 
 
 if __name__ == "__main__":

@@ -80,10 +80,15 @@ def test_a_module_that_shares_a_parameter_saves_and_loads_it_once(tmp_path):
 
 
 def test_an_hf_stream_counts_every_sample_once_with_two_processes_and_workers(tmp_path):
-    """The test table's last cell through the real loop: 2 processes x 2 workers, 1 shard."""
+    """The test table's last cell through the real loop: 2 processes x 2 workers, 1 shard; then
+    a resume from the place in the stream that each process saved."""
     ok(launch_two([GPT2, "num_workers=2", "shards=1", "max_steps=2", f"output_dir={tmp_path}"], cwd=tmp_path))
-    final = summary(only_run(tmp_path))
-    assert final["status"] == "finished" and final["val"]["samples"] == 80
+    run = only_run(tmp_path)
+    assert summary(run)["status"] == "finished" and summary(run)["val"]["samples"] == 80
+    saved = checkpoint.find(run)
+    assert [checkpoint.loader_point(saved, rank)["batches"] for rank in (0, 1)] == [2, 2]
+    ok(launch_two(["resume", run, "max_steps=3"], cwd=tmp_path))
+    assert summary(run)["steps"] == 3 and summary(run)["val"]["samples"] == 80
 
 
 def test_a_monitor_that_validation_does_not_report_is_refused_before_the_first_step(tmp_path):

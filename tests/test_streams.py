@@ -4,6 +4,8 @@ pass with 0 or 2 DataLoader workers and 1 or 2 processes.
 Each process's loader is built as the run builds it (`StreamLoader`, as for evaluation), here in one
 test process, one rank after the other: the processes' parts are what the test counts."""
 
+import itertools
+import json
 import os
 from types import SimpleNamespace
 from unittest import mock
@@ -125,3 +127,73 @@ class SplitsByWorker(torch.utils.data.IterableDataset):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_plain_stream_that_splits_over_workers_itself_is_still_read_once(workers):
     assert_each_once(read(lambda rank, world: SplitsByWorker(), 2, workers), range(100))
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming a training pass from the stream's own state (HF `IterableDataset.state_dict()`, through
+# torchdata's StatefulDataLoader) rather than by reading it again up to the checkpoint.
+
+def unshuffled_hf_stream(reads):
+    """An HF stream that its state resumes exactly (no shuffle buffer); `reads` gets each row it maps."""
+    def mapped(e):
+        reads.append(e["x"])
+        return {"y": e["x"] * 2}
+
+    stream = datasets.Dataset.from_dict({"x": list(range(N))}).to_iterable_dataset(num_shards=2)
+    return stream.map(mapped).filter(lambda e: e["x"] % 7 != 3)
+
+
+def training_loader(stream, workers, peer_batches, first=0):
+    """One process's training loader, beside a peer process whose part has `peer_batches` batches
+    (this one repeats its last batch as padding until the peer's are done). `first`: the number
+    in the pass of the batch that the loader reads first."""
+    one = SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"))
+    loader = StreamLoader(stream, 16, workers, None, one, seed=0, agree=True)
+    peer = itertools.count(first)
+    loader._ranks_with = lambda batch: int(batch is not None) + int(next(peer) < peer_batches)
+    return loader
+
+
+def pass_of(loader, stop=None):
+    """(sample numbers, padding) of each batch of one pass, or of its first `stop` batches."""
+    return [([int(i) for i in batch["x"]], loader.padding) for batch in itertools.islice(loader, stop)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("stop", [5, 16], ids=["mid-part", "while-padding"])
+def test_a_resume_from_an_hf_streams_state_continues_the_pass_exactly(workers, stop):
+    whole = pass_of(training_loader(unshuffled_hf_stream([]), workers, peer_batches=18))
+    assert len(whole) == 18 and sum(padding for _, padding in whole) == 18 - 14  # 214 samples: 14 batches
+
+    first = training_loader(unshuffled_hf_stream([]), workers, peer_batches=18)
+    assert pass_of(first, stop) == whole[:stop]
+    point = json.loads(json.dumps(first.resume_point()))  # what a checkpoint keeps
+
+    reads = []
+    again = training_loader(unshuffled_hf_stream(reads), workers, peer_batches=18, first=stop - 1)
+    again.resume_from(point)
+    assert pass_of(again.skip_first_batches(stop)) == whole[stop:]
+    if workers == 0:  # read from the last trained batch with data on, not from the start
+        assert len(reads) <= N - 16 * min(stop - 1, 13), f"{len(reads)} rows read again"
+
+
+def test_an_hf_stream_with_a_shuffle_buffer_is_read_again_and_resumes_exactly():
+    """The buffer is not in HF's state (resuming from it would lose its samples)."""
+    shuffled = lambda: unshuffled_hf_stream([]).shuffle(seed=0, buffer_size=16)  # noqa: E731
+    whole = pass_of(training_loader(shuffled(), 0, peer_batches=0))
+    first = training_loader(shuffled(), 0, peer_batches=0)
+    pass_of(first, 5)
+    assert first.resume_point() is None
+    again = training_loader(shuffled(), 0, peer_batches=0)
+    again.resume_from(None)
+    assert pass_of(again.skip_first_batches(5)) == whole[5:]
+
+
+def test_a_resume_with_other_workers_reads_the_pass_again_rather_than_load_their_state():
+    """num_workers may change on a resume: the state of 0 workers cannot place 2 of them."""
+    whole = pass_of(training_loader(unshuffled_hf_stream([]), 2, peer_batches=0))
+    first = training_loader(unshuffled_hf_stream([]), 0, peer_batches=0)
+    pass_of(first, 5)
+    again = training_loader(unshuffled_hf_stream([]), 2, peer_batches=0)
+    again.resume_from(json.loads(json.dumps(first.resume_point())))
+    assert pass_of(again.skip_first_batches(5)) == whole[5:]

@@ -29,7 +29,7 @@ import torch
 from accelerate.utils import load as safe_torch_load
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from toolkit import UserError, rundir
+from toolkit import UserError, data, rundir
 from toolkit.logs import FILE_ONLY, log
 
 # save_state writes a tensor that two names share (tied embeddings) once, and Accelerate says so
@@ -38,6 +38,7 @@ logging.getLogger("accelerate.utils.other").addFilter(lambda record: "Removed sh
 
 FORMAT = 1
 STATE_FILE = "train_state.json"
+LOADER_FILE = "loader_state_{rank}.json"  # a stream's place, per rank (data.StreamLoader.resume_point)
 _NAME = re.compile(r"^step-(\d+)$")
 
 
@@ -63,10 +64,11 @@ class TrainState:
         return value is not None and (self.best is None or (value > self.best if mode == "max" else value < self.best))
 
 
-def save(accelerator, run_dir, state, keep, best, model, ema=None):
+def save(accelerator, run_dir, state, keep, best, model, ema=None, loader_point=None):
     """Save a checkpoint of everything prepared on `accelerator`, `state` and the `ema` weights
     (an AveragedModel, as ema.safetensors); if `best`, also export the weights to
-    <run>/model.safetensors (and model_ema.safetensors). Call on every rank."""
+    <run>/model.safetensors (and model_ema.safetensors). `loader_point`: this rank's place in a
+    stream (`data.resume_point`), as loader_state_<rank>.json. Call on every rank."""
     folder = Path(run_dir) / "checkpoints"
     name = f"step-{state.step:07d}"
     tmp = folder / f".tmp-{name}"
@@ -76,6 +78,8 @@ def save(accelerator, run_dir, state, keep, best, model, ema=None):
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)  # the model and optimizer from the main process, RNG from every rank
+    if loader_point is not None:
+        _write_loader_point(tmp, accelerator.process_index, loader_point)
     weights = accelerator.get_state_dict(model) if best else None  # unwrapped keys; gathered if sharded
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -103,12 +107,36 @@ def save(accelerator, run_dir, state, keep, best, model, ema=None):
     return Path(run_dir) / "checkpoints" / name
 
 
+def _write_loader_point(folder, rank, point):
+    """A stream's resume point as JSON; one that JSON cannot hold (a stream's own state of other
+    types) is left out, and the resume reads the pass again."""
+    try:
+        text = json.dumps(point)
+    except (TypeError, ValueError) as e:
+        log.warning(f"the stream's state cannot be saved as JSON ({e}): a resume will read the pass again",
+                    extra=FILE_ONLY)
+        return
+    (folder / LOADER_FILE.format(rank=rank)).write_text(text, encoding="utf-8")
+
+
+def loader_point(checkpoint, rank):
+    """The resume point that rank `rank`'s stream saved in `checkpoint`, or None."""
+    path = Path(checkpoint) / LOADER_FILE.format(rank=rank)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read ({type(e).__name__}: {e}); the checkpoint is damaged") from None
+
+
 class Saver:
     """Saves the checkpoints of one run (in the manner of timm's CheckpointSaver): bound once to
     what every save writes, then `save(state, best)` at each save point, on every rank."""
 
-    def __init__(self, accelerator, run_dir, model, ema, keep, monitor, run):
+    def __init__(self, accelerator, run_dir, model, ema, keep, monitor, run, loader=None):
         self.accelerator, self.run_dir, self.model, self.ema = accelerator, run_dir, model, ema
+        self.loader = loader  # the training loader, whose place in a stream a checkpoint keeps
         self.keep, self.monitor = keep, monitor
         self.run = run  # its clock (`started`) and metrics log: a checkpoint records both
 
@@ -116,7 +144,8 @@ class Saver:
         state.wall_time_s = round(time.time() - self.run.started, 2)
         state.metrics_lines = self.run.metrics.lines  # a resume cuts metrics.jsonl back to these
         state.num_processes = self.accelerator.num_processes  # whose data shards `state.batch` counts
-        path = save(self.accelerator, self.run_dir, state, self.keep, best, self.model, self.ema)
+        path = save(self.accelerator, self.run_dir, state, self.keep, best, self.model, self.ema,
+                    data.resume_point(self.loader))
         log.info(f"saved {path}" + (f" (best {self.monitor}={state.best:.6g})" if best else ""), extra=FILE_ONLY)
         return path
 

@@ -9,12 +9,12 @@
 """
 
 import contextlib
-import copy
 import gzip
 import itertools
 import random
 import struct
 import sys
+import warnings
 import zlib
 from pathlib import Path
 
@@ -196,7 +196,7 @@ class SeededSamples(torch.utils.data.Dataset):
 # reads its slot's part; any other stream is read whole in every slot, and the toolkit keeps sample
 # `k` of the pass in slot `k % slots`.
 
-_part = None  # (slot, slots, seed, epoch) while a stream's next sample is read by the toolkit
+_part = None  # (slot, slots, seed, epoch, position) while a stream's next sample is read by the toolkit
 _split_itself = False
 
 
@@ -212,9 +212,9 @@ def stream_part():
     global _split_itself
     if _part is None:
         return 0, 1
-    slot, slots, seed, epoch = _part
+    slot, slots, seed, epoch, position = _part
     _split_itself = True
-    _seed_sample(seed, epoch, slot)  # this part's first sample is sample `slot` of the pass
+    _seed_sample(seed, epoch, position * slots + slot)  # the place in the pass of the part's next sample
     return slot, slots
 
 
@@ -263,24 +263,62 @@ def _no_worker():
         worker._worker_info = info
 
 
+def resumes_from_state(dataset):
+    """Whether a resume can load the stream's own state instead of reading its pass again up to
+    the checkpoint: the stream has `state_dict()` and `load_state_dict()` (HF `datasets` streams
+    do), torchdata's StatefulDataLoader is installed (it collects the state of every DataLoader
+    worker), and no part of the stream holds samples that its state leaves out: an HF stream's
+    `.shuffle(buffer_size=...)` buffer is not in its state (resuming from it would lose them)."""
+    if not (callable(getattr(dataset, "state_dict", None)) and callable(getattr(dataset, "load_state_dict", None))):
+        return False
+    try:
+        import torchdata.stateful_dataloader  # noqa: F401
+    except ImportError:
+        return False
+    hf = sys.modules.get("datasets")
+    if hf is not None and isinstance(dataset, hf.IterableDataset):
+        nodes = [dataset._ex_iterable]
+        while nodes:
+            node = nodes.pop()
+            if type(node).__name__ == "BufferShuffledExamplesIterable":
+                return False
+            nodes += [getattr(node, "ex_iterable", None), *getattr(node, "ex_iterables", ())]
+            nodes = [n for n in nodes if n is not None]
+    return True
+
+
 class StreamPart(IterableDataset):
     """One slot's part of a stream (slot = process x workers + worker, of `slots`). The stream
     splits itself over the axes it knows (a library's: `library_split`; all of them after
     `stream_part()`); over the others the toolkit keeps every `count`-th sample that it yields (for
     a stream that splits nothing, sample `k` of a pass goes to slot `k % slots`). A sample draws its
     randomness from (seed, epoch, its place in the pass). With `limit`, a pass ends after its first
-    `limit` samples."""
+    `limit` samples.
+
+    Its `state_dict()` (torchdata's Stateful protocol, asked after each batch in the process or
+    worker that read it) is where the reading is: the stream's own state, and the place of the
+    next sample; after `load_state_dict`, the next pass continues from there."""
 
     def __init__(self, dataset, rank, world, seed, limit=0):
         self.rank, self.world, self.seed, self.limit = rank, world, seed, limit
         library = library_split(dataset, rank, world)
         self.dataset, *self.splits = library or (dataset, None, None)  # splits: over processes, over workers
         self.epoch = _Epoch()
+        self._position, self._reads_its_part, self._resume = 0, False, None
 
     def set_epoch(self, epoch):
         self.epoch.set_epoch(epoch)
         if hasattr(self.dataset, "set_epoch"):  # e.g. a stream that shuffles its shards per epoch
             self.dataset.set_epoch(epoch)
+
+    def state_dict(self):
+        if self._resume is not None:  # loaded, and not read from yet
+            return self._resume
+        return {"position": self._position, "reads_its_part": self._reads_its_part,
+                "stream": self.dataset.state_dict()}
+
+    def load_state_dict(self, state):
+        self._resume = state
 
     def _parts(self, own):
         """((index, count) of the pass that the stream reads itself, (index, count) of what it reads
@@ -301,23 +339,31 @@ class StreamPart(IterableDataset):
         itself, kept = self._parts(self.splits if known else (False, False))
         slot = self._parts((True, True))[0]  # this slot of all, as stream_part() returns it
         hide = _no_worker if not known and get_worker_info() is not None else contextlib.nullcontext
+        resume, self._resume = self._resume, None
+        start, self._reads_its_part = (resume["position"], resume["reads_its_part"]) if resume else (0, False)
+        if self._reads_its_part:
+            itself, kept = slot, (0, 1)
+        if resume:
+            self.dataset.load_state_dict(resume["stream"])
         epoch, samples = int(self.epoch), iter(self.dataset)
-        for position in itertools.count():
+        for position in itertools.count(start):
             index = position * itself[1] + itself[0]  # the sample's place in the pass
             if self.limit and index >= self.limit:
                 return
             with hide():  # the reader keeps these draws out of the training step's (StreamLoader)
                 _seed_sample(self.seed, epoch, index)
-                _part, _split_itself = (*slot, self.seed, epoch), False
+                _part, _split_itself = (*slot, self.seed, epoch, position), False
                 try:
                     sample = next(samples)
                 except StopIteration:
                     return
                 finally:
                     _part = None
-            if position == 0 and _split_itself:  # stream_part() was called: the stream reads its part
-                itself, kept = slot, (0, 1)
-                if self.limit and itself[0] >= self.limit:
+            self._position = position + 1
+            if position == start and _split_itself and not self._reads_its_part:
+                # stream_part() was called: the stream reads its part
+                itself, kept, self._reads_its_part = slot, (0, 1), True
+                if self.limit and position * itself[1] + itself[0] >= self.limit:
                     return
             if position % kept[1] == kept[0]:
                 yield sample
@@ -334,20 +380,35 @@ class StreamLoader(DataLoaderStateMixin):
     as `padding` (the loop weighs it zero). Every sample is trained on once per pass, and no
     process waits in a collective that another never reaches. The agreement is one all-reduce
     of an integer on a CPU (gloo) group per batch; the accelerator never waits for it.
+
+    A resume in the middle of a pass reads the pass again up to the checkpoint's batch, without
+    training on it, unless the stream's own state can take it there (`resumes_from_state`): then
+    the training loader is torchdata's StatefulDataLoader, a checkpoint keeps `resume_point()`,
+    and `resume_from()` gives it back.
     """
 
     def __init__(self, dataset, batch_size, num_workers, collate_fn, processes, seed, agree, limit=0):
         self.part = StreamPart(dataset, processes.process_index, processes.num_processes, seed, limit)
-        self.loader = torch.utils.data.DataLoader(
-            self.part, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn,
-            pin_memory=processes.device.type == "cuda",
-            # Its own generator: starting a pass draws the workers' base seed from it, not from the
-            # global RNG of the training step (dropout), which a resume restores mid-pass.
-            generator=torch.Generator().manual_seed(seed + processes.process_index))
+        self.stateful = agree and resumes_from_state(self.part.dataset)
+        if self.stateful:
+            from torchdata.stateful_dataloader import StatefulDataLoader as Loader
+        else:
+            Loader = torch.utils.data.DataLoader
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata 0.11 on torch 2.9+
+            self.loader = Loader(
+                self.part, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn,
+                pin_memory=processes.device.type == "cuda",
+                # Its own generator: starting a pass draws the workers' base seed from it, not from the
+                # global RNG of the training step (dropout), which a resume restores mid-pass.
+                generator=torch.Generator().manual_seed(seed + processes.process_index))
         self.device, self.agree = processes.device, agree
         self.group = dist.new_group(backend="gloo") if agree and processes.num_processes > 1 else None
         self.gradient_state = GradientState()  # tells accelerator.accumulate where a pass ends
-        self.skip, self.padding, self.ranks_with_data = 0, False, processes.num_processes
+        self.padding, self.ranks_with_data = False, processes.num_processes
+        self.next_pass = (0, 0, None)  # (batches to skip, the first batch's number, the loader state it follows)
+        self.resumed = None  # (batches, loader state): a checkpoint's resume point
+        self.point = (0, None)  # (batches of this pass done, the loader state before the last one with data)
 
     @property
     def dataset(self):
@@ -356,12 +417,37 @@ class StreamLoader(DataLoaderStateMixin):
     def set_epoch(self, epoch):
         self.part.set_epoch(epoch)
 
+    def resume_point(self):
+        """What a checkpoint keeps so that a resume need not read the pass again: {"batches": the
+        batches of this pass done, "loader": the loader state before the last of them that held
+        data}; None where a resume reads it again."""
+        if not self.stateful:
+            return None
+        return {"batches": self.point[0], "loader": self.point[1], "workers": self.loader.num_workers,
+                "batch_size": self.loader.batch_size}
+
+    def resume_from(self, point):
+        """The pass that `skip_first_batches(point["batches"])` asks for starts from `point` (this
+        process's `resume_point()` in a checkpoint, or None). All processes must have one, or none
+        uses it: each process's pass must take the same batches as the others'. A point saved with
+        other DataLoader workers or another batch size (a resume may change num_workers) is not used."""
+        usable = self.stateful and point is not None and (point["workers"], point["batch_size"]) == (
+            self.loader.num_workers, self.loader.batch_size)
+        if self.group is not None:
+            flag = torch.tensor([int(usable)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+            usable = bool(flag)
+        self.resumed = (point["batches"], point["loader"]) if usable else None
+
     def skip_first_batches(self, batches):
-        """This loader without its first `batches` batches, for a resume in the middle of a pass:
-        a stream cannot seek, so they are read again (and agreed on again), not trained on."""
-        skipping = copy.copy(self)
-        skipping.skip = batches
-        return skipping
+        """The next pass without its first `batches` batches, for a resume in the middle of it.
+
+        From a `resume_from` point, it starts at the loader state before the last trained batch
+        that held data, and reads that batch again, untrained: a process whose part had ended
+        repeats it as padding. Otherwise the pass is read again (and agreed on again) up to there."""
+        start, self.resumed = self.resumed if self.resumed and self.resumed[0] == batches else None, None
+        self.next_pass = (batches, batches - 1, start[1]) if start else (batches, 0, None)
+        return self
 
     def _ranks_with(self, batch):
         """How many processes have a next batch (the same answer on every process)."""
@@ -372,8 +458,11 @@ class StreamLoader(DataLoaderStateMixin):
         return int(flag)
 
     def __iter__(self):
+        (skip, index, state), self.next_pass = self.next_pass, (0, 0, None)
         self.begin()
         try:
+            if state is not None:
+                self.loader.load_state_dict(state)
             batches = iter(self.loader)
 
             def fetch():
@@ -383,24 +472,35 @@ class StreamLoader(DataLoaderStateMixin):
                 with untouched_randomness() if self.loader.num_workers == 0 else contextlib.nullcontext():
                     return next(batches, None)
 
-            upcoming = fetch()
+            upcoming, before = fetch(), state  # `before`: the loader state that `upcoming` follows
             have = self._ranks_with(upcoming)
             if not have and self.agree:  # in evaluation a part may be empty: `evaluate` checks the sum
                 raise UserError("the train split (an IterableDataset) yielded no sample in this pass; an "
                                 "IterableDataset must start over each time it is iterated")
-            last, index = None, 0
+            last = None
             while have:
                 batch, self.padding, self.ranks_with_data = upcoming if upcoming is not None else last, \
                     upcoming is None, have
+                if upcoming is not None:
+                    self.point = (index + 1, before)
+                    before = self.loader.state_dict() if self.stateful else None
+                    upcoming = fetch()
+                else:
+                    self.point = (index + 1, self.point[1])
                 last = batch
-                upcoming = fetch() if upcoming is not None else None
                 have = self._ranks_with(upcoming)
                 self.end_of_dataloader = not have
-                if index >= self.skip:
+                if index >= skip:
                     yield send_to_device(batch, self.device, non_blocking=self.device.type == "cuda")
                 index += 1
         finally:
             self.end()
+
+
+def resume_point(loader):
+    """What a checkpoint keeps of the training loader's place (a stream's `resume_point()`), or None:
+    a map-style loader's place is the checkpoint's batch count."""
+    return loader.resume_point() if isinstance(loader, StreamLoader) else None
 
 
 def set_epoch(loader, epoch):

@@ -82,12 +82,14 @@ def train(recipe, cfg, resume=None, autoresume=False):
     units = StepUnits(cfg.loss_per, accelerator, train_loader)  # exact gradients for a loss per token
     if resume_from:  # before anything in the run folder changes: a failed resume leaves the run as it was
         checkpoint.load(accelerator, resume_from, ema)
+        if isinstance(train_loader, data.StreamLoader):  # its place in the pass, where the stream can say
+            train_loader.resume_from(checkpoint.loader_point(resume_from, accelerator.process_index))
 
     monitor = monitor_for(cfg, has_val="val" in eval_loaders, has_ema=ema is not None)
     run = Run(accelerator, recipe, cfg, run_dir, state, resume_from, monitor)
     with run, StopRequest(accelerator.num_processes) as stop:
         run.log_start(splits, accelerator.unwrap_model(model), groups, initialized)
-        saver = checkpoint.Saver(accelerator, run_dir, model, ema, cfg.checkpoint.keep, monitor, run)
+        saver = checkpoint.Saver(accelerator, run_dir, model, ema, cfg.checkpoint.keep, monitor, run, train_loader)
         validate = Validator(accelerator, recipe, cfg, eval_loaders.get("val"), {"val": model, "val_ema": ema}, run)
         validate.sanity_check(splits.get("val"))  # a bad monitor or loss fails here, in seconds
         window = train_window(accelerator, recipe, cfg, accelerator.unwrap_model(model))
