@@ -247,3 +247,27 @@ def test_more_parallel_runs_than_gpus_is_refused(tmp_path, capsys, monkeypatch):
         assert capsys.readouterr().err == ("error: --parallel 3 needs 3 GPUs, one per run, but this machine shows 2 "
                                            "(CUDA_VISIBLE_DEVICES=0,1); use --parallel 2 or fewer\n")
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_forked_run_is_what_python_would_start_but_pre_imported(tmp_path):
+    """Sweeps and searches on CPUs fork their runs from a forkserver that imported torch, accelerate
+    and the toolkit once: a run must see its arguments, environment, directory, cores and threads,
+    and give its exit status, as `python SCRIPT` in a fresh process would."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "preloaded = 'torch' in sys.modules\n"
+        "import torch\n"
+        "print(json.dumps({'preloaded': preloaded, 'argv': sys.argv, 'cwd': os.getcwd(), 'path': sys.path[0],\n"
+        "                  'env': os.environ.get('MINLOOP_X'), 'threads': torch.get_num_threads(),\n"
+        "                  'cores': sorted(os.sched_getaffinity(0))}))\n"
+        "sys.exit(3)\n")
+    (tmp_path / "work").mkdir()
+    env = {**os.environ, "MINLOOP_X": "y", "OMP_NUM_THREADS": "1"}
+    run = parallel.forked([str(script), "a", "b"], env, cwd=str(tmp_path / "work"), cores={0},
+                          output=tmp_path / "out.txt")
+    wait_until(lambda: run.poll() is not None, what="the forked script's end")
+    assert run.poll() == 3
+    assert json.loads((tmp_path / "out.txt").read_text()) == {
+        "preloaded": True, "argv": [str(script), "a", "b"], "cwd": str(tmp_path / "work"), "path": str(tmp_path),
+        "env": "y", "threads": 1, "cores": [0]}

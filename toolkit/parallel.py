@@ -5,10 +5,20 @@ With GPUs, each of the K runs sees GPUs/K of them through CUDA_VISIBLE_DEVICES (
 `accelerate launch --num_processes 2` then uses what its run sees). Without GPUs, each run gets
 cores/K cores: it is pinned to them and OMP_NUM_THREADS says how many, so that K runs do not fight
 over every core.
+
+Without GPUs and without a launcher, a run is not a fresh interpreter but a fork of one that has
+imported torch, accelerate and the toolkit already (multiprocessing's forkserver: a clean process,
+started once, that has no thread and no CUDA context when it forks). A run of a few seconds then
+skips the interpreter's start and those imports, most of its time. With GPUs, or a launcher, each
+run is a process of its own, as `python launch.py` would start it.
 """
 
+import atexit
 import ctypes
+import logging
+import multiprocessing
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -72,29 +82,27 @@ class Pool:
         """With `output_dir`, each process writes its console output into <output_dir>/<key>.txt
         instead of this terminal (K runs printing into one terminal would be unreadable)."""
         self.free = slots(k)
-        self.running = {}  # Popen -> (key, slot)
+        self.running = {}  # Popen or Forked -> (key, slot)
         self.output_dir = output_dir
+        self.can_fork = not gpus()
+        # Runs still going when this process exits get SIGTERM (they save and stop), as `_die_with`
+        # does for fresh ones: multiprocessing would wait for its forked ones to finish instead.
+        atexit.register(self.stop)
 
-    def start(self, key, command, env=None, cwd=None, name=None):
-        """Start `command` in a free slot; `wait` will return it under `key`. Returns the slot's label."""
+    def start(self, key, command, env=None, cwd=None, name=None, fork=False):
+        """Start `command` in a free slot; `wait` will return it under `key`. Returns the slot's label.
+        With `fork`, `command` is `[sys.executable, SCRIPT, ...]`, run forked from a pre-imported
+        interpreter where this machine has no GPU (`forked`)."""
         slot = self.free.pop(0)
         extra, cores, _ = slot
-        output = None
-        if self.output_dir is not None:
-            Path(self.output_dir).mkdir(parents=True, exist_ok=True)
-            output = open(Path(self.output_dir) / f"{name or key}.txt", "a", encoding="utf-8")
-
-        parent = os.getpid()
-
-        def prepare():  # runs in the child, before launch.py starts (this process starts no threads)
-            if cores:
-                os.sched_setaffinity(0, cores)
-            _die_with(parent)
-
-        process = subprocess.Popen(command, env={**os.environ, **(env or {}), **extra}, stdout=output,
-                                   stderr=subprocess.STDOUT if output else None, preexec_fn=prepare, cwd=cwd)
-        if output:
-            output.close()  # the child has its own copy
+        output = Path(self.output_dir) / f"{name or key}.txt" if self.output_dir is not None else None
+        if output is not None:
+            output.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **(env or {}), **extra}
+        if fork and self.can_fork:
+            process = forked(command[1:], env, cwd, cores, output)
+        else:
+            process = _popen(command, env, cwd, cores, output)
         self.running[process] = (key, slot)
         return slot[2]
 
@@ -125,6 +133,83 @@ class Pool:
         while self.running:
             ended += self.wait()
         return ended
+
+
+def _popen(command, env, cwd, cores, output):
+    parent = os.getpid()
+
+    def prepare():  # runs in the child, before launch.py starts (this process starts no threads)
+        if cores:
+            os.sched_setaffinity(0, cores)
+        _die_with(parent)
+
+    log = open(output, "a", encoding="utf-8") if output else None
+    try:
+        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT if log else None,
+                                preexec_fn=prepare, cwd=cwd)
+    finally:
+        if log:
+            log.close()  # the child has its own copy
+
+
+# What every run imports: the forkserver imports it once, before it forks any run.
+PRELOAD = ["torch", "torch._dynamo", "accelerate", "toolkit.loop", "toolkit.checkpoint", "toolkit.tracking"]
+
+
+class Forked:
+    """`python SCRIPT ARGS` run in a process forked from the pre-imported forkserver, seen as a
+    Popen is (`poll`, `send_signal`, `pid`)."""
+
+    def __init__(self, process):
+        self.process = process
+        self.pid = process.pid
+
+    def poll(self):
+        return None if self.process.is_alive() else self.process.exitcode
+
+    def send_signal(self, sig):
+        if self.process.is_alive():
+            os.kill(self.pid, sig)
+
+
+def forked(argv, env, cwd=None, cores=None, output=None):
+    """Run the script `argv[0]` with `argv` as sys.argv, as `python` would, in a fork of the
+    forkserver, with environment `env`, in `cwd`, pinned to `cores`, its output into the file
+    `output` (else this process's). Returns a `Forked`."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    process = context.Process(target=_run_script, args=(list(argv), dict(env), cwd, cores, output and str(output)),
+                              name=Path(argv[0]).name, daemon=False)
+    process.start()
+    return Forked(process)
+
+
+def _run_script(argv, env, cwd, cores, output):
+    """In the forked process: become what `python ARGV` started in `cwd` with `env` would be."""
+    _die_with(os.getppid())  # the forkserver, which ends with the process that started it
+    os.environ.clear()
+    os.environ.update(env)
+    if cwd:
+        os.chdir(cwd)
+    if cores:
+        os.sched_setaffinity(0, cores)
+    if "OMP_NUM_THREADS" in env:  # torch read it when the forkserver imported it
+        import torch
+
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    if output:
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        for stream in (1, 2):
+            os.dup2(fd, stream)
+        os.close(fd)
+    sys.argv = list(argv)
+    sys.path[0] = str(Path(argv[0]).resolve().parent)  # as `python SCRIPT` sets it
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+    finally:
+        logging.shutdown()  # what the interpreter's exit would do; a forked process skips atexit
+        sys.stdout.flush()
+        sys.stderr.flush()
 
 
 _prctl = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None  # looked up before any fork

@@ -298,7 +298,7 @@ class Driver:
                 cwd = self.settings["cwd"] if Path(self.settings["cwd"]).is_dir() else None
                 slot = self.pool.start(number, self.command(number, params),
                                        {ENV_FOLDER: str(self.folder), ENV_TRIAL: str(number)}, cwd,
-                                       self.run_dir(number).name)
+                                       self.run_dir(number).name, fork=not self.settings["launcher"])
                 print(f"[trial {number}] {'started' if fresh else 'continued'} on {slot}: "
                       f"{' '.join(f'{k}={text_of(v)}' for k, v in params.items())}", flush=True)
             if not self.pool.running and self.done():

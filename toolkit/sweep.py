@@ -115,7 +115,7 @@ def sweep(recipe, files, overrides, launcher="", parallel_runs=1):
                        str(recipe.path), *(a for f in files_used for a in ("--config", f)), *fixed, *points[i],
                        *([] if base.wandb.group else [f"wandb.group={folder.name}"]),  # the sweep's runs together
                        f"output_dir={folder}", f"name={names[i]}"]
-            slot = pool.start(i, command, name=names[i])
+            slot = pool.start(i, command, name=names[i], fork=not launcher)  # see parallel.forked
             print(f"\n[{i + 1}/{len(points)}] {' '.join(points[i])}" + (f" on {slot}" if parallel_runs > 1 else ""),
                   flush=True)
         for i, code in pool.wait():
