@@ -143,11 +143,14 @@ class StepUnits:
     A stream's last steps (`StreamLoader`) can leave some processes without a batch: they
     repeat their last one with weight zero, and the others' losses are weighed so that the
     step's gradient is the mean over the processes that had data.
+
+    A step of one micro-batch on one process is its own big batch: its loss is used as it is.
     """
 
     def __init__(self, per, accelerator, loader):
         self.per, self.accelerator, self.loader = per, accelerator, loader
         self.units = torch.zeros((), dtype=_exact_dtype(accelerator.device), device=accelerator.device)
+        self.alone = accelerator.num_processes == 1 and accelerator.gradient_accumulation_steps == 1
 
     @property
     def padding(self):
@@ -159,6 +162,8 @@ class StepUnits:
         if self.per:
             if self.per not in counts:
                 check_counts(counts, self.per)
+            if self.alone:  # no other micro-batch or process to weigh it against
+                return loss
             units = 0 if self.padding else counts[self.per]
             self.units += units
             return loss * units
@@ -171,7 +176,7 @@ class StepUnits:
 
     def normalize(self, model):
         """At an optimizer step, before clipping: divide the gradients by the step's units."""
-        if not self.per:
+        if not self.per or self.alone:
             return
         total = self.accelerator.reduce(self.units, reduction="sum") if self.accelerator.num_processes > 1 \
             else self.units
