@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from helpers import REPO, assert_same_weights, launch, launch_two, ok, only_run, read_jsonl, summary, weights
-from toolkit import checkpoint, data
+from toolkit import checkpoint
 from toolkit.data import SeededSamples
 
 STREAM = REPO / "tests" / "recipes" / "stream.py"
@@ -85,15 +85,8 @@ class Draws(torch.utils.data.Dataset):
         return torch.tensor([i, torch.rand(()).item(), numpy.random.rand(), random.random()], dtype=torch.float64)
 
 
-class DrawsSometimes(Draws):
-    """Only samples 40 and above draw (as an augmentation of some classes only)."""
-
-    def __getitem__(self, i):
-        return super().__getitem__(i) if i >= 40 else torch.tensor([i, 0.0, 0.0, 0.0], dtype=torch.float64)
-
-
-def draws(seed, epoch, workers, order, dataset=Draws):
-    dataset = SeededSamples(dataset(), seed)
+def draws(seed, epoch, workers, order):
+    dataset = SeededSamples(Draws(), seed)
     dataset.set_epoch(epoch)
     loader = torch.utils.data.DataLoader(dataset, batch_size=5, sampler=order, num_workers=workers,
                                          persistent_workers=workers > 0, generator=torch.Generator())  # as the loop's
@@ -115,24 +108,6 @@ def test_each_sample_draws_from_seed_epoch_and_index():
     torch.manual_seed(7)
     draws(seed=0, epoch=3, workers=0, order=range(64))
     assert torch.equal(torch.rand(3), expected)
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_dataset_that_draws_for_some_samples_gets_the_draws_of_seeding_each(workers):
-    """Batches are fetched unseeded first: one that drew nothing is kept, one that drew is fetched
-    again with each sample seeded, so the draws are those of seeding every sample."""
-    def seeded(i):
-        data._seed_sample(0, 3, i)
-        return DrawsSometimes()[i][1:].tolist()
-
-    with data.untouched_randomness():
-        expected = {i: seeded(i) for i in range(64)}
-    torch.manual_seed(7)
-    after = torch.rand(3)
-    torch.manual_seed(7)
-    assert draws(0, 3, workers, range(64), DrawsSometimes) == expected  # the first batches draw nothing
-    assert draws(0, 3, workers, list(reversed(range(64))), DrawsSometimes) == expected  # the first batch draws
-    assert torch.equal(torch.rand(3), after)  # the training step's generators did not move
 
 
 @pytest.mark.parametrize("processes", [1, 2])

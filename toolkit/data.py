@@ -151,46 +151,19 @@ def draws_nothing(dataset):
     return hf is not None and isinstance(dataset, hf.Dataset) and dataset.format["type"] != "custom"
 
 
-def _generators():
-    """The states of the CPU generators that a sample may draw from: torch's, `random`'s, numpy's."""
-    numpy = sys.modules.get("numpy")
-    return torch.default_generator.get_state(), random.getstate(), numpy.random.get_state() if numpy else None
-
-
-def _moved(before):
-    """Whether a generator has drawn since `before` (numpy imported meanwhile counts: it drew unseeded)."""
-    now = _generators()
-    if not torch.equal(before[0], now[0]) or before[1] != now[1] or (before[2] is None) != (now[2] is None):
-        return True
-    return before[2] is not None and (before[2][2:] != now[2][2:] or not (before[2][1] == now[2][1]).all())
-
-
-def _restore(states):
-    torch.default_generator.set_state(states[0])
-    random.setstate(states[1])
-    if states[2] is not None:
-        sys.modules["numpy"].random.set_state(states[2])
-
-
 class SeededSamples(torch.utils.data.Dataset):
     """A map-style dataset whose sample `i` draws its randomness from (seed, epoch, i).
 
     The loop wraps every map-style split in it, except `TensorDataset` (seeded per batch) and
-    torch's own `TensorDataset` (no randomness). A dataset that surely draws nothing
-    (`draws_nothing`) is not seeded, and one with a batched fetch of its own (`__getitems__`: an
-    HF `Dataset` reads a batch from Arrow in one call) is asked for the whole batch at once.
-
-    Any other dataset is first asked for a batch without seeding: when no generator moved, no
-    sample drew, and the batch is what seeding would have given. Once one does draw, this copy
-    of the dataset (one per DataLoader worker) seeds every sample, at about 12 µs each, and
-    fetches that batch again. A dataset that never draws thus pays one look at the generators
-    per batch (about 0.1 ms) instead of its samples' seeding.
+    torch's own `TensorDataset` (no randomness). The cost is about 12 µs per sample, and a fetch
+    per sample. A dataset that draws nothing (`draws_nothing`) is not seeded, and one with a batched
+    fetch of its own (`__getitems__`: an HF `Dataset` reads a batch from Arrow in one call) is
+    asked for the whole batch at once.
     """
 
     def __init__(self, dataset, seed):
         self.dataset, self.seed, self.epoch = dataset, seed, _Epoch()
         self.seeded = not draws_nothing(dataset)
-        self.draws = False  # a fetch was seen to draw: seed every sample from then on
         self.fetch = getattr(dataset, "__getitems__", None)  # a Subset has one; it asks its dataset's
 
     def set_epoch(self, epoch):
@@ -199,19 +172,9 @@ class SeededSamples(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.dataset)
 
-    def _fetch(self, indices):
-        return self.fetch(indices) if self.fetch is not None else [self.dataset[i] for i in indices]
-
     def __getitems__(self, indices):
         if not self.seeded:
-            return self._fetch(indices)
-        if not self.draws:
-            before = _generators()
-            samples = self._fetch(indices)
-            if not _moved(before):
-                return samples
-            _restore(before)  # the training step's, outside a worker
-            self.draws = True
+            return self.fetch(indices) if self.fetch is not None else [self.dataset[i] for i in indices]
         epoch = int(self.epoch)
         samples = []
         with _own_randomness():
