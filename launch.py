@@ -39,7 +39,7 @@ def train(args):
         run = Path(cfg.output_dir) / recipe.name / cfg.name
         if checkpoint.complete(run):
             return continue_run(run, args.config, args.overrides, args.force)
-    return exit_status(loop.train(recipe, cfg, autoresume=args.autoresume))
+    return exit_status(loop.train(recipe, cfg, autoresume=args.autoresume, trial=search_trial()))
 
 
 def resume(args):
@@ -67,7 +67,14 @@ def continue_run(path, files, overrides, force=False):
     if resized and cfg.sched.name in ("cosine", "linear", "onecycle") and os.environ.get("RANK", "0") == "0":
         print(f"warning: {', '.join(resized)} resizes the {cfg.sched.name} LR schedule, which is a function of the "
               f"training length: the LR jumps to where the new schedule is at the checkpoint's step", file=sys.stderr)
-    return exit_status(loop.train(recipe, cfg, resume=run))
+    return exit_status(loop.train(recipe, cfg, resume=run, trial=search_trial()))
+
+
+def search_trial():
+    """The hook of a search's trial into the loop, when a search started this run, else None."""
+    from toolkit import search as searches
+
+    return searches.trial_from_environment()
 
 
 def test(args):

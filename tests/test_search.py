@@ -271,3 +271,11 @@ def test_a_forked_run_is_what_python_would_start_but_pre_imported(tmp_path):
     assert json.loads((tmp_path / "out.txt").read_text()) == {
         "preloaded": True, "argv": [str(script), "a", "b"], "cwd": str(tmp_path / "work"), "path": str(tmp_path),
         "env": "y", "threads": 1, "cores": [0]}
+
+
+def test_the_training_loop_knows_nothing_of_searches():
+    """A trial's reporting enters the loop as a hook from launch.py: importing the loop imports no
+    search, sweep or process pool."""
+    code = "import sys, toolkit.loop; print(sorted(m for m in sys.modules if m.startswith('toolkit.')))"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert not {"toolkit.search", "toolkit.sweep", "toolkit.parallel"} & set(eval(loaded))

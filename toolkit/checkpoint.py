@@ -55,6 +55,7 @@ class TrainState:
     wall_time_s: float = 0.0    # training time before this checkpoint, over all sessions
     num_processes: int = 1      # world size that wrote it (the data shards depend on it)
     stale_validations: int = 0  # validations since the monitor last improved (early stopping)
+    validations: int = 0        # validations of the monitor so far (the step a search's trial reports)
     bad_steps: int = 0          # optimizer steps skipped in a row for a non-finite loss or gradient
     ema_updates: int = 0        # updates averaged into the EMA weights
     tracker_ids: dict = dataclasses.field(default_factory=dict)  # e.g. the wandb run, to continue it

@@ -31,7 +31,7 @@ from accelerate.utils import (DataLoaderConfiguration, DistributedType, broadcas
                                parse_flag_from_env, send_to_device, set_seed)
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from toolkit import PeerFailure, UserError, checkpoint, config, data, logs, recipe as recipes, rundir, search, tracking
+from toolkit import PeerFailure, UserError, checkpoint, config, data, logs, recipe as recipes, rundir, tracking
 from toolkit.logs import FILE_ONLY, format_metrics, log
 from toolkit.metrics import StepUnits, Totals, Window, summarize
 from toolkit.notify import notify
@@ -44,10 +44,12 @@ from toolkit.signals import StopRequest
 accelerate.optimizer.is_lomo_available = functools.cache(accelerate.optimizer.is_lomo_available)
 
 
-def train(recipe, cfg, resume=None, autoresume=False):
+def train(recipe, cfg, resume=None, autoresume=False, trial=None):
     """Train `recipe` with the resolved `cfg` in a new run folder, or, given `resume` (a run
     folder), continue that run from its latest checkpoint. Return the summary. With `autoresume`
-    the new run's folder is <output_dir>/<recipe>/<name> (launch.py --autoresume)."""
+    the new run's folder is <output_dir>/<recipe>/<name> (launch.py --autoresume). `trial`: a
+    hook told each validation's monitored value, `trial.report(value, number) -> True` to stop
+    (a search's trial that its pruner stops: `toolkit.search.Trial`)."""
     # Creating the first optimizer imports torch._dynamo (0.8 s on 2 CPU cores): let that happen
     # while the data loads, which mostly waits in zlib and torch, outside the GIL.
     threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True).start()
@@ -90,7 +92,8 @@ def train(recipe, cfg, resume=None, autoresume=False):
     with run, StopRequest(accelerator.num_processes) as stop:
         run.log_start(splits, accelerator.unwrap_model(model), groups, initialized)
         saver = checkpoint.Saver(accelerator, run_dir, model, ema, cfg.checkpoint.keep, monitor, run, train_loader)
-        validate = Validator(accelerator, recipe, cfg, eval_loaders.get("val"), {"val": model, "val_ema": ema}, run)
+        validate = Validator(accelerator, recipe, cfg, eval_loaders.get("val"), {"val": model, "val_ema": ema}, run,
+                             trial)
         validate.sanity_check(splits.get("val"))  # a bad monitor or loss fails here, in seconds
         window = train_window(accelerator, recipe, cfg, accelerator.unwrap_model(model))
         finite = FiniteCheck(cfg, accelerator, state)  # skip_nonfinite
@@ -367,12 +370,12 @@ class Run:
 class Validator:
     """Validates the model and its EMA (`models`: split name -> model or None) on the val split,
     logs their metrics, and, with a monitor, decides on rank 0 for every rank whether this is the
-    best so far, and whether to stop: early_stop, or a search pruning this trial."""
+    best so far, and whether to stop: early_stop, or the `trial` hook (a search pruning this trial)."""
 
-    def __init__(self, accelerator, recipe, cfg, loader, models, run):
+    def __init__(self, accelerator, recipe, cfg, loader, models, run, trial=None):
         self.accelerator, self.recipe, self.cfg, self.loader, self.run = accelerator, recipe, cfg, loader, run
         self.models = {split: net for split, net in models.items() if net is not None}
-        self.trial = search.Reporter(accelerator, run.dir)  # a search's trial reports validations to its study
+        self.trial = trial
 
     def sanity_check(self, val):
         """Evaluate the first `sanity_val_batches` batches of the val split `val` before the first
@@ -406,13 +409,15 @@ class Validator:
         if not monitor:
             return False, None
         value = monitored(summary, monitor)
+        state.validations += 1
         # Rank 0 decides for all: the collectives that follow (a save, stopping) must match.
-        best = broadcast_object_list([state.improves(value, cfg.checkpoint.mode)])[0]
+        main = self.accelerator.is_main_process
+        pruned = bool(main and self.trial is not None and self.trial.report(value, state.validations))
+        best, pruned = broadcast_object_list([state.improves(value, cfg.checkpoint.mode), pruned])
         state.best = value if best else state.best
         state.stale_validations = 0 if best else state.stale_validations + 1
-        pruned = self.trial.report(value)  # "pruned" when a search stops this trial, else None
         early = bool(cfg.early_stop.patience) and state.stale_validations >= cfg.early_stop.patience
-        return best, "early_stop" if early else pruned
+        return best, "early_stop" if early else "pruned" if pruned else None
 
 
 def build(recipe, cfg, processes, weights="", training=True, strict=False, use_ema=False):

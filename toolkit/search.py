@@ -16,8 +16,9 @@ best value a trial reached, minimised or maximised as `checkpoint.mode` says.
 How it runs: Optuna's ask-and-tell. This process asks the study for a trial's values, runs
 `launch.py RECIPE ... name=trial-NNNN --autoresume` as a process of its own, in the run folder
 <search>/<recipe>/trial-NNNN, and tells the study how the trial ended: its best monitor value, pruned
-or failed. The trial's training loop reports every validation to the study (`Reporter`), and the
-study's pruner may stop it there: the run then ends with status `pruned` and exit status 0.
+or failed. The trial's training loop reports every validation to the study through its hook
+(`Trial`, which launch.py finds in the run's environment and gives the loop), and the study's
+pruner may stop it there: the run then ends with status `pruned` and exit status 0.
 
 The study is a file, <search>/study.journal (Optuna's JournalStorage), so any number of
 `search --resume` processes, on machines that share the folder, work on one study. Asking for a
@@ -28,7 +29,6 @@ continued from their last checkpoint (`--autoresume`), so a search that was kill
 --trials finished, pruned and failed trials.
 """
 
-import json
 import math
 import os
 import re
@@ -443,44 +443,32 @@ def _short(value):
 # ---------------------------------------------------------------------------------------------
 # The trial's side, in its training loop
 
-class Reporter:
-    """Reports each validation of a trial to its study and says whether the pruner stops it.
+class Trial:
+    """The hook through which a search's trial reports each validation to its study, and hears
+    whether the study's pruner stops it: `report(value, step) -> True` to stop. The training
+    loop calls it on the main process only and tells the other processes the answer.
 
-    Made by the training loop at setup; inert (and without Optuna) unless the run was started by a
-    search, which sets MINLOOP_SEARCH and MINLOOP_TRIAL. The main process talks to the study and tells
-    the others, so that every rank stops at the same validation. The step reported is the validation's
-    number (1, 2, ...), so that trials with different batch sizes are compared at the same point."""
+    The step is the validation's number (1, 2, ...; the loop keeps the count across resumes), so
+    that trials with different batch sizes are compared at the same point."""
 
-    def __init__(self, accelerator, run_dir):
-        self.accelerator, self.trial, self.validations = accelerator, None, 0
-        self.active = ENV_FOLDER in os.environ
-        if self.active and accelerator.is_main_process:
+    def __init__(self, folder, number):
+        self.folder, self.number, self.trial = Path(folder), number, None
+
+    def report(self, value, step):
+        if self.trial is None:  # on the first validation: a process that never reports needs no Optuna
             import optuna
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            folder = Path(os.environ[ENV_FOLDER])
-            store = storage(folder)
-            study = load_study(store, rundir.read_json(folder / "settings.json"))
-            trial_id = store.get_trial_id_from_study_id_trial_number(store.get_study_id_from_name(NAME),
-                                                                      int(os.environ[ENV_TRIAL]))
+            store = storage(self.folder)
+            study = load_study(store, rundir.read_json(self.folder / "settings.json"))
+            trial_id = store.get_trial_id_from_study_id_trial_number(store.get_study_id_from_name(NAME), self.number)
             self.trial = optuna.trial.Trial(study, trial_id)
-            # A resumed trial goes on counting: metrics.jsonl holds the validations up to its checkpoint.
-            metrics = Path(run_dir) / "metrics.jsonl"
-            if metrics.is_file():
-                self.validations = sum(json.loads(line).get("split") == "val"
-                                       for line in metrics.read_text(encoding="utf-8").splitlines() if line)
+        self.trial.report(value, step)
+        return self.trial.should_prune()
 
-    def report(self, value):
-        """"pruned" when the study's pruner stops the trial after this validation, else None."""
-        if not self.active:
-            return None
-        prune = None
-        if self.trial is not None:
-            self.validations += 1
-            self.trial.report(value, self.validations)
-            prune = self.trial.should_prune()
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
 
-            prune = broadcast_object_list([prune])[0]
-        return "pruned" if prune else None
+def trial_from_environment():
+    """The `Trial` that this run is, when a search started it (MINLOOP_SEARCH, MINLOOP_TRIAL), else None."""
+    if ENV_FOLDER not in os.environ:
+        return None
+    return Trial(os.environ[ENV_FOLDER], int(os.environ[ENV_TRIAL]))
