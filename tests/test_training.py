@@ -226,7 +226,8 @@ def test_overfit_batches_reaches_100_percent_with_the_recipe_defaults(tmp_path):
 
 def test_compile_runs_the_model_through_torch_compile_and_keeps_its_weight_names(tiny, tmp_path):
     # TORCH_LOGS=graph_code prints each graph that torch.compile captures (read when torch starts).
-    result = ok(launch([LENET, *tiny, "debug.fast_run=true", "compile=true"], cwd=tmp_path,
+    # Evaluation in batches of the training's size: one shape, no recompiling for a second (11 s).
+    result = ok(launch([LENET, *tiny, "debug.fast_run=true", "compile=true", "eval_batch_size=64"], cwd=tmp_path,
                        env={"TORCH_LOGS": "graph_code"}, timeout=300, fresh=True))
     assert "GraphModule" in result.stderr
     run = only_run(tmp_path / "runs")
