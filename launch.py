@@ -284,8 +284,7 @@ def main(argv=None):
             raise
         say_error(str(e))
         return 2
-    except PeerFailure as e:
-        print(f"error: {e}", file=sys.stderr)
+    except PeerFailure:  # the run said why, as it stopped
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

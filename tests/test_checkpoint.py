@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from conftest import Shared, tiny_args
 from helpers import (CPU, LENET, PROBE, REPO, assert_same_weights, copy_run, launch, launch_two, ok, only_run,
                      read_jsonl, start, summary, two_processes, wait_until, weights)
-from toolkit import UserError, checkpoint
+from toolkit import UserError, checkpoint, rundir
 
 
 def comparable(records):
@@ -286,6 +286,21 @@ def test_a_signal_saves_then_resume_finishes_like_the_unbroken_run(signal_args, 
     ok(launch(["resume", run], cwd=tmp_path))
     assert summary(run)["status"] == "finished"
     assert_same_weights(weights(run), weights(signal_unbroken.run))
+
+
+def test_a_sigterm_while_the_run_records_its_end_does_not_kill_it(tiny, tmp_path, monkeypatch):
+    """When one process fails, the launcher sends SIGTERM to the others, which may be recording their
+    end at that moment (that another process failed, and why): they must finish saying it."""
+    write = rundir.write_summary
+
+    def write_then_signal(run_dir, summary):
+        write(run_dir, summary)
+        if summary["status"] != "running":  # the last write, as the run ends
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(rundir, "write_summary", write_then_signal)
+    ok(launch([LENET, *tiny, "debug.fast_run=true"], cwd=tmp_path))  # this process lives on
+    assert summary(only_run(tmp_path / "runs"))["status"] == "finished"
 
 
 def test_sigterm_to_the_launcher_stops_every_rank_at_one_step(tmp_path):

@@ -89,7 +89,9 @@ def train(recipe, cfg, resume=None, autoresume=False, trial=None):
 
     monitor = monitor_for(cfg, has_val="val" in eval_loaders, has_ema=ema is not None)
     run = Run(accelerator, recipe, cfg, run_dir, state, resume_from, monitor)
-    with run, StopRequest(accelerator.num_processes) as stop:
+    # The stop request's signal handlers outlive the run's records: a launcher's SIGTERM that comes
+    # while this process records that another one failed must not kill it before it says why.
+    with StopRequest(accelerator.num_processes) as stop, run:
         run.log_start(splits, accelerator.unwrap_model(model), groups, initialized)
         saver = checkpoint.Saver(accelerator, run_dir, model, ema, cfg.checkpoint.keep, monitor, run, train_loader)
         validate = Validator(accelerator, recipe, cfg, eval_loaders.get("val"), {"val": model, "val_ema": ema}, run,
@@ -283,8 +285,10 @@ class Run:
             # what broke this collective.
             causes = [p.read_text().strip().splitlines()[-1] for p in sorted(self.dir.glob("error-rank*.txt"))]
             summary["error"] = f"another process failed: {'; '.join(causes) or 'see its error'}"
-            raise PeerFailure(f"rank {accelerator.process_index} stopped: another process failed "
-                              f"({'; '.join(causes) or 'see its error above'})") from error
+            failure = PeerFailure(f"rank {accelerator.process_index} stopped: another process failed "
+                                  f"({'; '.join(causes) or 'see its error above'})")
+            print(f"error: {failure}", file=sys.stderr, flush=True)  # now, while a SIGTERM cannot end it
+            raise failure from error
         if accelerator.num_processes > 1 and not isinstance(error, KeyboardInterrupt):
             (self.dir / f"error-rank{accelerator.process_index}.txt").write_text(
                 "".join(traceback.format_exception(error)).rstrip() + f"\nrank {accelerator.process_index}: "
