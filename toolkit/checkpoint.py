@@ -123,8 +123,11 @@ def _write_loader_point(folder, rank, point):
 def loader_point(checkpoint, rank):
     """The resume point that rank `rank`'s stream saved in `checkpoint`, or None."""
     path = Path(checkpoint) / LOADER_FILE.format(rank=rank)
-    if not path.is_file():
-        return None
+    return _read_json(path) if path.is_file() else None
+
+
+def _read_json(path):
+    """One of a checkpoint's JSON files; UserError if it cannot be read."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -180,14 +183,11 @@ def find(run_dir, which="latest"):
 
 def read_state(checkpoint):
     path = Path(checkpoint) / STATE_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} cannot be read ({type(e).__name__}: {e}); the checkpoint is damaged") from None
-    if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
+    saved = _read_json(path)
+    if not isinstance(saved, dict) or saved.pop("format", None) != FORMAT:
         raise UserError(f"{path} was not written by this version of the toolkit (format {FORMAT})")
     try:
-        return TrainState(**data)
+        return TrainState(**saved)
     except TypeError as e:
         raise UserError(f"{path} does not describe a train state ({e})") from None
 
