@@ -78,11 +78,11 @@ def search_trial():
 
 
 def test(args):
-    from toolkit import config, loop
+    from toolkit import config, evaluation
 
     run, recipe = load_run(args.run)
     cfg = config.resolve(recipe.config, [run / "config.yaml", *args.config], args.overrides)
-    loop.test(recipe, cfg, run, args.checkpoint, args.split, args.ema)
+    evaluation.test(recipe, cfg, run, args.checkpoint, args.split, args.ema)
     return 0
 
 

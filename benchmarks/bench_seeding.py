@@ -24,7 +24,8 @@ from PIL import Image
 from torchvision import datasets, transforms
 
 from common import FASHION_MNIST, REPO  # noqa: F401 - puts the repository on sys.path
-from toolkit.data import SeededSamples, load_mnist
+from toolkit.data import SeededSamples
+from toolkit.readers import load_mnist
 
 IMAGES, BATCH, WORKERS = 6000, 64, 2
 

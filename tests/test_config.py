@@ -140,12 +140,14 @@ def test_choices_are_written_once():
     of them works, and the README table shows them."""
     import torch
 
-    from toolkit import optim
+    from helpers import LENET
+    from toolkit import optim, recipe
     assert set(optim.OPTIMIZERS) == set(config.CHOICES["optim.name"])
     assert set(optim.SCHEDULES) == set(config.CHOICES["sched.name"])
     model = torch.nn.Linear(2, 1)
     for name in config.CHOICES["optim.name"]:
-        optimizer, _ = optim.make_optimizer(resolve(RECIPE, [], [f"optim.name={name}"]), model, None)
+        optimizer, _ = optim.make_optimizer(resolve(RECIPE, [], [f"optim.name={name}"]), model,
+                                               recipe.load(LENET))
         assert type(optimizer).__name__.lower() == name
     for name in config.CHOICES["sched.name"]:
         factor = optim.lr_schedule(resolve(RECIPE, [], [f"sched.name={name}"]), steps_per_epoch=10)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from conftest import Shared
 from helpers import (CPU, LENET, PROBE, REPO, accelerate_launch, free_port, launch, launch_two, ok, only_run, start,
                      summary)
-from toolkit.loop import first_line
+from toolkit.processes import first_line
 
 # Here 2 processes start with the flags form (`launch_two(..., flags=True)`); the other test files
 # use accelerate_configs/multi_gpu.yaml.

@@ -73,8 +73,8 @@ def test_collate_pads_with_ignored_targets_and_the_loss_counts_real_targets_only
 
 
 def test_stdlib_split_is_by_file_disjoint_and_fixed(gpt):
-    files = gpt.stdlib_files()
-    again = gpt.stdlib_files()
+    files = gpt.module.stdlib_files()
+    again = gpt.module.stdlib_files()
     assert files == again
     names = {split: {path.as_posix() for path in paths} for split, paths in files.items()}
     assert not names["train"] & names["val"] and not names["train"] & names["test"] and not names["val"] & names["test"]

@@ -267,7 +267,7 @@ def test_cifar_augmentation_crops_flips_and_depends_on_the_batch(cifar_root):
 
     # Each augmented image is a 32x32 window of the zero-padded original, mirrored or not.
     images = train.tensors[0][:4]
-    padded = torch.nn.functional.pad((images.float() / 255 - module.MEAN) / module.STD, (4, 4, 4, 4),
+    padded = torch.nn.functional.pad((images.float() / 255 - module.module.MEAN) / module.module.STD, (4, 4, 4, 4),
                                      value=float("nan"))
     for i in range(4):
         windows = [padded[i, :, r:r + 32, c:c + 32] for r in range(9) for c in range(9)]

@@ -12,7 +12,7 @@ import launch as launch_module
 from helpers import (FASHION_MNIST, LENET, PROBE, REPO, copy_run, launch, launch_two, ok, only_run, read_jsonl,
                      records, summary)
 from toolkit import UserError, checkpoint, config, recipe
-from toolkit.loop import make_loader
+from toolkit.loaders import make_loader
 from toolkit.optim import lr_schedule, make_optimizer
 
 
@@ -120,7 +120,7 @@ def test_too_many_non_finite_steps_stop_the_run_with_the_last_good_state(tmp_pat
 def test_parameter_groups_decay_multipliers_and_freezing():
     cfg = lenet_cfg("optim.lr=1e-3", "optim.weight_decay=0.1", "optim.lr_mult.features=0.1", "freeze=[classifier.5]")
     model = recipe.load(LENET).model(cfg)
-    optimizer, lines = make_optimizer(cfg, model, SimpleNamespace())
+    optimizer, lines = make_optimizer(cfg, model, recipe.load(LENET))
     groups = {(round(g["lr"], 8), g["weight_decay"]): g["params"] for g in optimizer.param_groups}
     named = {id(p): n for n, p in model.named_parameters()}
     names = {key: sorted(named[id(p)] for p in ps) for key, ps in groups.items()}
@@ -138,7 +138,7 @@ def test_parameter_groups_decay_multipliers_and_freezing():
 def test_unknown_module_prefixes_are_named():
     cfg = lenet_cfg("freeze=[backbone]")
     with pytest.raises(UserError, match="no parameter of the model starts with 'backbone'.*features, classifier"):
-        make_optimizer(cfg, recipe.load(LENET).model(cfg), SimpleNamespace())
+        make_optimizer(cfg, recipe.load(LENET).model(cfg), recipe.load(LENET))
 
 
 @pytest.mark.parametrize("name, values", [
@@ -269,8 +269,8 @@ def test_each_sample_draws_from_its_own_seed_on_any_worker_or_rank():
     cfg = lenet_cfg("num_workers=2", "eval_batch_size=1")
     seeds = []
     for rank in (0, 1):
-        processes = SimpleNamespace(process_index=rank, device=torch.device("cpu"))
-        loader = make_loader("val", Seeds(), cfg, SimpleNamespace(), processes)
+        processes = SimpleNamespace(process_index=rank, num_processes=2, device=torch.device("cpu"))
+        loader = make_loader("val", Seeds(), cfg, recipe.load(LENET), processes)
         seeds.append([int(s) for batch in loader for s in batch])
     assert seeds[0] == seeds[1] and len(set(seeds[0])) == 8  # a function of the sample, not the worker
 

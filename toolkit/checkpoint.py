@@ -29,7 +29,7 @@ import torch
 from accelerate.utils import load as safe_torch_load
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from toolkit import UserError, data, rundir
+from toolkit import UserError, rundir
 from toolkit.logs import FILE_ONLY, log
 
 # save_state writes a tensor that two names share (tied embeddings) once, and Accelerate says so
@@ -38,7 +38,7 @@ logging.getLogger("accelerate.utils.other").addFilter(lambda record: "Removed sh
 
 FORMAT = 1
 STATE_FILE = "train_state.json"
-LOADER_FILE = "loader_state_{rank}.json"  # a stream's place, per rank (data.StreamLoader.resume_point)
+LOADER_FILE = "loader_state_{rank}.json"  # a stream's place, per rank (streams.StreamLoader.resume_point)
 _NAME = re.compile(r"^step-(\d+)$")
 
 
@@ -69,7 +69,7 @@ def save(accelerator, run_dir, state, keep, best, model, ema=None, loader_point=
     """Save a checkpoint of everything prepared on `accelerator`, `state` and the `ema` weights
     (an AveragedModel, as ema.safetensors); if `best`, also export the weights to
     <run>/model.safetensors (and model_ema.safetensors). `loader_point`: this rank's place in a
-    stream (`data.resume_point`), as loader_state_<rank>.json. Call on every rank."""
+    stream (the loader's `resume_point()`), as loader_state_<rank>.json. Call on every rank."""
     folder = Path(run_dir) / "checkpoints"
     name = f"step-{state.step:07d}"
     tmp = folder / f".tmp-{name}"
@@ -138,7 +138,7 @@ class Saver:
     """Saves the checkpoints of one run (in the manner of timm's CheckpointSaver): bound once to
     what every save writes, then `save(state, best)` at each save point, on every rank."""
 
-    def __init__(self, accelerator, run_dir, model, ema, keep, monitor, run, loader=None):
+    def __init__(self, accelerator, run_dir, model, ema, keep, monitor, run, loader):
         self.accelerator, self.run_dir, self.model, self.ema = accelerator, run_dir, model, ema
         self.loader = loader  # the training loader, whose place in a stream a checkpoint keeps
         self.keep, self.monitor = keep, monitor
@@ -149,7 +149,7 @@ class Saver:
         state.metrics_lines = self.run.metrics.lines  # a resume cuts metrics.jsonl back to these
         state.num_processes = self.accelerator.num_processes  # whose data shards `state.batch` counts
         path = save(self.accelerator, self.run_dir, state, self.keep, best, self.model, self.ema,
-                    data.resume_point(self.loader))
+                    self.loader.resume_point())
         log.info(f"saved {path}" + (f" (best {self.monitor}={state.best:.6g})" if best else ""), extra=FILE_ONLY)
         return path
 

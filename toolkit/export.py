@@ -34,6 +34,5 @@ def export(recipe, cfg, run_dir, out, which="", use_ema=False):
         else:
             checkpoint.write_safetensors(model.state_dict(), folder / "model.safetensors")
             shutil.copy2(Path(run_dir) / "config.yaml", folder / "config.yaml")
-        if callable(getattr(recipe, "export", None)):
-            recipe.export(cfg, folder)
+        recipe.export(cfg, folder)
     return path

@@ -21,6 +21,11 @@ def _exact_dtype(device):
     return torch.float32 if device.type == "mps" else torch.float64  # exact counts up to 2**53
 
 
+def per_sample(counts):
+    """A recipe's metrics when it has no `metrics` hook: each summed count divided by the samples."""
+    return {k: v / counts["samples"] for k, v in counts.items() if k != "samples"}
+
+
 class Totals:
     def __init__(self, per="samples"):
         self.per = per  # the count the loss is a mean over
@@ -65,7 +70,7 @@ class Window:
     steps, and the throughput over the window's training time (`restart` the clock after
     anything else, such as a validation or a save)."""
 
-    def __init__(self, per, device, recipe_metrics=None, flops_per_unit=0, peak_flops=0):
+    def __init__(self, per, device, recipe_metrics=per_sample, flops_per_unit=0, peak_flops=0):
         self.per, self.recipe_metrics = per, recipe_metrics
         self.flops_per_unit, self.peak_flops = flops_per_unit, peak_flops  # for the MFU, where both are known
         self.totals = Totals(per)
@@ -114,17 +119,13 @@ def check_counts(counts, per="samples"):
                         f"{', '.join(counts)}")
 
 
-def summarize(sums, recipe_metrics=None, per="samples"):
-    """Reported numbers from summed counts: mean loss (per sample, or per `per`), sample count,
-    then the recipe's metrics (by default each count divided by the number of samples)."""
+def summarize(sums, recipe_metrics=per_sample, per="samples"):
+    """Reported numbers from summed counts: the recipe's metrics of them, the mean loss (per sample,
+    or per `per`) and the sample count."""
     samples = sums.get("samples", 0)
     if not samples:
         return {"samples": 0}
-    counts = {k: v for k, v in sums.items() if k != "loss"}
-    if recipe_metrics is not None:
-        extra = recipe_metrics(counts)
-    else:
-        extra = {k: v / samples for k, v in counts.items() if k != "samples"}
+    extra = recipe_metrics({k: v for k, v in sums.items() if k != "loss"})
     loss = sums["loss"] / sums[per] if sums.get(per) else float("nan")
     return {**extra, "loss": loss, "samples": int(samples)}
 
@@ -148,14 +149,10 @@ class StepUnits:
     """
 
     def __init__(self, per, accelerator, loader):
+        """`loader`: the training `loaders.Loader`, which says which batches are padding."""
         self.per, self.accelerator, self.loader = per, accelerator, loader
         self.units = torch.zeros((), dtype=_exact_dtype(accelerator.device), device=accelerator.device)
         self.alone = accelerator.num_processes == 1 and accelerator.gradient_accumulation_steps == 1
-
-    @property
-    def padding(self):
-        """Whether this micro-batch is a stream's padding: a repeat that must not count."""
-        return getattr(self.loader, "padding", False)
 
     def weigh(self, loss, counts):
         """The loss to back-propagate for one micro-batch."""
@@ -164,12 +161,12 @@ class StepUnits:
                 check_counts(counts, self.per)
             if self.alone:  # no other micro-batch or process to weigh it against
                 return loss
-            units = 0 if self.padding else counts[self.per]
+            units = 0 if self.loader.padding else counts[self.per]
             self.units += units
             return loss * units
-        if self.padding:
+        if self.loader.padding:  # a repeat that must not count
             return loss * 0
-        with_data = getattr(self.loader, "ranks_with_data", self.accelerator.num_processes)
+        with_data = self.loader.ranks_with_data
         if with_data != self.accelerator.num_processes:
             return loss * (self.accelerator.num_processes / with_data)
         return loss

@@ -46,7 +46,7 @@ def make_optimizer(cfg, model, recipe):
     for name, p in model.named_parameters():
         if name in frozen:
             p.requires_grad_(False)
-    if hasattr(recipe, "optimizer"):
+    if recipe.optimizer is not None:
         return recipe.optimizer(cfg, model), [f"the recipe's optimizer(); frozen: {len(frozen)} tensors"]
 
     o = cfg.optim

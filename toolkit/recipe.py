@@ -8,25 +8,63 @@ A recipe is one Python file with:
     def loss(model, batch, cfg): ...  # -> (scalar loss, {"samples": n, other summable counts...})
 
 and optionally `metrics(totals) -> dict` to turn summed counts into reported numbers, and the other
-hooks of OPTIONAL (a `|` separates the signatures a hook may have).
+hooks of OPTIONAL (a `|` separates the signatures a hook may have). `load` returns a `Recipe`, in
+which every optional hook has its default: the toolkit calls hooks, it never asks whether they exist.
 """
 
+import dataclasses
 import functools
 import importlib.util
 import inspect
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 from toolkit import UserError
+from toolkit.metrics import per_sample
 
 REQUIRED = {"datasets": "cfg", "model": "cfg", "loss": "model, batch, cfg"}
 OPTIONAL = {"metrics": "totals", "optimizer": "cfg, model", "collate": "batch | batch, cfg", "flops": "cfg, model",
             "export": "cfg, folder"}
 
 
+def _no_flops(cfg, model):
+    return 0
+
+
+def _no_export(cfg, folder):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A loaded recipe file: its name (the file's stem), path, default config and hooks."""
+
+    name: str
+    path: Path
+    config: dict
+    module: ModuleType
+    datasets: Callable  # (cfg) -> {"train": ds, "val": ds, "test": ds}
+    model: Callable  # (cfg) -> torch.nn.Module
+    loss: Callable  # (model, batch, cfg) -> (scalar loss, {"samples": n, ...})
+    metrics: Callable = per_sample  # (summed counts) -> reported numbers; default: each count per sample
+    optimizer: Callable | None = None  # (cfg, model) -> a torch optimizer; None: the config's optim.*
+    collate: Callable | None = None  # (batch) or (batch, cfg) -> a batch; None: the DataLoader's default
+    flops: Callable = _no_flops  # (cfg, model) -> FLOPs per unit of loss_per (for the MFU); default 0: unknown
+    export: Callable = _no_export  # (cfg, folder): add files to `launch.py export`'s folder
+
+    def collate_for(self, cfg):
+        """`collate` as a function of the batch alone (`collate(batch, cfg)` gets the run's cfg, e.g.
+        to build a tokenizer's collator), or None."""
+        if self.collate is None or _takes(self.collate, "batch"):
+            return self.collate
+        return functools.partial(self.collate, cfg=cfg)
+
+
 def load(path):
-    """Import the recipe at `path` and return the module; raise `UserError` if it breaks the contract."""
+    """Import the recipe at `path` and return its `Recipe`; raise `UserError` if it breaks the contract."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"recipe file not found: {path}")
@@ -41,25 +79,21 @@ def load(path):
     except Exception as e:  # noqa: BLE001 - shown as Python shows it, from the recipe's file on
         raise RecipeError(path, e) from e
 
-    missing = [f for f in REQUIRED if not callable(getattr(module, f, None))]
+    signatures = {**REQUIRED, **OPTIONAL}
+    hooks = {name: getattr(module, name) for name in signatures if getattr(module, name, None) is not None}
+    missing = [f for f in REQUIRED if not callable(hooks.get(f))]
     if missing:
         raise UserError(f"recipe {path} must define {', '.join(f'{f}()' for f in missing)}; "
                         f"see recipes/lenet.py for the contract")
-    for name, params in {**REQUIRED, **OPTIONAL}.items():
-        function = getattr(module, name, None)
-        if function is None:
-            continue
-        options = params.split(" | ")
+    for name, function in hooks.items():
+        options = signatures[name].split(" | ")
         if not any(_takes(function, *option.split(", ")) for option in options):
             raise UserError(f"recipe {path}: {name} must be a function "
                             f"{' or '.join(f'{name}({option})' for option in options)}")
     config = getattr(module, "config", {})
     if not isinstance(config, dict):
         raise UserError(f"recipe {path}: `config` must be a dict, got {type(config).__name__}")
-    module.config = config
-    module.name = path.stem
-    module.path = path
-    return module
+    return Recipe(name=path.stem, path=path, config=config, module=module, **hooks)
 
 
 def _takes(function, *args):
@@ -69,15 +103,6 @@ def _takes(function, *args):
     except (TypeError, ValueError):
         return False
     return True
-
-
-def collate(recipe, cfg):
-    """The recipe's `collate` as a function of the batch alone (`collate(batch, cfg)` gets the run's
-    cfg, e.g. to build a tokenizer's collator), or None."""
-    function = getattr(recipe, "collate", None)
-    if function is None or _takes(function, "batch"):
-        return function
-    return functools.partial(function, cfg=cfg)
 
 
 class RecipeError(UserError):

@@ -1,0 +1,107 @@
+"""What a run is made of, built alike by training and by testing a checkpoint (so that the same
+weights give the same numbers): the recipe's splits, checked and cut to the config, and its model,
+with its weights, EMA copy and compilation."""
+
+import itertools
+
+import torch
+from accelerate.utils import set_seed
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from toolkit import UserError, checkpoint, data
+
+
+def build(recipe, cfg, processes, weights="", training=True, strict=False, use_ema=False):
+    """The data and the model, built alike by `train` and `test` (so that the same weights give the
+    same numbers), with one seed on every rank (so that data splits and initial weights agree
+    everywhere). Returns (splits, model, the EMA model or None, the (missing, unexpected) names of
+    `weights` or None).
+
+    The model: the recipe's, with `weights` loaded (init_from, or a checkpoint's for `test`),
+    channels_last, then, for training with ema.decay, its average, then compiled (except for
+    `use_ema`: training validates its EMA weights uncompiled). For training, the splits are checked
+    and cut (limit_batches, overfit_batches)."""
+    set_seed(cfg.seed, deterministic=cfg.deterministic)
+    with processes.main_process_first():  # the main process downloads; the others then read its files
+        splits = recipe.datasets(cfg)
+    if training:
+        check_splits(splits, cfg)
+        splits = limit_splits(splits, cfg, processes.num_processes)
+    same_everywhere(splits, processes)
+    model = recipe.model(cfg)
+    loaded = checkpoint.load_weights(model, weights, strict=strict) if weights else None
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema.decay), use_buffers=True).to(
+        processes.device) if training and cfg.ema.decay else None
+    if cfg.compile and not use_ema:
+        model.compile()  # in place, so the weights keep their names: checkpoints do not depend on it
+    return splits, model, ema, loaded
+
+
+def check_splits(splits, cfg):
+    """What the recipe's datasets() returned fits the loop and the config (before any work)."""
+    if not isinstance(splits, dict) or "train" not in splits:
+        raise UserError(f"the recipe's datasets() must return a dict with a 'train' entry "
+                        f"(and optionally 'val', 'test'), got {type(splits).__name__}"
+                        + (f" with keys {', '.join(splits)}" if isinstance(splits, dict) else ""))
+    unknown = set(splits) - {"train", "val", "test"}
+    if unknown:
+        raise UserError(f"the recipe's datasets() returned unknown splits {', '.join(sorted(unknown))}; "
+                        f"expected train, val, test")
+    train = splits["train"]
+    if data.has_length(train) and len(train) == 0:
+        raise UserError("the train split is empty")
+    if not data.has_length(train):
+        s = cfg.sched
+        needs = [need for need, on in (
+            (f"sched.name={s.name}", s.name == "step" or (s.name != "constant" and not cfg.max_steps)),
+            (f"sched.warmup_epochs={s.warmup_epochs}", s.warmup_epochs and not s.warmup_steps),
+        ) if on]
+        if needs:
+            raise UserError(f"{' and '.join(needs)} needs the length of an epoch, but the train split "
+                            f"({type(train).__name__}) is a stream without one: set max_steps (with cosine, linear "
+                            f"or onecycle), use sched.warmup_steps, or give the dataset a __len__")
+
+
+def sizes(splits):
+    """{split: its length, or None for a stream}."""
+    return {split: len(ds) if data.has_length(ds) else None for split, ds in splits.items()}
+
+
+def same_everywhere(splits, processes):
+    """The recipe's datasets() gave every process the same splits, as far as their lengths tell (a
+    tokenizer trained per process, or unseeded sampling, would give each its own data)."""
+    if processes.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    seen = gather_object([sizes(splits)])
+    if any(other != seen[0] for other in seen):
+        raise UserError(f"the recipe's datasets() gave the processes different data: split lengths "
+                        f"{'; '.join(f'rank {r}: {s}' for r, s in enumerate(seen))}; it must give the same data on "
+                        f"every process (draw with cfg.seed, and build or train anything once, on every process alike)")
+
+
+def limit_splits(splits, cfg, num_processes):
+    """`limit_batches` and `debug.overfit_batches`: the first N batches' worth of samples (over all
+    processes) of a split; overfitting trains and validates on the same ones. A stream is cut as
+    it is read (see make_loader); to overfit, its first samples are kept in memory (and a pass
+    over them is an epoch)."""
+    def first(split, batches, batch_size):
+        n = batches * batch_size * num_processes
+        if data.is_stream(splits[split]):
+            return list(itertools.islice(splits[split], n))
+        return torch.utils.data.Subset(splits[split], range(min(n, len(splits[split]))))
+
+    limited = dict(splits)
+    for split, batches in cfg.limit_batches.items():
+        if batches and split in splits and not data.is_stream(splits[split]):
+            limited[split] = first(split, batches, cfg.batch_size if split == "train" else cfg.eval_batch_size)
+    if cfg.debug.overfit_batches:
+        few = limited["val"] = first("train", cfg.debug.overfit_batches, cfg.batch_size)
+        # Repeated to the length of a real epoch: the real run's steps and LR schedule (a decay to
+        # zero after a few steps would stop short of memorising them).
+        limited["train"] = few if isinstance(few, list) else \
+            torch.utils.data.Subset(few, [i % len(few) for i in range(len(limited["train"]))])
+    return limited

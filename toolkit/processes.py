@@ -1,0 +1,70 @@
+"""The run's processes: the process group and its device (CPU or GPU), what a failed peer looks
+like, and the peak FLOP/s of the GPUs that a model FLOPs utilisation is measured against."""
+
+import os
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
+
+from toolkit import UserError, logs
+
+
+def start_processes(cfg):
+    """The process group (Accelerate's PartialState) and whether it runs on the CPU.
+
+    Without a GPU, several processes talk over gloo; Accelerate alone does this only under
+    ACCELERATE_USE_CPU=1 and otherwise runs N unaware copies of the same training."""
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (
+        int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available())
+    mpi = any(key in os.environ for key in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
+    if cpu and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ and not mpi:
+        # What `accelerate launch --cpu --num_processes N` and MULTI_CPU configs do without mpirun.
+        raise UserError("accelerate launch was asked for several CPU processes but started only this one (with "
+                        "--cpu or a MULTI_CPU config it expects mpirun); for N processes on CPUs run "
+                        "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N launch.py ..., "
+                        "or torchrun --nproc_per_node N launch.py ...")
+    processes = PartialState(cpu=cpu)
+    logs.quiet_libraries(processes.is_main_process)
+    precision = cfg.precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision == "fp16" and processes.device.type == "cpu":
+        raise UserError("precision=fp16 needs a GPU (on the CPU it would silently train in fp32); "
+                        "use precision=bf16 or precision=no")
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
+    return processes, cpu
+
+
+def lost_a_peer(error):
+    """Whether `error` is a collective that failed because another process went away."""
+    text = str(error)
+    return isinstance(error, torch.distributed.DistError) or any(
+        sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                  "NCCL communicator was aborted", "remote process exited"))
+
+
+def first_line(error):
+    """`Type: the first line of its message`: for an error raised in a DataLoader worker (which
+    torch raises again with the worker's traceback as its message), the original one's."""
+    lines = str(error).splitlines()
+    if "Original Traceback (most recent call last):" in lines:
+        after = lines[lines.index("Original Traceback (most recent call last):") + 1:]
+        raised = [line for line in after if line.strip() and not line.startswith(" ")]
+        if raised:
+            return raised[0]
+    lines = [line.strip() for line in lines if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+# Dense bf16/fp16 peak FLOP/s of the GPUs whose name contains the key (their data sheets).
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
+              "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def peak_flops_per_s(device):
+    """The device's peak FLOP/s in bf16/fp16 (the MFU denominator of PaLM and torchtitan), or 0
+    where unknown (any CPU, an unlisted GPU)."""
+    if device.type != "cuda":
+        return 0
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), 0)
