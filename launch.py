@@ -112,10 +112,10 @@ def load_run(path):
 def exit_status(summary):
     """0 when the run finished; 128 + the signal's number when a signal stopped it; 1 when it failed
     (the error is printed)."""
-    if summary.get("status") == "interrupted":
-        return 128 + signal.Signals[summary.get("signal", "SIGINT")].value
-    if summary.get("status") == "failed":
-        say_error(summary["error"])
+    if summary.status == "interrupted":
+        return 128 + signal.Signals[summary.signal or "SIGINT"].value
+    if summary.status == "failed":
+        say_error(summary.error)
         return 1
     return 0
 

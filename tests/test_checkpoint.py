@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from conftest import Shared, tiny_args
 from helpers import (CPU, LENET, PROBE, REPO, assert_same_weights, copy_run, launch, launch_two, ok, only_run,
                      read_jsonl, start, summary, two_processes, wait_until, weights)
-from toolkit import UserError, checkpoint, rundir
+from toolkit import UserError, checkpoint
+from toolkit.summary import Status, Summary
 
 
 def comparable(records):
@@ -291,14 +292,14 @@ def test_a_signal_saves_then_resume_finishes_like_the_unbroken_run(signal_args, 
 def test_a_sigterm_while_the_run_records_its_end_does_not_kill_it(tiny, tmp_path, monkeypatch):
     """When one process fails, the launcher sends SIGTERM to the others, which may be recording their
     end at that moment (that another process failed, and why): they must finish saying it."""
-    write = rundir.write_summary
+    write = Summary.write
 
-    def write_then_signal(run_dir, summary):
-        write(run_dir, summary)
-        if summary["status"] != "running":  # the last write, as the run ends
+    def write_then_signal(summary, run_dir):
+        write(summary, run_dir)
+        if summary.status != Status.RUNNING:  # the last write, as the run ends
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(rundir, "write_summary", write_then_signal)
+    monkeypatch.setattr(Summary, "write", write_then_signal)
     ok(launch([LENET, *tiny, "debug.fast_run=true"], cwd=tmp_path))  # this process lives on
     assert summary(only_run(tmp_path / "runs"))["status"] == "finished"
 

@@ -207,3 +207,30 @@ def test_a_resume_on_other_data_is_refused(tmp_path):
     assert result.returncode == 2 and result.stderr == (
         "error: the recipe's datasets() now gives split lengths {'train': 50}, but the run trained on {'train': 64}: "
         "a resumed run needs the data it started with\n")
+
+
+def _stop_requests(rank, store, results):
+    """One of two gloo processes: asks StopRequest at 4 steps, its clock past max_minutes from step 1 on
+    rank 0 but only from step 3 on rank 1."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    from toolkit.signals import StopRequest
+
+    with StopRequest(2) as stop:
+        results[rank] = [str(stop.check(over_time=step >= 1 + 2 * rank)) for step in range(4)]
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_whose_clocks_disagree_stop_at_one_step_for_one_reason(tmp_path):
+    """max_minutes reaches the ranks at different steps: they stop at the same step, and both for
+    max_minutes, so that both validate before they stop (a rank that heard only "another rank's
+    clock" and skipped the validation would leave the other waiting in its collectives)."""
+    context = torch.multiprocessing.get_context("spawn")
+    results = context.Manager().dict()
+    processes = [context.Process(target=_stop_requests, args=(rank, tmp_path / "store", results)) for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    assert [p.exitcode for p in processes] == [0, 0]
+    # Agreed one step after it was asked for (the all-reduce is read at the next step).
+    assert results[0] == results[1] == ["None", "None", "max_minutes", "max_minutes"]

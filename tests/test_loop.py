@@ -4,6 +4,7 @@ import pytest
 
 from toolkit import config
 from toolkit.loop import Plan, plan
+from toolkit.summary import Stop
 
 
 def cfg(*overrides):
@@ -53,12 +54,12 @@ def test_logs_every_n_steps_at_each_epoch_end_and_with_every_validation_or_save(
 def test_max_steps_ends_the_run_with_a_validation_and_a_save(max_steps, val_every):
     """Mid-epoch or at an epoch's end, the run's last step validates and saves (val_every=0: only then)."""
     plans = run(cfg(f"max_steps={max_steps}", f"val_every={val_every}"))
-    assert max(plans) == max_steps and plans[max_steps][1].stop == "max_steps"
+    assert max(plans) == max_steps and plans[max_steps][1].stop == Stop.MAX_STEPS
     assert steps(plans, "save") == [32, max_steps]
     assert steps(plans, "validate") == ([32] if val_every and max_steps > 32 else []) + [max_steps]
 
 
-@pytest.mark.parametrize("request_", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("request_", [Stop.SIGTERM, Stop.SIGINT])
 def test_a_signal_stops_at_that_step_with_a_checkpoint(request_):
     plans = run(cfg(), requests={7: request_})
     assert max(plans) == 7
@@ -66,23 +67,23 @@ def test_a_signal_stops_at_that_step_with_a_checkpoint(request_):
 
 
 def test_max_minutes_mid_epoch_ends_the_run_with_a_validation_and_a_save():
-    assert run(cfg(), requests={7: "max_minutes"})[7] == (1, Plan(log=True, validate=True, save=True,
-                                                                  stop="max_minutes"))
+    assert run(cfg(), requests={7: Stop.MAX_MINUTES})[7] == (1, Plan(log=True, validate=True, save=True,
+                                                                      stop=Stop.MAX_MINUTES))
 
 
 def test_max_minutes_at_an_epoch_end_validates_as_the_last_epoch():
     every_2 = cfg("val_every=2")
-    assert run(every_2, requests={32: "max_minutes"})[32] == (1, Plan(True, True, True, "max_minutes"))
-    assert run(every_2, requests={32: "SIGTERM"})[32] == (1, Plan(True, False, True, "SIGTERM"))
+    assert run(every_2, requests={32: Stop.MAX_MINUTES})[32] == (1, Plan(True, True, True, Stop.MAX_MINUTES))
+    assert run(every_2, requests={32: Stop.SIGTERM})[32] == (1, Plan(True, False, True, Stop.SIGTERM))
 
 
 def test_non_finite_steps_stop_past_the_tolerance():
     bad = {5: 1, 6: 2, 7: 3, 8: 4}  # four steps in a row skipped; nan_tolerance=3
     plans = run(cfg("nan_tolerance=3"), bad_steps=bad)
-    assert max(plans) == 8 and plans[8][1].stop == "nan" and plans[8][1].save
+    assert max(plans) == 8 and plans[8][1].stop == Stop.NAN and plans[8][1].save
     assert [plans[s][1].stop for s in range(1, 8)] == [None] * 7
 
 
 def test_a_signal_wins_over_max_steps_and_nan():
-    assert plan(10, 1, False, cfg("max_steps=10"), "SIGTERM", bad_steps=9).stop == "SIGTERM"
-    assert plan(10, 1, False, cfg("max_steps=10"), None, bad_steps=9).stop == "max_steps"
+    assert plan(10, 1, False, cfg("max_steps=10"), Stop.SIGTERM, bad_steps=9).stop == Stop.SIGTERM
+    assert plan(10, 1, False, cfg("max_steps=10"), None, bad_steps=9).stop == Stop.MAX_STEPS

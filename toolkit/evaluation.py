@@ -13,6 +13,7 @@ from toolkit import UserError, build, checkpoint, data, loaders, rundir
 from toolkit.logs import format_metrics, log
 from toolkit.metrics import Totals, summarize
 from toolkit.processes import start_processes
+from toolkit.summary import Stop
 
 
 @torch.no_grad()
@@ -60,12 +61,12 @@ def monitor_for(cfg, has_val, has_ema):
     return monitor if has_val and (has_ema or not monitor.startswith("val_ema/")) else ""
 
 
-def monitored(summary, monitor):
-    """The value of `monitor` (e.g. "val/accuracy") in the latest validation."""
+def monitored(metrics, monitor):
+    """The value of `monitor` (e.g. "val/accuracy") in the latest validation's `metrics` ({split: metrics})."""
     split, name = monitor.split("/", 1)
-    if name not in summary[split]:
-        raise UserError(f"checkpoint.monitor={monitor}: validation reports {', '.join(summary[split])}")
-    return summary[split][name]
+    if name not in metrics[split]:
+        raise UserError(f"checkpoint.monitor={monitor}: validation reports {', '.join(metrics[split])}")
+    return metrics[split][name]
 
 
 class Validator:
@@ -99,17 +100,17 @@ class Validator:
             monitored(reported, self.run.monitor)
 
     def __call__(self, state, epoch):
-        """Returns (whether it is the best so far, the reason to stop or None)."""
+        """Returns (whether it is the best so far, the `Stop` it asks for or None)."""
         if self.loader is None:
             return False, None
-        cfg, summary, monitor = self.cfg, self.run.summary, self.run.monitor
+        cfg, metrics, monitor = self.cfg, self.run.summary.metrics, self.run.monitor
         for split, net in self.models.items():
-            summary[split] = evaluate(self.accelerator, net, self.loader, self.recipe, cfg, "val")
-            self.run.metrics.log(split, summary[split], state.step, epoch)
-            log.info(f"epoch {epoch}/{cfg.epochs} step {state.step} {split} {format_metrics(summary[split])}")
+            metrics[split] = evaluate(self.accelerator, net, self.loader, self.recipe, cfg, "val")
+            self.run.metrics.log(split, metrics[split], state.step, epoch)
+            log.info(f"epoch {epoch}/{cfg.epochs} step {state.step} {split} {format_metrics(metrics[split])}")
         if not monitor:
             return False, None
-        value = monitored(summary, monitor)
+        value = monitored(metrics, monitor)
         state.validations += 1
         # Rank 0 decides for all: the collectives that follow (a save, stopping) must match.
         main = self.accelerator.is_main_process
@@ -118,7 +119,7 @@ class Validator:
         state.best = value if best else state.best
         state.stale_validations = 0 if best else state.stale_validations + 1
         early = bool(cfg.early_stop.patience) and state.stale_validations >= cfg.early_stop.patience
-        return best, "early_stop" if early else "pruned" if pruned else None
+        return best, Stop.EARLY_STOP if early else Stop.PRUNED if pruned else None
 
 
 def test(recipe, cfg, run_dir, which="", split="", use_ema=False):

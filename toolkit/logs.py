@@ -59,14 +59,15 @@ def progress_bar(accelerator, total, initial, desc):
 
 
 def result_line(summary):
-    """The last line of a run: its final metrics (or how it ended), its time and where its folder is."""
-    split = "test" if "test" in summary else "val" if "val" in summary else None
-    if summary["status"] != "finished":
-        result = f"{summary['status']} at epoch {summary['epochs']} step {summary['steps']}" + (
-            f" ({summary['error']})" if summary.get("error") else "")
+    """The last line of a run (a `toolkit.summary.Summary`): its final metrics (or how it ended), its
+    time and where its folder is."""
+    split = "test" if "test" in summary.metrics else "val" if "val" in summary.metrics else None
+    if summary.status != "finished":
+        result = f"{summary.status} at epoch {summary.epochs} step {summary.steps}" + (
+            f" ({summary.error})" if summary.error else "")
     else:
-        result = f"{split} {format_metrics(summary[split])}" if split else f"trained {summary['steps']} steps"
-    return f"{result} | {summary['wall_time_s']:.1f}s | run {summary['run_dir']}"
+        result = f"{split} {format_metrics(summary.metrics[split])}" if split else f"trained {summary.steps} steps"
+    return f"{result} | {summary.wall_time_s:.1f}s | run {summary.run_dir}"
 
 
 def text_table(rows, headers):

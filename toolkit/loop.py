@@ -30,6 +30,7 @@ from toolkit.optim import lr_schedule, make_optimizer, set_lr
 from toolkit.processes import peak_flops_per_s, start_processes
 from toolkit.records import Run
 from toolkit.signals import StopRequest
+from toolkit.summary import Stop
 
 # Accelerate's optimizer step looks up whether the `lomo_optim` package is installed, twice per
 # step, through importlib (about 0.1 ms each: 7% of a LeNet step on a CPU). The answer cannot
@@ -91,7 +92,7 @@ def train(recipe, cfg, resume=None, autoresume=False, trial=None):
         validate.sanity_check(splits.get("val"))  # a bad monitor or loss fails here, in seconds
         window = train_window(accelerator, recipe, cfg, accelerator.unwrap_model(model))
         finite = FiniteCheck(cfg, accelerator, state)  # skip_nonfinite
-        stopping = None  # why training ends before `epochs`: max_steps, max_minutes, early_stop, a signal, nan, pruned
+        stopping = None  # the `Stop`, when training ends before `epochs`
         last_epoch = state.epoch if cfg.max_steps and state.step >= cfg.max_steps else cfg.epochs
         for epoch in range(state.epoch + 1, last_epoch + 1):
             model.train()
@@ -147,8 +148,9 @@ def train(recipe, cfg, resume=None, autoresume=False, trial=None):
 
         if run.ends(stopping):  # a normal end (not a signal, nan or pruning) goes on to test
             if "test" in eval_loaders:
-                run.summary["test"] = evaluate(accelerator, model, eval_loaders["test"], recipe, cfg, "test")
-                run.metrics.log("test", run.summary["test"], state.step, state.epoch)
+                tested = run.summary.metrics["test"] = evaluate(accelerator, model, eval_loaders["test"], recipe, cfg,
+                                                                "test")
+                run.metrics.log("test", tested, state.step, state.epoch)
             if cfg.debug.fast_run:
                 checkpoint.load(accelerator, checkpoint.find(run_dir), ema)
                 log.info("fast_run: one train, val and test step done, a checkpoint saved and loaded back")
@@ -163,7 +165,7 @@ class Plan(NamedTuple):
     log: bool  # read the train window's metrics (the host sync) and log them
     validate: bool  # validate, if the recipe has a val split
     save: bool  # save a checkpoint (so does a validation that finds a new best, or a reason to stop)
-    stop: str | None  # why training ends at this step: max_steps, max_minutes, nan, SIGTERM, SIGINT; else None
+    stop: Stop | None  # why training ends at this step: max_steps, max_minutes, nan, SIGTERM, SIGINT; else None
 
 
 def plan(step, epoch, end_of_epoch, cfg, request=None, bad_steps=0):
@@ -177,9 +179,9 @@ def plan(step, epoch, end_of_epoch, cfg, request=None, bad_steps=0):
     so that every finished run has its final validation, its best and model.safetensors. Every
     stop saves."""
     ckpt = cfg.checkpoint
-    stop = request or ("max_steps" if step == cfg.max_steps else None) or (
-        "nan" if bad_steps > cfg.nan_tolerance else None)
-    finishes = stop in ("max_steps", "max_minutes")
+    stop = request or (Stop.MAX_STEPS if step == cfg.max_steps else None) or (
+        Stop.NAN if bad_steps > cfg.nan_tolerance else None)
+    finishes = stop is not None and stop.finishes
     if not end_of_epoch:
         validate = _every(cfg.val_every_steps, step) or finishes
         save = bool(stop) or _every(ckpt.every_steps, step)

@@ -19,7 +19,7 @@ def notify(cfg, summary):
     n = cfg.notify
     if not (n.email or n.webhook):
         return
-    subject = f"[minloop] {summary['status']}: {summary['run_dir']}"
+    subject = f"[minloop] {summary.status}: {summary.run_dir}"
     body = message(summary)
     if n.email:
         try:
@@ -38,11 +38,11 @@ def notify(cfg, summary):
 
 
 def message(summary):
+    """The text of a notification, from the run's `Summary`."""
     lines = [result_line(summary)]  # the final metrics, or how the run ended and why
-    lines.append(f"epochs {summary['epochs']}, steps {summary['steps']}, {summary['wall_time_s']:.0f}s of training")
-    if summary.get("best"):
-        lines.append(f"best {summary['best']['monitor']}={summary['best']['value']:.6g} "
-                     f"({summary['best']['checkpoint']})")
+    lines.append(f"epochs {summary.epochs}, steps {summary.steps}, {summary.wall_time_s:.0f}s of training")
+    if summary.best:
+        lines.append(f"best {summary.best['monitor']}={summary.best['value']:.6g} ({summary.best['checkpoint']})")
     return "\n".join(lines) + "\n"
 
 

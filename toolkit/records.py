@@ -15,6 +15,7 @@ import torch
 from toolkit import PeerFailure, checkpoint, config, data, logs, processes, rundir, tracking
 from toolkit.logs import FILE_ONLY, format_metrics, log
 from toolkit.notify import notify
+from toolkit.summary import Status, Stop, Summary
 
 
 class Run:
@@ -29,8 +30,8 @@ class Run:
     def __init__(self, accelerator, recipe, cfg, run_dir, state, resumed_from, monitor):
         self.accelerator, self.recipe, self.cfg, self.dir, self.state = accelerator, recipe, cfg, run_dir, state
         self.resumed_from, self.monitor = resumed_from, monitor
-        self.summary = {"status": "running", "recipe": recipe.name, "run_dir": str(run_dir), "epochs": state.epoch,
-                        "steps": state.step, "host": socket.gethostname(), "pid": os.getpid()}
+        self.summary = Summary(recipe=recipe.name, run_dir=str(run_dir), epochs=state.epoch, steps=state.step,
+                               host=socket.gethostname(), pid=os.getpid())
         self.metrics = self.closing = None  # opened by __enter__
 
     def __enter__(self):
@@ -43,7 +44,7 @@ class Run:
             self.metrics = opening.enter_context(tracking.Metrics(self.accelerator, self.dir, keep))
             self.closing = opening.pop_all()
         if main:
-            rundir.write_summary(self.dir, self.summary)  # `launch.py runs` shows it as running
+            self.summary.write(self.dir)  # `launch.py runs` shows it as running
         self.started = time.time() - self.state.wall_time_s  # training time: the setup above is not counted
         return self
 
@@ -53,28 +54,29 @@ class Run:
                 self.failed(error)
         finally:
             state, summary = self.state, self.summary
-            summary.update(epochs=state.epoch, steps=state.step, wall_time_s=round(time.time() - self.started, 2))
+            summary.epochs, summary.steps = state.epoch, state.step
+            summary.wall_time_s = round(time.time() - self.started, 2)
             if state.best is not None:
-                summary["best"] = {"monitor": self.monitor, "value": state.best, "checkpoint": state.best_checkpoint}
+                summary.best = {"monitor": self.monitor, "value": state.best, "checkpoint": state.best_checkpoint}
             if self.accelerator.is_main_process:
-                rundir.write_summary(self.dir, summary)
+                summary.write(self.dir)
                 notify(self.cfg, summary)
             log.info(logs.result_line(summary), extra=FILE_ONLY)  # log.txt's last line, whatever happened
             self.closing.close()
-        if summary["status"] == "finished" and self.accelerator.is_main_process:  # once, not once per machine
+        if summary.status == Status.FINISHED and self.accelerator.is_main_process:  # once, not once per machine
             print(logs.result_line(summary))
 
     def failed(self, error):
         """Record `error` in the summary (and, for a rank of several, in error-rank<N>.txt); a
         collective that broke because another process failed becomes a PeerFailure."""
         accelerator, summary = self.accelerator, self.summary
-        summary["status"] = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-        summary["error"] = f"{type(error).__name__}: {error}"
+        summary.status = Status.INTERRUPTED if isinstance(error, KeyboardInterrupt) else Status.FAILED
+        summary.error = f"{type(error).__name__}: {error}"
         if accelerator.num_processes > 1 and processes.lost_a_peer(error):
             # The process that failed first wrote its error (below) before it exited, which is
             # what broke this collective.
             causes = [p.read_text().strip().splitlines()[-1] for p in sorted(self.dir.glob("error-rank*.txt"))]
-            summary["error"] = f"another process failed: {'; '.join(causes) or 'see its error'}"
+            summary.error = f"another process failed: {'; '.join(causes) or 'see its error'}"
             failure = PeerFailure(f"rank {accelerator.process_index} stopped: another process failed "
                                   f"({'; '.join(causes) or 'see its error above'})")
             print(f"error: {failure}", file=sys.stderr, flush=True)  # now, while a SIGTERM cannot end it
@@ -129,9 +131,9 @@ class Run:
                             f"exactly as it would have")
 
     def over_time(self):
-        """The reason to stop, "max_minutes", once the run has trained that long (over all its sessions)."""
+        """Whether the run has trained for max_minutes (over all its sessions)."""
         minutes = self.cfg.max_minutes
-        return "max_minutes" if minutes and time.time() - self.started > 60 * minutes else None
+        return bool(minutes) and time.time() - self.started > 60 * minutes
 
     def log_train(self, metrics, step, epoch, bar):
         """Log a train window's metrics (on a terminal, the bar shows the main ones)."""
@@ -141,21 +143,19 @@ class Run:
                  extra=FILE_ONLY if not bar.disable else None)
 
     def ends(self, stopping):
-        """Record why training ended; whether it ended normally (then `train` tests the model)."""
+        """Record why training ended (`stopping`: a `Stop`, or None after the last epoch); return
+        whether the test follows."""
         state, summary = self.state, self.summary
-        if stopping == "nan":
-            summary.update(status="failed", error=(
-                f"{state.bad_steps} optimizer steps in a row had a non-finite loss or gradient norm (more than "
-                f"nan_tolerance={self.cfg.nan_tolerance}); they were skipped and the last good state is saved in "
-                f"{checkpoint.find(self.dir)}"))
-        elif stopping in ("SIGTERM", "SIGINT"):
-            summary.update(status="interrupted", signal=stopping)
+        summary.status = stopping.status if stopping else Status.FINISHED
+        if stopping == Stop.NAN:
+            summary.error = (f"{state.bad_steps} optimizer steps in a row had a non-finite loss or gradient norm (more "
+                             f"than nan_tolerance={self.cfg.nan_tolerance}); they were skipped and the last good state "
+                             f"is saved in {checkpoint.find(self.dir)}")
+        elif summary.status == Status.INTERRUPTED:
+            summary.signal = stopping.value
             log.info(f"stopped by {stopping} at step {state.step}; continue with: python launch.py resume {self.dir}")
-        elif stopping == "pruned":  # ends cleanly, without testing: the search has no use for it
-            summary["status"] = "pruned"
+        elif stopping == Stop.PRUNED:  # ends cleanly, without testing: the search has no use for it
             log.info(f"pruned by the search at step {state.step}")
-        else:
-            if stopping:
-                log.info(f"stopped at step {state.step}: {stopping}")
-            summary["status"] = "finished"
-        return summary["status"] == "finished"
+        elif stopping:
+            log.info(f"stopped at step {state.step}: {stopping}")
+        return stopping is None or stopping.tests

@@ -9,7 +9,7 @@ from pathlib import Path
 from toolkit import UserError
 from toolkit.config import yaml_load
 from toolkit.logs import text_table
-from toolkit.rundir import read_json
+from toolkit.summary import Status, Summary
 
 
 def list_runs(folder="runs"):
@@ -20,23 +20,22 @@ def list_runs(folder="runs"):
         raise UserError(f"no run folders under {folder}")
     rows = []
     for run in runs:
-        summary = read_json(run / "summary.json")
+        summary = Summary.read(run)
         cfg = yaml_load((run / "config.yaml").read_text(encoding="utf-8"), run / "config.yaml") or {}
-        best = summary.get("best")
-        rows.append([str(run.relative_to(folder)), summary.get("recipe", "?"), status(summary),
-                     f"{summary.get('epochs', 0)}/{cfg.get('epochs', '?')}",
+        best = summary.best
+        rows.append([str(run.relative_to(folder)), summary.recipe or "?", status(summary),
+                     f"{summary.epochs}/{cfg.get('epochs', '?')}",
                      f"{best['monitor']}={best['value']:.4g}" if best else "-",
-                     f"{summary['wall_time_s']:.0f}s" if "wall_time_s" in summary else "-"])
+                     f"{summary.wall_time_s:.0f}s" if summary.wall_time_s is not None else "-"])
     return text_table(rows, ["run", "recipe", "status", "epochs", "best", "time"])
 
 
 def status(summary):
-    """running, finished, interrupted, failed; a run that says running but whose process is gone
-    from this machine is reported as died."""
-    state = summary.get("status", "unknown")
-    if state == "running" and summary.get("host") == socket.gethostname() and not alive(summary.get("pid")):
+    """A `Summary`'s status as text; a run that says running but whose process is gone from this
+    machine is reported as died."""
+    if summary.status == Status.RUNNING and summary.host == socket.gethostname() and not alive(summary.pid):
         return "died"
-    return state
+    return str(summary.status)
 
 
 def alive(pid):

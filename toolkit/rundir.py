@@ -100,10 +100,6 @@ def _git(where, *args):
     return done.stdout.strip() if done.returncode == 0 else ""
 
 
-def write_summary(run_dir, summary):
-    write_json(run_dir / "summary.json", summary)
-
-
 def read_json(path):
     """A JSON file's content, or {} when it is missing or unreadable (a run that never wrote it)."""
     try:

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from toolkit import UserError, config, parallel, rundir, sweep
 from toolkit.report import alive
+from toolkit.summary import Status, Summary
 
 NAME = "search"  # the study's name in its journal file
 ENV_FOLDER, ENV_TRIAL = "MINLOOP_SEARCH", "MINLOOP_TRIAL"  # how a trial's process finds its study
@@ -289,9 +290,7 @@ class Driver:
                 if job is None:
                     break
                 number, params, fresh = job
-                run = self.run_dir(number)
-                summary = rundir.read_json(run / "summary.json")
-                if not fresh and summary.get("status") in ("finished", "pruned", "failed"):
+                if not fresh and Summary.read(self.run_dir(number)).status.ended:
                     self.finish(number, 0)  # it ended after its search process did
                     continue
                 # From the directory the search started in: relative paths in its config mean the same.
@@ -353,8 +352,8 @@ class Driver:
         if not gone:
             return False
         # Its run may still be saving a checkpoint (it is told to stop when its search process dies).
-        summary = rundir.read_json(self.run_dir(trial.number) / "summary.json")
-        return not (summary.get("status") == "running" and summary.get("host") == HOST and alive(summary.get("pid")))
+        summary = Summary.read(self.run_dir(trial.number))
+        return not (summary.status == Status.RUNNING and summary.host == HOST and alive(summary.pid))
 
     def beat(self):
         """Touch this process's heartbeat file (every few seconds)."""
@@ -384,21 +383,21 @@ class Driver:
         from optuna.trial import TrialState
 
         run = self.run_dir(number)
-        summary = rundir.read_json(run / "summary.json")
-        status = summary.get("status")
-        if self.stopping and status in ("interrupted", "running", None):
+        summary = Summary.read(run)
+        status = summary.status
+        if self.stopping and status in (Status.INTERRUPTED, Status.RUNNING, Status.UNKNOWN):
             return  # stopped with this search: left running in the study, for --resume
         self.set_attr(number, "exit", code)
-        value = summary.get("best", {}).get("value")
-        if code == 0 and status == "finished" and value is not None and math.isfinite(value):
+        value = summary.best_value
+        if code == 0 and status == Status.FINISHED and value is not None and math.isfinite(value):
             self.study.tell(number, value, skip_if_finished=True)
             line = f"finished: {self.settings['monitor']}={value:.4g}"
-        elif code == 0 and status == "pruned":
+        elif code == 0 and status == Status.PRUNED:
             self.study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)
-            line = f"pruned at step {summary.get('steps')}"
+            line = f"pruned at step {summary.steps}"
         else:
-            error = summary.get("error") or (f"no {self.settings['monitor']} was measured" if status == "finished"
-                                             else f"exit status {code}")
+            error = summary.error or (f"no {self.settings['monitor']} was measured" if status == Status.FINISHED
+                                      else f"exit status {code}")
             self.set_attr(number, "error", error)
             self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
             line = f"failed: {error}"

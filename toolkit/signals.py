@@ -5,11 +5,13 @@ import signal
 import torch
 import torch.distributed as dist
 
+from toolkit.summary import Stop
+
 
 class StopRequest:
-    """`check()` once per training step on every rank; it returns the signal's name (or another
-    agreed reason) once a stop is agreed. The first SIGTERM or SIGINT asks for a stop at the next step boundary (the loop then
-    saves a checkpoint); a second Ctrl-C aborts at once.
+    """`check()` once per training step on every rank; it returns the agreed `Stop` (a signal, or
+    max_minutes) once a stop is agreed. The first SIGTERM or SIGINT asks for a stop at the next step
+    boundary (the loop then saves a checkpoint); a second Ctrl-C aborts at once.
 
     With several processes the ranks must agree on the step, or one would wait in a collective the
     others never reach. They agree through an all-reduce of the flag on a CPU (gloo) group, started
@@ -28,11 +30,12 @@ class StopRequest:
             raise KeyboardInterrupt  # the second Ctrl-C: abort now
         self.requested = self.requested or signal.Signals(signum).name
 
-    def check(self, local=None):
-        """The agreed reason to stop, or None. `local` is this rank's own reason besides a signal
-        (a time budget): ranks whose clocks disagree must still stop at the same step."""
-        reasons = (None, local or "budget", self.requested or "SIGTERM")
-        mine = 2 if self.requested else 1 if local else 0
+    def check(self, over_time=False):
+        """The agreed `Stop`, or None. `over_time`: this rank's clock says max_minutes have passed;
+        ranks whose clocks disagree must still stop at the same step, for the same reason (a stop
+        for max_minutes validates, a signal's does not: every rank must do the same)."""
+        reasons = (None, Stop.MAX_MINUTES, Stop[self.requested or "SIGTERM"])
+        mine = 2 if self.requested else 1 if over_time else 0
         if self.group is None:
             return reasons[mine]
         agreed = None

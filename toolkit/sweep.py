@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from toolkit import UserError, config, logs, parallel, rundir
+from toolkit.summary import Status, Summary
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch.py"
 
@@ -127,13 +128,15 @@ def sweep(recipe, files, overrides, launcher="", parallel_runs=1):
 
 
 def row(point, run, code):
-    summary = rundir.read_json(run / "summary.json") if run else {}
-    final = summary.get("test") or summary.get("val") or {}
+    """A row of the table: `point` (the run's values), its run folder (None if it made none) and its exit status."""
+    summary = Summary.read(run) if run else Summary(status=Status.FAILED)
+    final = summary.metrics.get("test") or summary.metrics.get("val") or {}
+    status = Status.FAILED if summary.status == Status.UNKNOWN else summary.status
     return {"run": " ".join(point), "folder": str(run) if run else "",
-            "status": summary.get("status", "failed") + ("" if code == 0 else f" (exit {code})"),
-            "best": summary.get("best", {}).get("value"), "monitor": summary.get("best", {}).get("monitor", ""),
+            "status": str(status) + ("" if code == 0 else f" (exit {code})"),
+            "best": summary.best_value, "monitor": (summary.best or {}).get("monitor", ""),
             "final": {k: v for k, v in final.items() if k != "samples"},
-            "split": "test" if summary.get("test") else "val", "wall_time_s": summary.get("wall_time_s")}
+            "split": "test" if summary.metrics.get("test") else "val", "wall_time_s": summary.wall_time_s}
 
 
 def report(rows, folder, mode, kind="sweep"):
