@@ -47,13 +47,14 @@ def resume(args):
 
     Policy: the weights, optimizer, RNG, data position, step and best metric come from the
     checkpoint; the config is the run's config.yaml plus what the command line changes, which may
-    only touch keys that leave the model and the data as they were (config.RESUMABLE) unless --force.
+    only touch keys that leave the model and the data as they were (config.resumable) unless --force.
     """
     return continue_run(args.run, args.config, args.overrides, args.force)
 
 
 def continue_run(path, files, overrides, force=False):
     from toolkit import config, loop
+    from toolkit.optim import SCHEDULES
 
     run, recipe = load_run(path)
     saved = config.resolve(recipe.config, [run / "config.yaml"])
@@ -64,7 +65,7 @@ def continue_run(path, files, overrides, force=False):
                         f"data of a run half done; start a new run, or pass --force to resume anyway")
     resized = [f"{key} {old} -> {new}" for key, old, new in config.changes(cfg, saved)
                if key in ("epochs", "max_steps")]
-    if resized and cfg.sched.name in ("cosine", "linear", "onecycle") and os.environ.get("RANK", "0") == "0":
+    if resized and SCHEDULES[cfg.sched.name].over_training and os.environ.get("RANK", "0") == "0":
         print(f"warning: {', '.join(resized)} resizes the {cfg.sched.name} LR schedule, which is a function of the "
               f"training length: the LR jumps to where the new schedule is at the checkpoint's step", file=sys.stderr)
     return exit_status(loop.train(recipe, cfg, resume=run, trial=search_trial()))

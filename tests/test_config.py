@@ -135,21 +135,36 @@ def test_diff_lists_what_changed():
     assert config.diff(base, base) == []
 
 
-def test_choices_are_written_once():
-    """config.CHOICES holds the only list of names: toolkit/optim.py implements exactly those, each
-    of them works, and the README table shows them."""
+def test_choices_are_the_registries_names():
+    """The names that optim.name, sched.name and trackers take are their registries' (toolkit.optim,
+    toolkit.tracking): each of them works, a name outside them is refused, and the README table shows them."""
     import torch
 
     from helpers import LENET
-    from toolkit import optim, recipe
-    assert set(optim.OPTIMIZERS) == set(config.CHOICES["optim.name"])
-    assert set(optim.SCHEDULES) == set(config.CHOICES["sched.name"])
+    from toolkit import optim, recipe, tracking
+    assert set(optim.OPTIMIZERS) == {"adamw", "adam", "sgd"}
     model = torch.nn.Linear(2, 1)
-    for name in config.CHOICES["optim.name"]:
-        optimizer, _ = optim.make_optimizer(resolve(RECIPE, [], [f"optim.name={name}"]), model,
-                                               recipe.load(LENET))
+    for name in optim.OPTIMIZERS:
+        optimizer, _ = optim.make_optimizer(resolve(RECIPE, [], [f"optim.name={name}"]), model, recipe.load(LENET))
         assert type(optimizer).__name__.lower() == name
-    for name in config.CHOICES["sched.name"]:
+    for name in optim.SCHEDULES:
         factor = optim.lr_schedule(resolve(RECIPE, [], [f"sched.name={name}"]), steps_per_epoch=10)
         assert all(0 <= factor(step) <= 1 for step in range(30))
+    assert problems("sched.name=nope") == ["sched.name: 'nope' is not one of constant, cosine, linear, step, onecycle"]
+    assert problems("trackers=[nope]") == [f"trackers: 'nope' is not one of {', '.join(tracking.TRACKERS)}"]
     assert "| `optim.name` | `adamw` | adamw \\| adam \\| sgd |" in config.markdown_table()
+
+
+def test_each_key_is_described_once_with_its_rules():
+    """A key's default, meaning, choices, minimum, rule and whether a resume may change it come from
+    its one spec (config.KEYS, and a tracker's block in its entry)."""
+    from toolkit import spec
+    keys = {key: node for key, node, _ in spec.leaves(config.KEYS)}
+    assert keys["batch_size"].minimum == 1 and problems("batch_size=0") == ["batch_size: 0 is below the minimum, 1"]
+    assert problems("ema.decay=1.0") == ["ema.decay: must be below 1 (e.g. 0.999), or 0 for no EMA"]
+    assert problems("optim.lr_mult.features=-1") == [
+        "optim.lr_mult: features: expected a number >= 0, got -1 (int)"]
+    assert config.resumable("epochs") and config.resumable("wandb.project") and config.resumable("notify.email")
+    assert not config.resumable("optim.lr") and not config.resumable("batch_size")
+    assert config.resumable("data.root") and not config.resumable("data.name")  # the recipes' own keys
+    assert config.DEFAULTS["wandb"]["mode"] == "" and "wandb.mode" in keys

@@ -1,17 +1,19 @@
 """Training features configured, not coded: accumulation, precision, clipping, the non-finite
 guard, optimizers, schedules, EMA, validation cadence, budgets, early stopping, debug modes."""
 
+import json
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate.tracking import GeneralTracker
 from safetensors.torch import load_file
 
 import launch as launch_module
 from helpers import (FASHION_MNIST, LENET, PROBE, REPO, copy_run, launch, launch_two, ok, only_run, read_jsonl,
                      records, summary)
-from toolkit import UserError, checkpoint, config, recipe
+from toolkit import UserError, checkpoint, config, optim, recipe, tracking
 from toolkit.loaders import make_loader
 from toolkit.optim import lr_schedule, make_optimizer
 
@@ -159,6 +161,42 @@ def test_lr_schedules(name, values):
 def test_onecycle_warms_up_for_30_percent_by_default():
     factor = lr_schedule(lenet_cfg("sched.name=onecycle", "sched.warmup_epochs=0", "epochs=1"), steps_per_epoch=100)
     assert factor(29) < factor(30) == 1.0 > factor(31)
+
+
+class Lines(GeneralTracker):
+    """A tracker that writes each logged step into <run>/lines.jsonl (for the registry test)."""
+    name, requires_logging_directory = "lines", False
+
+    def __init__(self, run_dir):
+        super().__init__()
+        self.file = open(run_dir / "lines.jsonl", "a")
+
+    @property
+    def tracker(self):
+        return self.file
+
+    def log(self, values, step=None, **kwargs):
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+
+    def finish(self):
+        self.file.close()
+
+
+def test_a_new_optimizer_schedule_and_tracker_are_one_entry_each(tiny, tmp_path, monkeypatch):
+    """One entry in toolkit.optim's OPTIMIZERS and SCHEDULES and in toolkit.tracking's TRACKERS, and a
+    run takes optim.name=adagrad sched.name=halving trackers=[lines]: the config accepts the names,
+    the optimizer is Adagrad, the LR halves every 4 steps, and the tracker logs every step."""
+    monkeypatch.setitem(optim.OPTIMIZERS, "adagrad", lambda groups, o: torch.optim.Adagrad(groups, lr=o.lr))
+    halving = optim.Schedule(lambda step, progress, s, per_epoch: 0.5 ** (step // 4))
+    monkeypatch.setitem(optim.SCHEDULES, "halving", halving)
+    monkeypatch.setitem(tracking.TRACKERS, "lines", tracking.Tracker(lambda cfg, run_dir, state: Lines(run_dir)))
+    ok(launch([LENET, *tiny, "optim.name=adagrad", "sched.name=halving", "trackers=[lines]", "max_steps=10",
+               "log_every=1"], cwd=tmp_path))
+    run = only_run(tmp_path / "runs")
+    assert "optimizer adagrad: group 0: lr 0.001" in (run / "log.txt").read_text()
+    lines = [r for r in read_jsonl(run / "lines.jsonl") if "train/lr" in r]
+    assert [r["step"] for r in lines] == list(range(1, 11))
+    assert [r["train/lr"] for r in lines] == [1e-3 * 0.5 ** ((step - 1) // 4) for step in range(1, 11)]
 
 
 def test_lr_trace_is_the_same_with_two_processes(tmp_path):

@@ -9,6 +9,7 @@ from accelerate.utils import set_seed
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from toolkit import UserError, checkpoint, data
+from toolkit.optim import SCHEDULES
 
 
 def build(recipe, cfg, processes, weights="", training=True, strict=False, use_ema=False):
@@ -53,15 +54,16 @@ def check_splits(splits, cfg):
     if data.has_length(train) and len(train) == 0:
         raise UserError("the train split is empty")
     if not data.has_length(train):
-        s = cfg.sched
+        s, schedule = cfg.sched, SCHEDULES[cfg.sched.name]
         needs = [need for need, on in (
-            (f"sched.name={s.name}", s.name == "step" or (s.name != "constant" and not cfg.max_steps)),
+            (f"sched.name={s.name}", schedule.per_epoch or (schedule.over_training and not cfg.max_steps)),
             (f"sched.warmup_epochs={s.warmup_epochs}", s.warmup_epochs and not s.warmup_steps),
         ) if on]
         if needs:
+            *others, last = [name for name, entry in SCHEDULES.items() if entry.over_training]
             raise UserError(f"{' and '.join(needs)} needs the length of an epoch, but the train split "
-                            f"({type(train).__name__}) is a stream without one: set max_steps (with cosine, linear "
-                            f"or onecycle), use sched.warmup_steps, or give the dataset a __len__")
+                            f"({type(train).__name__}) is a stream without one: set max_steps (with "
+                            f"{', '.join(others)} or {last}), use sched.warmup_steps, or give the dataset a __len__")
 
 
 def sizes(splits):

@@ -13,120 +13,143 @@ a number. The same rules read `--config` files, command-line values and the save
 """
 
 import difflib
+import importlib
 import re
 from collections.abc import Mapping
-from pathlib import Path
 
 import yaml
 
-from toolkit import UserError
+from toolkit import UserError, spec, tracking
+from toolkit.spec import Group, Key
 
-# The allowed values of keys, written only here: the checks, the README table and toolkit/optim.py's
-# tables of optimizers and schedules (a test holds them to the same names) take them from this table.
-CHOICES = {  # key -> allowed values (for a list: allowed elements)
-    "optim.name": ("adamw", "adam", "sgd"),
-    "sched.name": ("constant", "cosine", "linear", "step", "onecycle"),
-    "precision": ("no", "bf16", "fp16"),
-    "trackers": ("tensorboard", "wandb"),
-    "wandb.mode": ("", "online", "offline", "disabled"),
-    "checkpoint.mode": ("min", "max"),
-}
-# Every key with its default and meaning; the README's table is made from these lines (and CHOICES).
-DEFAULTS = {
-    "seed": 0,                   # seeds python/numpy/torch; rank r draws its randomness from seed + r
-    "deterministic": False,      # torch.use_deterministic_algorithms: bitwise repeatable on GPU, slower
-    "epochs": 10,                # passes over the training split
-    "max_steps": 0,              # stop after this many optimizer steps, even mid-epoch (0: no limit)
-    "max_minutes": 0.0,          # stop after this much training time, even mid-epoch (0: no limit)
-    "batch_size": 64,            # per process and micro-batch
-    "grad_accum": 1,             # micro-batches per optimizer step; global batch = batch_size x grad_accum x processes
-    "loss_per": "",              # the loss is a mean over this count of loss() (e.g. tokens), normalised per step ("": samples)
-    "eval_batch_size": 256,      # per process, for val/test (no gradients, so larger is cheaper)
-    "num_workers": 0,            # DataLoader workers; 0 is fastest for in-memory datasets
-    "optim": {
-        "name": "adamw",
-        "lr": 1e-3,              # base learning rate (times the schedule's factor)
-        "weight_decay": 0.0,     # applied to matrices and kernels only, not to biases or norm weights
-        "betas": [0.9, 0.999],   # adam and adamw
-        "momentum": 0.9,         # sgd
-        "lr_mult": {},           # LR multiplier per module prefix, e.g. optim.lr_mult.features=0.1
-    },
-    "freeze": [],                # parameter-name prefixes not to train, e.g. [features]
-    "sched": {
-        "name": "constant",
-        "warmup_steps": 0,       # linear warmup from 0, in optimizer steps
-        "warmup_epochs": 0.0,    # the same in epochs, when warmup_steps is 0
-        "min_lr": 0.0,           # cosine and linear end at min_lr x lr
-        "step_epochs": 1.0,      # step: multiply the LR by gamma every step_epochs epochs
-        "gamma": 0.1,            # step: the factor
-    },
-    "clip_grad_norm": 0.0,       # clip the global gradient norm to this (0: off); the norm is logged either way
-    "skip_nonfinite": False,     # skip steps whose loss or gradient norm is NaN/inf on any rank (1 host sync per step)
-    "nan_tolerance": 3,          # with skip_nonfinite: stop when more than this many steps in a row were skipped
-    "ema": {
-        "decay": 0.0,            # keep an exponential moving average of the weights, e.g. 0.999 (0: off)
-    },
-    "val_every": 1,              # validate every N epochs (0: only when training ends)
-    "val_every_steps": 0,        # also every N optimizer steps (0: off)
-    "sanity_val_batches": 2,     # val batches evaluated before the first step: a bad monitor or loss fails in seconds
-    "early_stop": {
-        "patience": 0,           # stop after N validations without a better checkpoint.monitor (0: off)
-    },
-    "limit_batches": {           # use only the first N batches of a split (0: all), e.g. to debug
-        "train": 0,
-        "val": 0,
-        "test": 0,
-    },
-    "debug": {
-        "overfit_batches": 0,    # train on N batches, repeated to fill each epoch, and validate on them (a model reaches ~100%)
-        "fast_run": False,       # one train, val and test step, a checkpoint saved and loaded, then exit
-    },
-    "precision": None,           # bf16/fp16 on GPUs; null: what `accelerate launch`/`accelerate config` set (no)
-    "channels_last": False,      # store conv weights NHWC: faster convolutions on GPUs, with bf16/fp16 above all
-    "compile": False,            # torch.compile the model: faster GPU steps after a compile of seconds to minutes
-    "log_every": 50,             # optimizer steps between reads of the train metrics (host syncs)
-    "checkpoint": {
-        "every_epochs": 1,       # save at the end of every N epochs (0: not on a schedule)
-        "every_steps": 0,        # also save every N optimizer steps, mid-epoch too (0: off)
-        "keep": 3,               # newest checkpoints kept (0: all); the best one is always kept
-        "monitor": "val/loss",   # the metric that picks the best checkpoint: val/<metric> or val_ema/<metric> ("": none)
-        "mode": "min",           # which way is better for the monitor
-    },
-    "init_from": "",             # start from these weights: a .safetensors/.pt file, a run or HF folder, an HF hub id
-    "trackers": ["tensorboard"], # besides metrics.jsonl, which is always written; [] for none
-    "wandb": {                   # "": what the WANDB_* variable says, else the default in brackets
-        "project": "",           # the wandb project ("": $WANDB_PROJECT, else minloop); runs are named after their folder
-        "entity": "",            # team or user ("": $WANDB_ENTITY, else yours); the key: `wandb login` or $WANDB_API_KEY
-        "mode": "",              # offline needs no account ("": $WANDB_MODE, else online)
-        "dir": "",               # wandb writes into <dir>/wandb ("": $WANDB_DIR, else the run folder)
-        "group": "",             # e.g. a sweep's name ("": $WANDB_RUN_GROUP)
-    },
-    "notify": {
-        "email": "",             # e-mail the result to this address when the run ends or fails ("": no)
-        "smtp_host": "localhost",
-        "smtp_port": 25,
-        "smtp_starttls": False,  # true for most mail providers (with smtp_port=587)
-        "smtp_user": "",         # log in as this user; the password only from $SMTP_PASSWORD, never the config
-        "sender": "",            # From: ("": minloop@<host>)
-        "webhook": "",           # also POST {"text": ...} to this URL (Slack/Mattermost incoming webhook)
-    },
-    "output_dir": "runs",        # runs go to <output_dir>/<recipe>/<YYYYmmdd-HHMMSS>[-<name>]
-    "name": "",                  # optional suffix of the run folder name
-}
 
-MINIMUMS = {  # key -> smallest valid value (every other number in DEFAULTS must be >= 0)
-    "batch_size": 1, "eval_batch_size": 1, "log_every": 1, "grad_accum": 1,
+def _registry(module, table):
+    """The names in a registry (e.g. toolkit.optim's OPTIMIZERS), looked up when a config is checked:
+    its module imports torch, which reading a config does not need."""
+    return lambda: importlib.import_module(module).__dict__[table]
+
+
+def _monitor(value):
+    if value and not re.fullmatch(r"val(_ema)?/\S+", str(value)):
+        return f"{value!r} must name a validation metric, e.g. val/loss or val_ema/accuracy, or be empty"
+    return None
+
+
+def _lr_mults(value):
+    return "; ".join(f"{prefix}: expected a number >= 0, got {_show(mult)}" for prefix, mult in value.items()
+                     if isinstance(mult, bool) or not isinstance(mult, (int, float)) or mult < 0) or None
+
+
+# Every key the toolkit reads, with its facts (toolkit.spec); the checks, the resume rules and the
+# README's table are made from them.
+KEYS = {
+    "seed": Key(0, "seeds python/numpy/torch; rank r draws its randomness from seed + r"),
+    "deterministic": Key(False, "torch.use_deterministic_algorithms: bitwise repeatable on GPU, slower"),
+    "epochs": Key(10, "passes over the training split", resumable=True),
+    "max_steps": Key(0, "stop after this many optimizer steps, even mid-epoch (0: no limit)", resumable=True),
+    "max_minutes": Key(0.0, "stop after this much training time, even mid-epoch (0: no limit)", resumable=True),
+    "batch_size": Key(64, "per process and micro-batch", minimum=1),
+    "grad_accum": Key(1, "micro-batches per optimizer step; global batch = batch_size x grad_accum x processes",
+                      minimum=1),
+    "loss_per": Key("", 'the loss is a mean over this count of loss() (e.g. tokens), normalised per step ("": '
+                        'samples)'),
+    "eval_batch_size": Key(256, "per process, for val/test (no gradients, so larger is cheaper)", minimum=1,
+                           resumable=True),
+    "num_workers": Key(0, "DataLoader workers; 0 is fastest for in-memory datasets", resumable=True),
+    "optim": Group({
+        "name": Key("adamw", choices=_registry("toolkit.optim", "OPTIMIZERS")),
+        "lr": Key(1e-3, "base learning rate (times the schedule's factor)"),
+        "weight_decay": Key(0.0, "applied to matrices and kernels only, not to biases or norm weights"),
+        "betas": Key([0.9, 0.999], "adam and adamw"),
+        "momentum": Key(0.9, "sgd"),
+        "lr_mult": Key({}, "LR multiplier per module prefix, e.g. optim.lr_mult.features=0.1", check=_lr_mults),
+    }),
+    "freeze": Key([], "parameter-name prefixes not to train, e.g. [features]"),
+    "sched": Group({
+        "name": Key("constant", choices=_registry("toolkit.optim", "SCHEDULES")),
+        "warmup_steps": Key(0, "linear warmup from 0, in optimizer steps"),
+        "warmup_epochs": Key(0.0, "the same in epochs, when warmup_steps is 0"),
+        "min_lr": Key(0.0, "cosine and linear end at min_lr x lr"),
+        "step_epochs": Key(1.0, "step: multiply the LR by gamma every step_epochs epochs"),
+        "gamma": Key(0.1, "step: the factor"),
+    }),
+    "clip_grad_norm": Key(0.0, "clip the global gradient norm to this (0: off); the norm is logged either way"),
+    "skip_nonfinite": Key(False, "skip steps whose loss or gradient norm is NaN/inf on any rank (1 host sync per "
+                                 "step)", resumable=True),
+    "nan_tolerance": Key(3, "with skip_nonfinite: stop when more than this many steps in a row were skipped",
+                         resumable=True),
+    "ema": Group({
+        "decay": Key(0.0, "keep an exponential moving average of the weights, e.g. 0.999 (0: off)",
+                     check=lambda v: None if v < 1 else "must be below 1 (e.g. 0.999), or 0 for no EMA"),
+    }),
+    "val_every": Key(1, "validate every N epochs (0: only when training ends)", resumable=True),
+    "val_every_steps": Key(0, "also every N optimizer steps (0: off)", resumable=True),
+    "sanity_val_batches": Key(2, "val batches evaluated before the first step: a bad monitor or loss fails in "
+                                 "seconds", resumable=True),
+    "early_stop": Group({
+        "patience": Key(0, "stop after N validations without a better checkpoint.monitor (0: off)", resumable=True),
+    }),
+    "limit_batches": Group({
+        "train": Key(0),
+        "val": Key(0),
+        "test": Key(0),
+    }, "use only the first N batches of a split (0: all), e.g. to debug"),
+    "debug": Group({
+        "overfit_batches": Key(0, "train on N batches, repeated to fill each epoch, and validate on them (a model "
+                                  "reaches ~100%)"),
+        "fast_run": Key(False, "one train, val and test step, a checkpoint saved and loaded, then exit"),
+    }),
+    "precision": Key(None, "bf16/fp16 on GPUs; null: what `accelerate launch`/`accelerate config` set (no)",
+                     choices=("no", "bf16", "fp16")),
+    "channels_last": Key(False, "store conv weights NHWC: faster convolutions on GPUs, with bf16/fp16 above all"),
+    "compile": Key(False, "torch.compile the model: faster GPU steps after a compile of seconds to minutes",
+                   resumable=True),
+    "log_every": Key(50, "optimizer steps between reads of the train metrics (host syncs)", minimum=1,
+                     resumable=True),
+    "checkpoint": Group({
+        "every_epochs": Key(1, "save at the end of every N epochs (0: not on a schedule)", resumable=True),
+        "every_steps": Key(0, "also save every N optimizer steps, mid-epoch too (0: off)", resumable=True),
+        "keep": Key(3, "newest checkpoints kept (0: all); the best one is always kept", resumable=True),
+        "monitor": Key("val/loss", 'the metric that picks the best checkpoint: val/<metric> or val_ema/<metric> '
+                                   '("": none)', check=_monitor),
+        "mode": Key("min", "which way is better for the monitor", choices=("min", "max")),
+    }),
+    "init_from": Key("", "start from these weights: a .safetensors/.pt file, a run or HF folder, an HF hub id"),
+    "trackers": Key(["tensorboard"], "besides metrics.jsonl, which is always written; [] for none",
+                    choices=lambda: tracking.TRACKERS, resumable=True),
+    # Each tracker's block (wandb.*), declared with its entry in toolkit.tracking.
+    **{name: Group(entry.keys, entry.meaning, resumable=True) for name, entry in tracking.TRACKERS.items()
+       if entry.keys},
+    "notify": Group({
+        "email": Key("", 'e-mail the result to this address when the run ends or fails ("": no)'),
+        "smtp_host": Key("localhost"),
+        "smtp_port": Key(25),
+        "smtp_starttls": Key(False, "true for most mail providers (with smtp_port=587)"),
+        "smtp_user": Key("", "log in as this user; the password only from $SMTP_PASSWORD, never the config"),
+        "sender": Key("", 'From: ("": minloop@<host>)'),
+        "webhook": Key("", 'also POST {"text": ...} to this URL (Slack/Mattermost incoming webhook)'),
+    }, resumable=True),
+    "output_dir": Key("runs", "runs go to <output_dir>/<recipe>/<YYYYmmdd-HHMMSS>[-<name>]"),
+    "name": Key("", "optional suffix of the run folder name"),
 }
-# Keys a resumed run may change: they do not change the model, the data or the results so far.
-RESUMABLE = ("epochs", "max_steps", "max_minutes", "log_every", "eval_batch_size", "num_workers", "compile",
-             "trackers", "val_every", "val_every_steps", "sanity_val_batches", "early_stop.patience", "skip_nonfinite",
-             "nan_tolerance",
-             "checkpoint.every_epochs", "checkpoint.every_steps", "checkpoint.keep",
-             "data.root", "data.download", "wandb.", "notify.")  # a trailing dot: every key under it
+DEFAULTS = spec.defaults(KEYS)
+# Keys that recipes define (lenet's data.root) and that a resume may change: where the data is.
+RECIPE_RESUMABLE = ("data.root", "data.download")
 
 
 def resumable(key):
-    return key in RESUMABLE or key.startswith(tuple(k for k in RESUMABLE if k.endswith(".")))
+    """Whether a resumed run may change `key` (a dotted name): it changes neither the model, the data
+    nor the results so far."""
+    if key in RECIPE_RESUMABLE:
+        return True
+    node, parts = Group(KEYS), key.split(".")
+    for part in parts:
+        if not isinstance(node, Group) or part not in node.keys:
+            return False
+        node = node.keys[part]
+        if isinstance(node, Group) and node.resumable:
+            return True
+    return isinstance(node, Key) and node.resumable
 
 
 class ConfigError(UserError):
@@ -396,25 +419,20 @@ def _nest(key, value):
 
 
 def _check_values(values):
+    """The problems with the values of every key of KEYS: choices, minimums and the keys' own rules."""
     problems = []
-    for key, allowed in CHOICES.items():
+    for key, node, _ in spec.leaves(KEYS):
         value = _get(values, key)
-        for item in value if isinstance(value, list) else [value]:
+        allowed = node.allowed()
+        for item in (value if isinstance(value, list) else [value]) if allowed else []:
             if item is not None and item not in allowed:
                 problems.append(f"{key}: {item!r} is not one of {', '.join(a for a in allowed if a)}")
-    for key, default in _leaves(DEFAULTS):
-        value, minimum = _get(values, key), MINIMUMS.get(key, 0)
-        if isinstance(default, (int, float)) and not isinstance(default, bool) and value < minimum:
-            problems.append(f"{key}: {value} is below the minimum, {minimum}")
-    for prefix, mult in (_get(values, "optim.lr_mult") or {}).items():
-        if isinstance(mult, bool) or not isinstance(mult, (int, float)) or mult < 0:
-            problems.append(f"optim.lr_mult.{prefix}: expected a number >= 0, got {_show(mult)}")
-    if not _get(values, "ema.decay") < 1:
-        problems.append("ema.decay: must be below 1 (e.g. 0.999), or 0 for no EMA")
-    monitor = _get(values, "checkpoint.monitor")
-    if monitor and not re.fullmatch(r"val(_ema)?/\S+", str(monitor)):
-        problems.append(f"checkpoint.monitor: {monitor!r} must name a validation metric, e.g. val/loss or "
-                        f"val_ema/accuracy, or be empty")
+        number = isinstance(node.default, (int, float)) and not isinstance(node.default, bool)
+        if number and value < node.minimum:
+            problems.append(f"{key}: {value} is below the minimum, {node.minimum}")
+        problem = node.check(value) if node.check else None
+        if problem:
+            problems.append(f"{key}: {problem}")
     return problems
 
 
@@ -453,29 +471,17 @@ def _show(value):
 
 
 def markdown_table():
-    """Every key of DEFAULTS with its default and its comment above, as a Markdown table (the
-    README's, checked by a test so it never drifts): `python -m toolkit.config`."""
-    source = Path(__file__).read_text(encoding="utf-8")
-    block = source[source.index("DEFAULTS = {"):source.index("\n}\n", source.index("DEFAULTS = {"))]
-    rows, groups = ["| key | default | meaning |", "| --- | --- | --- |"], []
-    for line in block.splitlines()[1:]:
-        if line.strip().startswith("}"):
-            groups.pop()
-            continue
-        match = re.match(r'\s*"(\w+)": (.*?)(?:\s+#\s*(.*))?$', line)
-        if not match:
-            continue
-        key, value, comment = match.groups()
-        if value.rstrip(",") == "{":
-            groups.append((key, comment or ""))
-            continue
-        dotted = ".".join([g for g, _ in groups] + [key])
-        default, meaning = _get(DEFAULTS, dotted), comment or (groups[-1][1] if groups else "")
-        if dotted in CHOICES:  # a list takes any of them, other keys one
-            allowed = (", " if isinstance(default, list) else " | ").join(a for a in CHOICES[dotted] if a)
-            meaning = f"{allowed}: {meaning}" if meaning else allowed
+    """Every key of KEYS with its default and meaning, as a Markdown table (the README's, checked by a
+    test so it never drifts): `python -m toolkit.config`."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, node, group in spec.leaves(KEYS):
+        meaning = node.meaning or (group.meaning if group else "")
+        allowed = node.allowed()
+        if allowed:  # a list takes any of them, other keys one
+            names = (", " if isinstance(node.default, list) else " | ").join(a for a in allowed if a)
+            meaning = f"{names}: {meaning}" if meaning else names
         meaning = meaning.replace("|", "\\|").replace("<", "&lt;")
-        rows.append(f"| `{dotted}` | `{_short(default) if default != '' else repr('')}` | {meaning} |")
+        rows.append(f"| `{key}` | `{_short(node.default) if node.default != '' else repr('')}` | {meaning} |")
     return "\n".join(rows)
 
 

@@ -5,28 +5,50 @@ nothing to prepare (Accelerate's prepared schedulers step once per process), not
 step is in the checkpoint), and the same trace whatever the number of processes.
 """
 
+import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 
 from toolkit import UserError
 
-# What each optim.name and sched.name does. The names allowed are written once, in config.CHOICES;
-# a test holds these two tables to exactly those names.
-OPTIMIZERS = {  # the torch optimizer, from the parameter groups and cfg.optim
+# Every optim.name: the torch optimizer, from the parameter groups and cfg.optim.
+OPTIMIZERS = {
     "adamw": lambda groups, o: torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas)),
     "adam": lambda groups, o: torch.optim.Adam(groups, lr=o.lr, betas=tuple(o.betas)),
     "sgd": lambda groups, o: torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum),
 }
-SCHEDULES = {  # the LR factor after warmup, from the step, its progress (0 to 1 over the steps after warmup;
-    # None for a stream without max_steps), the floor (sched.min_lr; 0 for onecycle), cfg.sched and steps_per_epoch
-    "constant": lambda step, progress, floor, s, per_epoch: 1.0,
-    "cosine": lambda step, progress, floor, s, per_epoch:
-        floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)),
-    "linear": lambda step, progress, floor, s, per_epoch: floor + (1 - floor) * (1 - progress),
-    "step": lambda step, progress, floor, s, per_epoch: s.gamma ** (step // max(1, round(s.step_epochs * per_epoch))),
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """One sched.name: the LR factor after warmup, and what it needs to know."""
+    # (step, progress, cfg.sched, steps_per_epoch) -> the factor, from 1 down; progress goes from 0 to 1
+    # over the steps after warmup (None for a stream without max_steps: only for schedules not over_training)
+    shape: Callable
+    over_training: bool = False  # its shape spans the training's length: a stream needs max_steps, and a
+    # resume that changes epochs or max_steps moves it
+    per_epoch: bool = False  # it counts in epochs (steps_per_epoch): a stream, which has none, cannot use it
+    floored: bool = False  # it ends at sched.min_lr x lr instead of 0
+    warmup: float = 0.0  # the warmup, as a fraction of training, when sched.warmup_* are 0
+    start: float = 0.0  # the factor that warmup starts from
+
+
+def _cosine(step, progress, s, per_epoch):
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# Every sched.name.
+SCHEDULES = {
+    "constant": Schedule(lambda step, progress, s, per_epoch: 1.0),
+    "cosine": Schedule(_cosine, over_training=True, floored=True),
+    "linear": Schedule(lambda step, progress, s, per_epoch: 1 - progress, over_training=True, floored=True),
+    "step": Schedule(lambda step, progress, s, per_epoch: s.gamma ** (step // max(1, round(s.step_epochs * per_epoch))),
+                     per_epoch=True),
+    # Warms up for 30% of training unless told otherwise, from LR/25, then anneals by a cosine to about 0.
+    "onecycle": Schedule(_cosine, over_training=True, warmup=0.3, start=1 / 25),
 }
-SCHEDULES["onecycle"] = SCHEDULES["cosine"]  # with its own warmup, start and floor (lr_schedule)
 
 
 def make_optimizer(cfg, model, recipe):
@@ -79,26 +101,22 @@ def lr_schedule(cfg, steps_per_epoch):
     """factor(step) -> the multiplier of each group's base LR at optimizer step `step` (0-based).
     `steps_per_epoch` is None for a stream, with which only max_steps gives the training length.
 
-    Warmup rises linearly from 0 over `sched.warmup_steps` (or `warmup_epochs`); then `constant`,
-    `cosine` or `linear` decay to `sched.min_lr` x the LR at the last step, `step` multiplies by
-    `sched.gamma` every `sched.step_epochs` epochs, `onecycle` warms up for 30% of training unless
-    told otherwise, from LR/25, then anneals by a cosine to about 0."""
+    Warmup rises linearly (from the schedule's `start`, else 0) over `sched.warmup_steps` (or
+    `warmup_epochs`, or the schedule's own fraction of training); then the schedule's shape, which
+    ends at `sched.min_lr` x the LR where it is `floored`."""
     s = cfg.sched
-    total = steps_per_epoch * cfg.epochs if steps_per_epoch else None  # None: a stream (see loop.check_splits)
+    schedule = SCHEDULES[s.name]
+    total = steps_per_epoch * cfg.epochs if steps_per_epoch else None  # None: a stream (see build.check_splits)
     if cfg.max_steps:
         total = min(total or cfg.max_steps, cfg.max_steps)
-    warmup = s.warmup_steps or round(s.warmup_epochs * (steps_per_epoch or 0))
-    if s.name == "onecycle" and not warmup:
-        warmup = round(0.3 * total)
-    start = 1 / 25 if s.name == "onecycle" else 0.0
-    floor = 0.0 if s.name == "onecycle" else s.min_lr
-    decay = SCHEDULES[s.name]
+    warmup = s.warmup_steps or round(s.warmup_epochs * (steps_per_epoch or 0)) or round(schedule.warmup * (total or 0))
+    floor = s.min_lr if schedule.floored else 0.0
 
     def factor(step):
         if step < warmup:
-            return start + (1 - start) * step / warmup
+            return schedule.start + (1 - schedule.start) * step / warmup
         progress = None if total is None else min(1.0, (step - warmup) / max(1, total - warmup))
-        return decay(step, progress, floor, s, steps_per_epoch)
+        return floor + (1 - floor) * schedule.shape(step, progress, s, steps_per_epoch)
 
     return factor
 

@@ -1,42 +1,56 @@
-"""Experiment tracking: metrics.jsonl and Accelerate's trackers (tensorboard, wandb).
+"""Experiment tracking: metrics.jsonl and Accelerate's trackers (TRACKERS: tensorboard, wandb).
 
 Every logged train window and evaluation goes to both through `Metrics.log`, on the main process:
 one JSON object per line in <run>/metrics.jsonl, and the same numbers to each tracker, whose files
 are in the run folder too (tensorboard/, wandb/).
 """
 
+import dataclasses
 import json
 import netrc
 import os
 import time
 import uuid
+from collections.abc import Callable
 from urllib.parse import urlparse
 
 from toolkit import UserError
-from toolkit.config import flatten
+from toolkit.spec import Key
 
 
-def make_trackers(cfg, run_dir, state):
-    """Accelerate's trackers for `cfg.trackers` (given to `Accelerator(log_with=...)`), made here so
-    that each writes into the run folder and continues on resume: tensorboard drops its events
-    after the checkpoint's step; wandb resumes the same run (its id is kept in the checkpoint)."""
-    from accelerate.tracking import TensorBoardTracker, WandBTracker
+@dataclasses.dataclass(frozen=True)
+class Tracker:
+    """One name of `trackers=[...]`: how to make it, and what it needs."""
+    make: Callable  # (cfg, run_dir, state) -> Accelerate's tracker, writing into the run folder, continuing on resume
+    keys: dict = dataclasses.field(default_factory=dict)  # its config block, under its name: {key: spec.Key}
+    meaning: str = ""  # what the block's keys mean when they say nothing themselves
+    check: Callable = lambda cfg: None  # before any run folder is made: raise UserError for what would fail later
+    group: str = ""  # the key of its block that groups runs: a sweep or a search sets it to its folder's name
 
-    trackers = []
-    if "tensorboard" in cfg.trackers:
-        purge = {"purge_step": state.step + 1} if state.step else {}
-        trackers.append(TensorBoardTracker("tensorboard", run_dir, **purge))  # <run>/tensorboard
-    if "wandb" in cfg.trackers:
-        state.tracker_ids.setdefault("wandb", uuid.uuid4().hex[:12])
-        w = cfg.wandb
-        # A key left empty is left to wandb, which reads its WANDB_* variable (entity, group), or
-        # given the variable's value here, where the toolkit has a default of its own.
-        trackers.append(WandBTracker(
-            w.project or os.environ.get("WANDB_PROJECT") or "minloop", name=run_dir.name,
-            id=state.tracker_ids["wandb"], resume="allow", dir=w.dir or os.environ.get("WANDB_DIR") or str(run_dir),
-            mode=wandb_mode(cfg), entity=w.entity or None, group=w.group or None,
-            config={k: str(v) if isinstance(v, list) else v for k, v in flatten(cfg).items()}))
-    return trackers
+
+def _tensorboard(cfg, run_dir, state):
+    """<run>/tensorboard; on resume it drops its events after the checkpoint's step."""
+    from accelerate.tracking import TensorBoardTracker
+
+    purge = {"purge_step": state.step + 1} if state.step else {}
+    return TensorBoardTracker("tensorboard", run_dir, **purge)
+
+
+def _wandb(cfg, run_dir, state):
+    """The wandb run named after the run folder; a resume continues it (its id is in the checkpoint)."""
+    from accelerate.tracking import WandBTracker
+
+    from toolkit.config import flatten
+
+    state.tracker_ids.setdefault("wandb", uuid.uuid4().hex[:12])
+    w = cfg.wandb
+    # A key left empty is left to wandb, which reads its WANDB_* variable (entity, group), or given
+    # the variable's value here, where the toolkit has a default of its own.
+    return WandBTracker(
+        w.project or os.environ.get("WANDB_PROJECT") or "minloop", name=run_dir.name,
+        id=state.tracker_ids["wandb"], resume="allow", dir=w.dir or os.environ.get("WANDB_DIR") or str(run_dir),
+        mode=wandb_mode(cfg), entity=w.entity or None, group=w.group or None,
+        config={k: str(v) if isinstance(v, list) else v for k, v in flatten(cfg).items()})
 
 
 def wandb_mode(cfg):
@@ -44,13 +58,45 @@ def wandb_mode(cfg):
     return cfg.wandb.mode or os.environ.get("WANDB_MODE") or "online"
 
 
-def check_trackers(cfg):
-    """Before any run folder is made: wandb online needs credentials (wandb would otherwise fail
-    after the run started, with a traceback)."""
-    if "wandb" not in cfg.trackers or wandb_mode(cfg) != "online" or _wandb_credentials():
+def _check_wandb(cfg):
+    """wandb online needs credentials (wandb would otherwise fail after the run started, with a traceback)."""
+    if wandb_mode(cfg) != "online" or _wandb_credentials():
         return
     raise UserError("trackers has wandb in online mode, but no wandb credentials were found: run `wandb login`, "
                     "set WANDB_API_KEY, or use wandb.mode=offline (or WANDB_MODE=offline) to log without an account")
+
+
+# Every tracker of `trackers=[...]`; config.py gives each block its place among the keys.
+TRACKERS = {
+    "tensorboard": Tracker(_tensorboard),
+    "wandb": Tracker(_wandb, {
+        "project": Key("", 'the wandb project ("": $WANDB_PROJECT, else minloop); runs are named after their folder'),
+        "entity": Key("", 'team or user ("": $WANDB_ENTITY, else yours); the key: `wandb login` or $WANDB_API_KEY'),
+        "mode": Key("", 'offline needs no account ("": $WANDB_MODE, else online)',
+                    choices=("", "online", "offline", "disabled")),
+        "dir": Key("", 'wandb writes into <dir>/wandb ("": $WANDB_DIR, else the run folder)'),
+        "group": Key("", 'e.g. a sweep\'s name ("": $WANDB_RUN_GROUP)'),
+    }, meaning='"": what the WANDB_* variable says, else the default in brackets', check=_check_wandb, group="group"),
+}
+
+
+def make_trackers(cfg, run_dir, state):
+    """Accelerate's trackers for `cfg.trackers` (given to `Accelerator(log_with=...)`), each writing
+    into the run folder and continuing on resume (a tracker's run id is kept in `state`)."""
+    return [TRACKERS[name].make(cfg, run_dir, state) for name in cfg.trackers]
+
+
+def check_trackers(cfg):
+    """Before any run folder is made: what each tracker of the run needs (wandb online: credentials)."""
+    for name in cfg.trackers:
+        TRACKERS[name].check(cfg)
+
+
+def group_overrides(cfg, name):
+    """`key=value` overrides that group a sweep's or a search's runs under `name` in the trackers that
+    group runs (wandb.group), where the config leaves the group unset."""
+    return [f"{tracker}.{entry.group}={name}" for tracker, entry in TRACKERS.items()
+            if entry.group and not cfg[tracker][entry.group]]
 
 
 def _wandb_credentials():
