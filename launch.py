@@ -47,19 +47,19 @@ def resume(args):
 
     Policy: the weights, optimizer, RNG, data position, step and best metric come from the
     checkpoint; the config is the run's config.yaml plus what the command line changes, which may
-    only touch keys that leave the model and the data as they were (config.resumable) unless --force.
+    only touch keys that leave the model and the data as they were (keys.resumable) unless --force.
     """
     return continue_run(args.run, args.config, args.overrides, args.force)
 
 
 def continue_run(path, files, overrides, force=False):
-    from toolkit import config, loop
+    from toolkit import config, keys, loop
     from toolkit.optim import SCHEDULES
 
     run, recipe = load_run(path)
     saved = config.resolve(recipe.config, [run / "config.yaml"])
     cfg = config.resolve(recipe.config, [run / "config.yaml", *files], overrides)
-    changed = [f"{key} ({old} -> {new})" for key, old, new in config.changes(cfg, saved) if not config.resumable(key)]
+    changed = [f"{key} ({old} -> {new})" for key, old, new in config.changes(cfg, saved) if not keys.resumable(key)]
     if changed and not force:
         raise UserError(f"resuming {run} with a different {', '.join(changed)} would change the model or the "
                         f"data of a run half done; start a new run, or pass --force to resume anyway")
@@ -73,9 +73,9 @@ def continue_run(path, files, overrides, force=False):
 
 def search_trial():
     """The hook of a search's trial into the loop, when a search started this run, else None."""
-    from toolkit import search as searches
+    from toolkit import trial
 
-    return searches.trial_from_environment()
+    return trial.trial_from_environment()
 
 
 def test(args):

@@ -16,6 +16,7 @@ from helpers import (CPU, LENET, PROBE, REPO, assert_same_weights, copy_run, lau
                      read_jsonl, start, summary, two_processes, wait_until, weights)
 from toolkit import UserError, checkpoint
 from toolkit.summary import Status, Summary
+from toolkit.weights import load_weights
 
 
 def comparable(records):
@@ -145,7 +146,7 @@ def test_init_from_is_not_strict_and_names_the_keys(tmp_path):
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
     save_file({"0.weight": torch.ones(3, 2), "extra": torch.zeros(1)}, tmp_path / "w.safetensors")
-    missing, unexpected = checkpoint.load_weights(model, tmp_path / "w.safetensors")
+    missing, unexpected = load_weights(model, tmp_path / "w.safetensors")
     assert missing == ["0.bias", "1.weight", "1.bias"] and unexpected == ["extra"]
     assert torch.equal(model[0].weight, torch.ones(3, 2))
 
@@ -206,7 +207,7 @@ def test_a_crafted_checkpoint_runs_no_code(one_epoch_run, tmp_path, target):
     evil = tmp_path / "evil.pt"
     torch.save(CreatesAFile(marker), evil)
     with pytest.raises(UserError, match="cannot be loaded safely"):
-        checkpoint.load_weights(torch.nn.Linear(1, 1), evil)
+        load_weights(torch.nn.Linear(1, 1), evil)
     assert not marker.exists()
 
 

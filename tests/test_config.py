@@ -157,14 +157,14 @@ def test_choices_are_the_registries_names():
 
 def test_each_key_is_described_once_with_its_rules():
     """A key's default, meaning, choices, minimum, rule and whether a resume may change it come from
-    its one spec (config.KEYS, and a tracker's block in its entry)."""
-    from toolkit import spec
-    keys = {key: node for key, node, _ in spec.leaves(config.KEYS)}
+    its one spec (keys.KEYS, and a tracker's block in its entry)."""
+    from toolkit import keys as specs, spec
+    keys = {key: node for key, node, _ in spec.leaves(specs.KEYS)}
     assert keys["batch_size"].minimum == 1 and problems("batch_size=0") == ["batch_size: 0 is below the minimum, 1"]
     assert problems("ema.decay=1.0") == ["ema.decay: must be below 1 (e.g. 0.999), or 0 for no EMA"]
     assert problems("optim.lr_mult.features=-1") == [
-        "optim.lr_mult: features: expected a number >= 0, got -1 (int)"]
-    assert config.resumable("epochs") and config.resumable("wandb.project") and config.resumable("notify.email")
-    assert not config.resumable("optim.lr") and not config.resumable("batch_size")
-    assert config.resumable("data.root") and not config.resumable("data.name")  # the recipes' own keys
+        "optim.lr_mult: features: expected a number >= 0, got -1"]
+    assert specs.resumable("epochs") and specs.resumable("wandb.project") and specs.resumable("notify.email")
+    assert not specs.resumable("optim.lr") and not specs.resumable("batch_size")
+    assert specs.resumable("data.root") and not specs.resumable("data.name")  # the recipes' own keys
     assert config.DEFAULTS["wandb"]["mode"] == "" and "wandb.mode" in keys

@@ -6,6 +6,7 @@ import torch
 
 from helpers import REPO, assert_same_weights, launch, launch_two, ok, only_run, records, summary, weights
 from toolkit import UserError, checkpoint
+from toolkit.weights import load_weights, write_safetensors
 
 GPT2 = str(REPO / "tests" / "recipes" / "hf_gpt2.py")
 COMMON = [GPT2, "num_workers=0", "ema.decay=0.9", "checkpoint.every_steps=4"]  # the stream read between steps
@@ -47,7 +48,7 @@ def test_a_tied_gpt2_exports_for_from_pretrained(tied_run, tmp_path):
     module = recipe.load(GPT2)
     cfg = config.resolve(module.config, [tied_run / "config.yaml"])
     ours = module.model(cfg)
-    checkpoint.load_weights(ours, tied_run / "model.safetensors", strict=True)
+    load_weights(ours, tied_run / "model.safetensors", strict=True)
     ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
     assert torch.equal(loaded.eval()(ids).logits, ours.eval()(ids).logits)
 
@@ -68,15 +69,15 @@ def test_a_module_that_shares_a_parameter_saves_and_loads_it_once(tmp_path):
             self.b.weight = self.a.weight
 
     saved = Shared()
-    checkpoint.write_safetensors(saved.state_dict(), tmp_path / "w.safetensors")
+    write_safetensors(saved.state_dict(), tmp_path / "w.safetensors")
     loaded = Shared()
-    assert checkpoint.load_weights(loaded, tmp_path / "w.safetensors", strict=True) == ([], [])
+    assert load_weights(loaded, tmp_path / "w.safetensors", strict=True) == ([], [])
     assert loaded.b.weight is loaded.a.weight
     assert_same_weights(loaded.state_dict(), saved.state_dict())
     with pytest.raises(UserError, match=r"missing keys \['b.bias'\]"):
         partial = {k: v for k, v in saved.state_dict().items() if k != "b.bias"}
-        checkpoint.write_safetensors(partial, tmp_path / "p.safetensors")
-        checkpoint.load_weights(Shared(), tmp_path / "p.safetensors", strict=True)
+        write_safetensors(partial, tmp_path / "p.safetensors")
+        load_weights(Shared(), tmp_path / "p.safetensors", strict=True)
 
 
 def test_an_hf_stream_counts_every_sample_once_with_two_processes_and_workers(tmp_path):
@@ -122,7 +123,7 @@ def test_the_hf_classify_recipe_trains_offline_and_exports_with_its_tokenizer(tm
     module = recipe.load(CLASSIFY)
     cfg = config.resolve(module.config, [run / "config.yaml"])
     ours = module.model(cfg)
-    checkpoint.load_weights(ours, run / "model.safetensors", strict=True)
+    load_weights(ours, run / "model.safetensors", strict=True)
     theirs = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
     text = AutoTokenizer.from_pretrained(tmp_path / "out")(["return x + 1", "the value to return"],
                                                           padding=True, return_tensors="pt")

@@ -8,8 +8,9 @@ import torch
 from accelerate.utils import set_seed
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from toolkit import UserError, checkpoint, data
+from toolkit import UserError, data
 from toolkit.optim import SCHEDULES
+from toolkit.weights import load_weights
 
 
 def build(recipe, cfg, processes, weights="", training=True, strict=False, use_ema=False):
@@ -30,7 +31,7 @@ def build(recipe, cfg, processes, weights="", training=True, strict=False, use_e
         splits = limit_splits(splits, cfg, processes.num_processes)
     same_everywhere(splits, processes)
     model = recipe.model(cfg)
-    loaded = checkpoint.load_weights(model, weights, strict=strict) if weights else None
+    loaded = load_weights(model, weights, strict=strict) if weights else None
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema.decay), use_buffers=True).to(

@@ -25,11 +25,9 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
 from accelerate.utils import load as safe_torch_load
-from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from toolkit import UserError, rundir
+from toolkit import UserError, rundir, weights
 from toolkit.logs import FILE_ONLY, log
 
 # save_state writes a tensor that two names share (tied embeddings) once, and Accelerate says so
@@ -81,12 +79,12 @@ def save(accelerator, run_dir, state, keep, best, model, ema=None, loader_point=
     accelerator.save_state(tmp)  # the model and optimizer from the main process, RNG from every rank
     if loader_point is not None:
         _write_loader_point(tmp, accelerator.process_index, loader_point)
-    weights = accelerator.get_state_dict(model) if best else None  # unwrapped keys; gathered if sharded
+    best_weights = accelerator.get_state_dict(model) if best else None  # unwrapped keys; gathered if sharded
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if ema is not None:
             state.ema_updates = int(ema.n_averaged)
-            write_safetensors(ema.module.state_dict(), tmp / "ema.safetensors")
+            weights.write_safetensors(ema.module.state_dict(), tmp / "ema.safetensors")
         if best:
             state.best_checkpoint = name
         for written in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
@@ -100,9 +98,9 @@ def save(accelerator, run_dir, state, keep, best, model, ema=None, loader_point=
         _point(folder / "latest", name)
         if best:
             _point(folder / "best", name)
-            _export(weights, Path(run_dir) / "model.safetensors")
+            weights.export(best_weights, Path(run_dir) / "model.safetensors")
             if ema is not None:
-                _export(ema.module.state_dict(), Path(run_dir) / "model_ema.safetensors")
+                weights.export(ema.module.state_dict(), Path(run_dir) / "model_ema.safetensors")
         _prune(run_dir, keep, state.best_checkpoint)
     accelerator.wait_for_everyone()
     return Path(run_dir) / "checkpoints" / name
@@ -217,22 +215,13 @@ def load(accelerator, checkpoint, ema=None):
     try:
         accelerator.load_state(checkpoint)
     except Exception as e:  # noqa: BLE001 - e.g. a file that is not a plain tensor pickle
-        raise UserError(f"cannot load {_unreadable(checkpoint) or checkpoint}: {_reason(e)}") from e
+        raise UserError(f"cannot load {_unreadable(checkpoint) or checkpoint}: {weights.reason(e)}") from e
     if ema is not None:
         if not (Path(checkpoint) / "ema.safetensors").is_file():
             raise UserError(f"{checkpoint} has no EMA weights (ema.decay was 0 when it was saved)")
-        _load_into(ema.module, _load_safetensors(Path(checkpoint) / "ema.safetensors", str(accelerator.device)))
+        average = weights.load_safetensors(Path(checkpoint) / "ema.safetensors", str(accelerator.device))
+        weights.load_into(ema.module, average)
         ema.n_averaged.fill_(read_state(checkpoint).ema_updates)
-
-
-def _load_safetensors(path, device="cpu"):
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path, device=device)
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{path} cannot be read as safetensors ({e}); the file is damaged") from None
 
 
 def _unreadable(checkpoint):
@@ -240,7 +229,7 @@ def _unreadable(checkpoint):
     for path in sorted(Path(checkpoint).iterdir()):
         try:
             if path.suffix == ".safetensors":
-                _load_safetensors(path)
+                weights.load_safetensors(path)
             elif path.suffix in (".bin", ".pt", ".pkl"):
                 _safe_load(path)
         except UserError:
@@ -252,69 +241,7 @@ def _safe_load(path):
     try:
         return safe_torch_load(path)  # weights_only=True, with the numpy types RNG states need
     except Exception as e:  # noqa: BLE001 - any failure means the run could not continue exactly
-        raise UserError(f"{path} cannot be loaded safely ({_reason(e)}); refusing to resume from it") from e
-
-
-def _reason(error):
-    """The informative line of an exception: for a refused pickle, the global it wanted."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    refused = [line for line in lines if "GLOBAL" in line or "WeightsUnpickler" in line]
-    return f"{type(error).__name__}: {(refused or lines or [''])[0]}"
-
-
-def load_weights(model, source, strict=False):
-    """Load weights into `model` from a .safetensors file, a .pt/.pth/.bin state dict (read with
-    weights_only=True), a folder with a `model.safetensors` (a run's best weights, a checkpoint, an
-    export), or, for a `transformers` model, anything its `from_pretrained` takes (a hub id, an HF
-    folder). Non-strict unless `strict`; returns (missing, unexpected) key lists."""
-    path = Path(source)
-    if path.is_dir():
-        path = path / "model.safetensors"
-    if not path.is_file() and callable(getattr(model, "from_pretrained", None)):
-        weights = _pretrained(model, source)  # an HF hub id, a sharded HF folder
-    elif not path.is_file():
-        raise UserError(f"{source}: no such file (give a .safetensors file, a run folder or a checkpoint)")
-    elif path.suffix == ".safetensors":
-        weights = _load_safetensors(path)
-    elif path.suffix in (".pt", ".pth", ".bin"):
-        try:
-            weights = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - e.g. a pickle that would run code
-            raise UserError(f"{source} cannot be loaded safely ({_reason(e)})") from e
-        if isinstance(weights, dict) and isinstance(weights.get("state_dict", weights.get("model")), dict):
-            weights = weights.get("state_dict", weights.get("model"))
-    else:
-        raise UserError(f"{source}: expected a .safetensors, .pt, .pth or .bin file or a folder")
-    consume_prefix_in_state_dict_if_present(weights, "module.")  # saved from a DDP-wrapped model
-    try:
-        return _load_into(model, weights, strict)
-    except RuntimeError as e:
-        raise UserError(f"{source} does not fit the model: {str(e).splitlines()[1].strip()}") from e
-
-
-def _pretrained(model, source):
-    """The state dict of `type(model).from_pretrained(source)` (load_state_dict casts it to the model's dtypes)."""
-    try:
-        return type(model).from_pretrained(str(source)).state_dict()
-    except Exception as e:  # noqa: BLE001 - not found, offline, another architecture: one line
-        raise UserError(f"init_from={source}: {type(model).__name__}.from_pretrained failed: {_reason(e)}") from e
-
-
-def _load_into(model, weights, strict=True):
-    """`model.load_state_dict(weights)`, where a name that `weights` lacks because it shares its
-    tensor with a name that it has (tied embeddings: safetensors holds one of them) is not missing:
-    loading the one loads both. Returns (missing, unexpected) key lists."""
-    result = model.load_state_dict(weights, strict=False)
-    missing = result.missing_keys
-    if missing:
-        tensors, names = model.state_dict(keep_vars=True), {}
-        for name, tensor in tensors.items():
-            names.setdefault(_place(tensor), set()).add(name)
-        missing = [name for name in missing if not names[_place(tensors[name])] & weights.keys()]
-    if strict and (missing or result.unexpected_keys):
-        raise RuntimeError(f"Error(s) in loading state_dict for {type(model).__name__}:\n"
-                           f"missing keys {missing or 'none'}, unexpected keys {result.unexpected_keys or 'none'}")
-    return missing, result.unexpected_keys
+        raise UserError(f"{path} cannot be loaded safely ({weights.reason(e)}); refusing to resume from it") from e
 
 
 def _point(link, name):
@@ -340,40 +267,3 @@ def _remove(path):
     doomed = path.with_name(f".tmp-del-{path.name}")
     path.rename(doomed)
     shutil.rmtree(doomed)
-
-
-def _export(weights, target):
-    with rundir.replacing(target) as tmp:
-        write_safetensors(weights, tmp)
-
-
-def write_safetensors(weights, path):
-    from safetensors.torch import save_file
-
-    save_file(_unshared(weights), path, metadata={"format": "pt"})
-    rundir.readable(path)
-    rundir.fsync(path)
-
-
-def _place(tensor):
-    """Where a tensor's values are: two names of one place are one tensor (tied weights)."""
-    if not tensor.numel():
-        return id(tensor)
-    return tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride()
-
-
-def _unshared(weights):
-    """`weights` (a state dict) as safetensors can write them, on the CPU: a tensor that an earlier
-    name holds already (tied embeddings, a shared parameter) is written once, under that name
-    (`_load_into` gives it back to both); another view of a storage already written is a copy."""
-    kept, places, storages = {}, set(), set()
-    for name, tensor in weights.items():
-        tensor = tensor.detach()
-        place = _place(tensor)
-        if place in places:
-            continue
-        places.add(place)
-        storage = place[:2] if tensor.numel() else place
-        kept[name] = tensor.cpu().clone() if storage in storages else tensor.cpu().contiguous()
-        storages.add(storage)
-    return kept

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from toolkit import UserError, checkpoint, rundir
+from toolkit.weights import load_weights, write_safetensors
 
 
 def export(recipe, cfg, run_dir, out, which="", use_ema=False):
@@ -25,14 +26,14 @@ def export(recipe, cfg, run_dir, out, which="", use_ema=False):
     if not weights.is_file():
         raise UserError(f"{path} has no {weights.name}" + (" (the run had no EMA: ema.decay=0)" if use_ema else ""))
     model = recipe.model(cfg)
-    checkpoint.load_weights(model, weights, strict=True)
+    load_weights(model, weights, strict=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     with rundir.replacing(out) as folder:
         folder.mkdir()
         if callable(getattr(model, "save_pretrained", None)):
             model.save_pretrained(folder)
         else:
-            checkpoint.write_safetensors(model.state_dict(), folder / "model.safetensors")
+            write_safetensors(model.state_dict(), folder / "model.safetensors")
             shutil.copy2(Path(run_dir) / "config.yaml", folder / "config.yaml")
         recipe.export(cfg, folder)
     return path

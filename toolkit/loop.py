@@ -43,7 +43,7 @@ def train(recipe, cfg, resume=None, autoresume=False, trial=None):
     folder), continue that run from its latest checkpoint. Return the summary. With `autoresume`
     the new run's folder is <output_dir>/<recipe>/<name> (launch.py --autoresume). `trial`: a
     hook told each validation's monitored value, `trial.report(value, number) -> True` to stop
-    (a search's trial that its pruner stops: `toolkit.search.Trial`)."""
+    (a search's trial that its pruner stops: `toolkit.trial.Trial`)."""
     # Creating the first optimizer imports torch._dynamo (0.8 s on 2 CPU cores): let that happen
     # while the data loads, which mostly waits in zlib and torch, outside the GIL.
     threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True).start()

@@ -2,14 +2,13 @@
 `launch.py plot SEARCH` a search's history."""
 
 import json
-import os
 import socket
 from pathlib import Path
 
 from toolkit import UserError
 from toolkit.config import yaml_load
 from toolkit.logs import text_table
-from toolkit.summary import Status, Summary
+from toolkit.summary import Status, Summary, alive
 
 
 def list_runs(folder="runs"):
@@ -36,17 +35,6 @@ def status(summary):
     if summary.status == Status.RUNNING and summary.host == socket.gethostname() and not alive(summary.pid):
         return "died"
     return str(summary.status)
-
-
-def alive(pid):
-    """Whether process `pid` of this machine is running."""
-    try:
-        os.kill(int(pid), 0)
-    except (TypeError, ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def plot(runs, out=None):

@@ -8,9 +8,9 @@
           batch_size: int(32, 256)
     python launch.py search --resume runs/lenet/search-20261124-130102          # continue it, or join it
 
-The space: `uniform(low,high)`, `loguniform(low,high)` (floats), `int(low,high)`, `logint(low,high)`
-(integers, both bounds included) and `choice(a,b,...)` (values as they would be written after
-`key=`). Every other `key=value` is fixed for all trials. The objective is `checkpoint.monitor`, the
+The space (`toolkit.space`): `uniform(low,high)`, `loguniform(low,high)` (floats), `int(low,high)`,
+`logint(low,high)` (integers, both bounds included) and `choice(a,b,...)` (values as they would be
+written after `key=`). Every other `key=value` is fixed for all trials. The objective is `checkpoint.monitor`, the
 best value a trial reached, minimised or maximised as `checkpoint.mode` says.
 
 How it runs: Optuna's ask-and-tell. This process asks the study for a trial's values, runs
@@ -31,8 +31,6 @@ continued from their last checkpoint (`--autoresume`), so a search that was kill
 
 import math
 import os
-import re
-import shlex
 import shutil
 import signal
 import socket
@@ -40,14 +38,10 @@ import sys
 import time
 from pathlib import Path
 
-from toolkit import UserError, config, parallel, rundir, sweep
-from toolkit.report import alive
-from toolkit.summary import Status, Summary
+from toolkit import UserError, config, jobs, parallel, rundir, space, sweep
+from toolkit.trial import ENV_FOLDER, ENV_TRIAL, NAME, load_study, storage
+from toolkit.summary import Status, Summary, alive
 
-NAME = "search"  # the study's name in its journal file
-ENV_FOLDER, ENV_TRIAL = "MINLOOP_SEARCH", "MINLOOP_TRIAL"  # how a trial's process finds its study
-KINDS = ("uniform", "loguniform", "int", "logint", "choice")
-SPEC = re.compile(r"\s*(\w+)\((.*)\)\s*", re.S)
 STALE_S = 60  # a heartbeat file that has not changed for this long belongs to a search that is gone
 HOST = socket.gethostname()
 
@@ -62,107 +56,6 @@ def import_optuna():
 
 
 # ---------------------------------------------------------------------------------------------
-# The space
-
-def is_space(text):
-    """Whether a value is a space: it starts with one of the KINDS and a parenthesis."""
-    return text.strip().startswith(tuple(f"{kind}(" for kind in KINDS))
-
-
-def read_space(files, overrides):
-    """(config files without their search: block, fixed overrides, {key: spec text}) from the
-    command line and the files; like sweep.read_grid."""
-    plain_files, blocks, fixed, varying = sweep.read_layers(files, overrides, "search", is_space)
-    space = {}
-    for path, block in blocks:
-        if not isinstance(block, dict) or not all(isinstance(v, str) for v in block.values()):
-            raise UserError(f"{path}: search: must map keys to spaces, e.g. optim.lr: loguniform(1e-4, 1e-1)")
-        space.update(block)
-    space.update(varying)
-    if not space:
-        raise UserError("nothing to search: give a space such as optim.lr=loguniform(1e-4,1e-1) on the command "
-                        "line or in a search: block of a --config file")
-    return plain_files, fixed, space
-
-
-def check_space(recipe, files, fixed, space):
-    """{key: Optuna distribution}; a ConfigError with one line per problem, each naming its key."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    base = config.resolve(recipe.config, files, fixed)
-    if not base.checkpoint.monitor:
-        raise UserError("search needs an objective: set checkpoint.monitor, e.g. checkpoint.monitor=val/loss")
-    defaults = config.flatten(base)
-    fixed_keys = {config.parse_override(text)[0]: text for text in fixed}
-    problems, distributions = [], {}
-    for key, spec in space.items():
-        where = f"{key}={spec}"
-        match = SPEC.fullmatch(str(spec))
-        if not match or match.group(1) not in KINDS:
-            problems.append(f"{where}: expected {', '.join(f'{k}(...)' for k in KINDS)}, e.g. "
-                            f"loguniform(1e-4,1e-1), int(32,256) or choice(adam,sgd)")
-            continue
-        if key in ("output_dir", "name", "checkpoint.monitor", "checkpoint.mode"):
-            problems.append(f"{where}: {key} cannot be searched (the search sets the folders and the objective)")
-            continue
-        if key in fixed_keys:
-            problems.append(f"{where}: {key} is also fixed by {fixed_keys[key]}; keep one of them")
-            continue
-        kind, texts = match.group(1), [t.strip() for t in sweep.values(match.group(2))]
-        default = defaults.get(key)
-        if kind == "choice":
-            if len(texts) < 2 or "" in texts:
-                problems.append(f"{where}: a choice needs two or more values, e.g. choice(adam,sgd)")
-                continue
-            candidates, distribution = texts, CategoricalDistribution(texts)
-        else:
-            numbers = [config.yaml_load(t, where) if t else None for t in texts]
-            integer = kind in ("int", "logint")
-            if len(numbers) != 2 or not all(isinstance(n, int if integer else (int, float)) and
-                                            not isinstance(n, bool) for n in numbers):
-                problems.append(f"{where}: expected {kind}(low,high) with two {'integers' if integer else 'numbers'}")
-                continue
-            low, high = numbers
-            if not low < high:
-                problems.append(f"{where}: the low bound {low} must be below the high bound {high}")
-                continue
-            if kind.startswith("log") and low <= 0:
-                problems.append(f"{where}: a log scale needs a low bound above 0")
-                continue
-            if isinstance(default, (bool, str, list)) or (not integer and isinstance(default, int)):
-                wanted = "int(...) or logint(...)" if isinstance(default, int) and not isinstance(default, bool) \
-                    else "choice(...)"
-                problems.append(f"{where}: {key} takes {type(default).__name__} values, not {kind} ones; "
-                                f"use {wanted}")
-                continue
-            log = kind.startswith("log")
-            distribution = IntDistribution(low, high, log=log) if integer else FloatDistribution(low, high, log=log)
-            candidates = [text_of(low if integer else float(low)), text_of(high if integer else float(high))]
-        # The values go through the config's own checks: unknown keys, types, choices, minimums.
-        for text in candidates:
-            try:
-                layer = _nest(key, text if isinstance(default, str) else config.yaml_load(text, where))
-                config.resolve(recipe.config, [*files, ("the search space", layer)], fixed)
-            except config.ConfigError as e:
-                problems += [p for p in e.problems if p not in problems]
-        distributions[key] = distribution
-    if problems:
-        raise config.ConfigError(problems)
-    return distributions
-
-
-def text_of(value):
-    """A sampled value as it is written on the command line: choices as given, numbers exactly."""
-    return repr(float(value)) if isinstance(value, float) else str(value)
-
-
-def _nest(key, value):
-    for part in reversed(key.split(".")):
-        value = {part: value}
-    return value
-
-
-# ---------------------------------------------------------------------------------------------
 # Starting and continuing a search
 
 def start(recipe, files, overrides, trials, parallel_runs, launcher, pruner, startup_trials, sampler, seed):
@@ -172,29 +65,25 @@ def start(recipe, files, overrides, trials, parallel_runs, launcher, pruner, sta
 
     if trials < 1:
         raise UserError(f"--trials {trials}: must be 1 or more")
-    plain_files, fixed, space = read_space(files, overrides)
-    distributions = check_space(recipe, plain_files, fixed, space)
+    plain_files, fixed, searched = space.read_space(files, overrides)
+    distributions = space.check_space(recipe, plain_files, fixed, searched)
     base = config.resolve(recipe.config, plain_files, fixed)
     pool = parallel.Pool(parallel_runs)  # refuses --parallel larger than the GPUs before anything is written
 
-    folder = rundir.claim_folder(Path(base.output_dir) / recipe.name / f"search-{time.strftime('%Y%m%d-%H%M%S')}")
-    # The recipe and the config files as the search started: a search resumed later, or joined
-    # from another machine, runs the same code and values.
+    folder = jobs.claim_folder(base, recipe, "search")
+    # The recipe as the search started: a search resumed later, or joined from another machine, runs
+    # the same code (and the same config files: copy_configs).
     shutil.copy2(recipe.path, folder / Path(recipe.path).name)
-    copies = []
-    for i, f in enumerate(plain_files):
-        layer = f[1] if isinstance(f, tuple) else config.yaml_load(Path(f).read_text(encoding="utf-8"), f) or {}
-        (folder / f"config-{i}.yaml").write_text(config.yaml_dump(layer), encoding="utf-8")
-        copies.append(f"config-{i}.yaml")
-    settings = {"recipe": Path(recipe.path).name, "files": copies, "overrides": fixed, "space": space,
+    settings = {"recipe": Path(recipe.path).name, "files": jobs.copy_configs(folder, plain_files), "overrides": fixed,
+                "space": searched,
                 "distributions": {key: distribution_to_json(d) for key, d in distributions.items()},
                 "trials": trials, "monitor": base.checkpoint.monitor,
                 "direction": "maximize" if base.checkpoint.mode == "max" else "minimize",
                 "pruner": pruner, "startup_trials": startup_trials, "sampler": sampler, "seed": seed,
-                "launcher": launcher, "cwd": os.getcwd(), "wandb_group": "" if base.wandb.group else folder.name}
+                "launcher": launcher, "cwd": os.getcwd(), "grouping": jobs.grouping(base, folder)}
     rundir.write_json(folder / "settings.json", settings)
     optuna.create_study(storage=storage(folder), study_name=NAME, direction=settings["direction"])
-    print(f"search of {trials} trials in {folder}: {', '.join(f'{k}={v}' for k, v in space.items())}; "
+    print(f"search of {trials} trials in {folder}: {', '.join(f'{k}={v}' for k, v in searched.items())}; "
           f"objective {settings['monitor']} ({settings['direction']}), pruner {pruner}", flush=True)
     return Driver(folder, settings, pool).run()
 
@@ -214,27 +103,6 @@ def resume(folder, trials=None, parallel_runs=1, launcher=None):
     pool = parallel.Pool(parallel_runs)
     print(f"search in {folder}: working on it until it has {settings['trials']} trials", flush=True)
     return Driver(folder, settings, pool).run()
-
-
-def storage(folder):
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-    return JournalStorage(JournalFileBackend(str(Path(folder) / "study.journal")))
-
-
-def load_study(store, settings, seed=None):
-    import optuna
-
-    if settings["pruner"] == "median":
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=settings["startup_trials"])
-    elif settings["pruner"] == "halving":
-        pruner = optuna.pruners.SuccessiveHalvingPruner()
-    else:
-        pruner = optuna.pruners.NopPruner()
-    seed = settings["seed"] if seed is None else seed
-    sampler = optuna.samplers.RandomSampler(seed) if settings["sampler"] == "random" else \
-        optuna.samplers.TPESampler(seed=seed)
-    return optuna.load_study(study_name=NAME, storage=store, sampler=sampler, pruner=pruner)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,8 +151,8 @@ class Driver:
         while not self.stopping:
             self.beat()
             # --resume --trials N, from any process, changes the count for all of them
-            self.settings["trials"] = rundir.read_json(self.folder / "settings.json").get("trials",
-                                                                                           self.settings["trials"])
+            latest = rundir.read_json(self.folder / "settings.json")
+            self.settings["trials"] = latest.get("trials", self.settings["trials"])
             while self.pool.free and not self.stopping:
                 job = self.next_trial()
                 if job is None:
@@ -299,7 +167,7 @@ class Driver:
                                        {ENV_FOLDER: str(self.folder), ENV_TRIAL: str(number)}, cwd,
                                        self.run_dir(number).name, fork=not self.settings["launcher"])
                 print(f"[trial {number}] {'started' if fresh else 'continued'} on {slot}: "
-                      f"{' '.join(f'{k}={text_of(v)}' for k, v in params.items())}", flush=True)
+                      f"{' '.join(f'{k}={space.text_of(v)}' for k, v in params.items())}", flush=True)
             if not self.pool.running and self.done():
                 return
             for number, code in self.pool.wait(timeout=5 if self.pool.running else 2, stop=lambda: self.stopping):
@@ -328,8 +196,8 @@ class Driver:
                     return trial.number, trial.params, False
             if len(trials) >= self.settings["trials"]:
                 return None
-            space = {key: json_to_distribution(text) for key, text in self.settings["distributions"].items()}
-            trial = self.study.ask(space)
+            distributions = {key: json_to_distribution(text) for key, text in self.settings["distributions"].items()}
+            trial = self.study.ask(distributions)
             trial.set_user_attr("driver", self.me)
             return trial.number, trial.params, True
         finally:
@@ -372,11 +240,10 @@ class Driver:
 
     def command(self, number, params):
         s = self.settings
-        return [*(shlex.split(s["launcher"]) or [sys.executable]), str(sweep.LAUNCH),
-                str(self.folder / s["recipe"]), *(a for f in s["files"] for a in ("--config", str(self.folder / f))),
-                *s["overrides"], *(f"{key}={text_of(value)}" for key, value in params.items()),
-                *([f"wandb.group={s['wandb_group']}"] if s["wandb_group"] else []),
-                f"output_dir={self.folder}", f"name=trial-{number:04d}", "--autoresume"]
+        values = [f"{key}={space.text_of(value)}" for key, value in params.items()]
+        return jobs.command(s["launcher"], self.folder / s["recipe"], [self.folder / f for f in s["files"]],
+                            [*s["overrides"], *values, *s["grouping"]], self.folder, f"trial-{number:04d}",
+                            autoresume=True)
 
     def finish(self, number, code):
         """Tell the study how trial `number` ended, from its run folder and exit status."""
@@ -426,8 +293,11 @@ class Driver:
         values = config.yaml_load((self.run_dir(best.number) / "config.yaml").read_text(encoding="utf-8"), "config")
         for key in ("output_dir", "name"):  # the trial's place, not its hyperparameters
             values.pop(key)
-        if self.settings["wandb_group"] and values.get("wandb", {}).get("group") == self.settings["wandb_group"]:
-            values["wandb"]["group"] = ""
+        for override in self.settings["grouping"]:  # the search's own, not the trial's hyperparameter
+            key, value = override.split("=", 1)
+            tracker, name = key.split(".")
+            if values.get(tracker, {}).get(name) == value:
+                values[tracker][name] = ""
         header = (f"# trial {best.number} of {self.folder}: {self.settings['monitor']}={best.value:.6g}, the best of "
                   f"{len(rows)}\n# python launch.py <recipe> --config best.yaml\n")
         rundir.write_text(self.folder / "best.yaml", header + config.yaml_dump(values))
@@ -437,37 +307,3 @@ class Driver:
 
 def _short(value):
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-# ---------------------------------------------------------------------------------------------
-# The trial's side, in its training loop
-
-class Trial:
-    """The hook through which a search's trial reports each validation to its study, and hears
-    whether the study's pruner stops it: `report(value, step) -> True` to stop. The training
-    loop calls it on the main process only and tells the other processes the answer.
-
-    The step is the validation's number (1, 2, ...; the loop keeps the count across resumes), so
-    that trials with different batch sizes are compared at the same point."""
-
-    def __init__(self, folder, number):
-        self.folder, self.number, self.trial = Path(folder), number, None
-
-    def report(self, value, step):
-        if self.trial is None:  # on the first validation: a process that never reports needs no Optuna
-            import optuna
-
-            optuna.logging.set_verbosity(optuna.logging.WARNING)
-            store = storage(self.folder)
-            study = load_study(store, rundir.read_json(self.folder / "settings.json"))
-            trial_id = store.get_trial_id_from_study_id_trial_number(store.get_study_id_from_name(NAME), self.number)
-            self.trial = optuna.trial.Trial(study, trial_id)
-        self.trial.report(value, step)
-        return self.trial.should_prune()
-
-
-def trial_from_environment():
-    """The `Trial` that this run is, when a search started it (MINLOOP_SEARCH, MINLOOP_TRIAL), else None."""
-    if ENV_FOLDER not in os.environ:
-        return None
-    return Trial(os.environ[ENV_FOLDER], int(os.environ[ENV_TRIAL]))

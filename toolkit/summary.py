@@ -4,6 +4,7 @@ and the result line read. Plain Python: the sweep and search processes read summ
 
 import dataclasses
 import enum
+import os
 from pathlib import Path
 
 from toolkit import rundir
@@ -104,3 +105,14 @@ class Summary:
 
     def write(self, run_dir):
         rundir.write_json(Path(run_dir) / "summary.json", self.to_json())
+
+
+def alive(pid):
+    """Whether process `pid` of this machine is running (a summary's, a search process's)."""
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -16,63 +16,22 @@ each run's console output goes to <sweep>/console/<run>.txt.
 
 import itertools
 import re
-import shlex
-import sys
-import time
-from pathlib import Path
 
-from toolkit import UserError, config, logs, parallel, rundir
+from toolkit import UserError, config, jobs, logs, parallel, rundir
 from toolkit.summary import Status, Summary
-
-LAUNCH = Path(__file__).resolve().parents[1] / "launch.py"
-
-
-def values(text):
-    """`1e-3,3e-3` -> ["1e-3", "3e-3"]; commas inside [...] or {...} do not split: `[a,b]` is one."""
-    parts, depth, current = [], 0, ""
-    for char in text:
-        depth += char in "[{"
-        depth -= char in "]}"
-        if char == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    return [*parts, current]
-
-
-def read_layers(files, overrides, block, varies):
-    """A sweep's or a search's config files and overrides, split into what stays and what varies:
-    (the files, each with a `block:` as (path, its other keys); [(path, its block)]; the fixed
-    overrides; {key: text} of the overrides that `varies(text)` picks out)."""
-    plain_files, blocks = [], []
-    for path in files:
-        layer = config.yaml_load(Path(path).read_text(encoding="utf-8"), path) if Path(path).is_file() else None
-        if isinstance(layer, dict) and block in layer:
-            blocks.append((path, layer.pop(block)))
-            plain_files.append((path, layer))
-        else:
-            plain_files.append(path)
-    fixed, varying = [], {}
-    for text in overrides:
-        key, raw = config.parse_override(text)
-        if varies(raw):
-            varying[key] = raw
-        else:
-            fixed.append(text)
-    return plain_files, blocks, fixed, varying
 
 
 def read_grid(files, overrides):
     """(the files, a file with a sweep block as (path, its other keys), fixed overrides,
     {key: [value texts]})."""
-    plain_files, blocks, fixed, varying = read_layers(files, overrides, "sweep", lambda raw: len(values(raw)) > 1)
+    plain_files, blocks, fixed, varying = jobs.read_layers(files, overrides, "sweep",
+                                                           lambda raw: len(jobs.values(raw)) > 1)
     grid = {}
     for path, block in blocks:
         if not isinstance(block, dict) or not all(isinstance(v, list) and v for v in block.values()):
             raise UserError(f"{path}: sweep: must map keys to lists of values, e.g. optim.lr: [1e-3, 3e-3]")
         grid.update({key: [config.yaml_dump(v).strip().removesuffix("\n...") for v in vs] for key, vs in block.items()})
-    grid.update({key: values(raw) for key, raw in varying.items()})
+    grid.update({key: jobs.values(raw) for key, raw in varying.items()})
     if not grid:
         raise UserError("nothing to sweep: give values separated by commas (optim.lr=1e-3,3e-3) or a "
                         "sweep: block in a --config file")
@@ -95,13 +54,9 @@ def sweep(recipe, files, overrides, launcher="", parallel_runs=1):
         raise config.ConfigError(problems)
     pool = parallel.Pool(parallel_runs)  # refuses --parallel larger than the GPUs before anything is written
 
-    folder = rundir.claim_folder(Path(base.output_dir) / recipe.name / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
-    files_used = []
-    for i, f in enumerate(plain_files):  # the files as each run reads them: without the sweep block
-        if isinstance(f, tuple):
-            f = folder / f"config-{i}.yaml"
-            f.write_text(config.yaml_dump(plain_files[i][1]), encoding="utf-8")
-        files_used.append(str(f))
+    folder = jobs.claim_folder(base, recipe, "sweep")
+    files_used = [folder / name for name in jobs.copy_configs(folder, plain_files)]  # without the sweep block
+    group = jobs.grouping(base, folder)  # the sweep's runs together
     print(f"sweep of {len(points)} runs in {folder}: {', '.join(f'{k} in {v}' for k, v in grid.items())}")
 
     if parallel_runs > 1:
@@ -112,10 +67,7 @@ def sweep(recipe, files, overrides, launcher="", parallel_runs=1):
     while waiting or pool.running:
         while waiting and pool.free:
             i = waiting.pop(0)
-            command = [*shlex.split(launcher), *([] if launcher else [sys.executable]), str(LAUNCH),
-                       str(recipe.path), *(a for f in files_used for a in ("--config", f)), *fixed, *points[i],
-                       *([] if base.wandb.group else [f"wandb.group={folder.name}"]),  # the sweep's runs together
-                       f"output_dir={folder}", f"name={names[i]}"]
+            command = jobs.command(launcher, recipe.path, files_used, [*fixed, *points[i], *group], folder, names[i])
             slot = pool.start(i, command, name=names[i], fork=not launcher)  # see parallel.forked
             print(f"\n[{i + 1}/{len(points)}] {' '.join(points[i])}" + (f" on {slot}" if parallel_runs > 1 else ""),
                   flush=True)

@@ -66,7 +66,7 @@ def _check_wandb(cfg):
                     "set WANDB_API_KEY, or use wandb.mode=offline (or WANDB_MODE=offline) to log without an account")
 
 
-# Every tracker of `trackers=[...]`; config.py gives each block its place among the keys.
+# Every tracker of `trackers=[...]`; toolkit/keys.py gives each block its place among the keys.
 TRACKERS = {
     "tensorboard": Tracker(_tensorboard),
     "wandb": Tracker(_wandb, {
