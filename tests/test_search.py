@@ -275,7 +275,8 @@ def test_a_forked_run_is_what_python_would_start_but_pre_imported(tmp_path):
 
 def test_the_training_loop_knows_nothing_of_searches():
     """A trial's reporting enters the loop as a hook from launch.py: importing the loop imports no
-    search, sweep or process pool."""
+    search, trial, space, sweep, jobs or process pool."""
     code = "import sys, toolkit.loop; print(sorted(m for m in sys.modules if m.startswith('toolkit.')))"
     loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    assert not {"toolkit.search", "toolkit.sweep", "toolkit.parallel"} & set(eval(loaded))
+    assert not {"toolkit.search", "toolkit.trial", "toolkit.space", "toolkit.sweep", "toolkit.jobs",
+                "toolkit.parallel"} & set(eval(loaded))
