@@ -111,11 +111,13 @@ def load_run(path):
 
 
 def exit_status(summary):
-    """0 when the run finished; 128 + the signal's number when a signal stopped it; 1 when it failed
-    (the error is printed)."""
-    if summary.status == "interrupted":
+    """A run's exit status from its `Summary`: 0 when the run finished; 128 + the signal's number
+    when a signal stopped it; 1 when it failed (the error is printed)."""
+    from toolkit.summary import Status
+
+    if summary.status == Status.INTERRUPTED:
         return 128 + signal.Signals[summary.signal or "SIGINT"].value
-    if summary.status == "failed":
+    if summary.status == Status.FAILED:
         say_error(summary.error)
         return 1
     return 0

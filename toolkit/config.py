@@ -124,6 +124,10 @@ class Config(Mapping):
         return {k: v.to_dict() if isinstance(v, Config) else list(v) if isinstance(v, tuple) else v
                 for k, v in self._values.items()}
 
+    def flat(self):
+        """{"optim.lr": 0.001, ...}: the form trackers want for hyperparameters."""
+        return dict(_leaves(self))
+
 
 # ---------------------------------------------------------------------------------------------
 # Building it.
@@ -182,11 +186,6 @@ def changes(cfg, base):
     """(key, old, new) for the leaves of `cfg` that differ from `base`."""
     flat_base = dict(_leaves(base))
     return [(k, flat_base.get(k), v) for k, v in _leaves(cfg) if flat_base.get(k, object()) != v]
-
-
-def flatten(cfg):
-    """{"optim.lr": 0.001, ...}: the form trackers want for hyperparameters."""
-    return dict(_leaves(cfg))
 
 
 def _leaves(tree, prefix=""):

@@ -8,6 +8,8 @@ import sys
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from toolkit.summary import Status
+
 log = logging.getLogger("toolkit")
 FILE_ONLY = {"file_only": True}  # `log.info(msg, extra=FILE_ONLY)`: into log.txt, not onto the console
 
@@ -62,7 +64,7 @@ def result_line(summary):
     """The last line of a run (a `toolkit.summary.Summary`): its final metrics (or how it ended), its
     time and where its folder is."""
     split = "test" if "test" in summary.metrics else "val" if "val" in summary.metrics else None
-    if summary.status != "finished":
+    if summary.status != Status.FINISHED:
         result = f"{summary.status} at epoch {summary.epochs} step {summary.steps}" + (
             f" ({summary.error})" if summary.error else "")
     else:

@@ -86,10 +86,10 @@ def plot_search(folder, out, plt):
     figure, (history, curves) = plt.subplots(1, 2, figsize=(11, 4))
     best, so_far = None, []
     for r in rows:
-        if r["status"] == "finished":
+        if r["status"] == Status.FINISHED:
             best = r["value"] if best is None else (max if maximize else min)(best, r["value"])
         so_far.append(best)
-    for status, marker in (("finished", "o"), ("pruned", "x")):
+    for status, marker in ((Status.FINISHED, "o"), (Status.PRUNED, "x")):
         points = [(r["trial"], r["best"]) for r in rows if r["status"] == status and r["best"] is not None]
         if points:
             history.plot(*zip(*points), marker, label=status)
@@ -104,7 +104,7 @@ def plot_search(folder, out, plt):
             continue
         points = [(x["step"], x[name]) for x in map(json.loads, path.read_text().splitlines()) if x["split"] == split]
         if points:
-            curves.plot(*zip(*points), "--" if r["status"] == "pruned" else "-", marker=".", alpha=0.7,
+            curves.plot(*zip(*points), "--" if r["status"] == Status.PRUNED else "-", marker=".", alpha=0.7,
                         label=f"#{r['trial']}" if len(rows) <= 10 else None)
     curves.set_title(f"{monitor} at each validation (pruned: dashed)")
     curves.set_xlabel("step")

@@ -274,7 +274,7 @@ class Driver:
         """The table of every trial (best first), search.txt and search.json, and best.yaml."""
         from optuna.trial import TrialState
 
-        names = {TrialState.COMPLETE: "finished", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
+        names = {TrialState.COMPLETE: Status.FINISHED, TrialState.PRUNED: Status.PRUNED, TrialState.FAIL: Status.FAILED}
         rows = []
         for trial in self.study.get_trials(deepcopy=False):
             run = self.run_dir(trial.number)

@@ -40,7 +40,7 @@ def check_space(recipe, files, fixed, space):
     base = config.resolve(recipe.config, files, fixed)
     if not base.checkpoint.monitor:
         raise UserError("search needs an objective: set checkpoint.monitor, e.g. checkpoint.monitor=val/loss")
-    defaults = config.flatten(base)
+    defaults = base.flat()
     fixed_keys = {config.parse_override(text)[0]: text for text in fixed}
     problems, distributions = [], {}
     for key, spec in space.items():

@@ -95,7 +95,7 @@ def report(rows, folder, mode, kind="sweep"):
     """Print the table of `rows` (from `row`), best first, and save it as <kind>.txt and <kind>.json in
     `folder`. Finished runs come first, then pruned ones, then the others (failed, stopped)."""
     def rank(r):
-        order = 0 if r["status"] == "finished" else 1 if r["status"] == "pruned" else 2
+        order = 0 if r["status"] == Status.FINISHED else 1 if r["status"] == Status.PRUNED else 2
         return order, r["best"] is None, -(r["best"] or 0) if mode == "max" else (r["best"] or 0)
 
     ranked = sorted(rows, key=rank)

@@ -40,8 +40,6 @@ def _wandb(cfg, run_dir, state):
     """The wandb run named after the run folder; a resume continues it (its id is in the checkpoint)."""
     from accelerate.tracking import WandBTracker
 
-    from toolkit.config import flatten
-
     state.tracker_ids.setdefault("wandb", uuid.uuid4().hex[:12])
     w = cfg.wandb
     # A key left empty is left to wandb, which reads its WANDB_* variable (entity, group), or given
@@ -50,7 +48,7 @@ def _wandb(cfg, run_dir, state):
         w.project or os.environ.get("WANDB_PROJECT") or "minloop", name=run_dir.name,
         id=state.tracker_ids["wandb"], resume="allow", dir=w.dir or os.environ.get("WANDB_DIR") or str(run_dir),
         mode=wandb_mode(cfg), entity=w.entity or None, group=w.group or None,
-        config={k: str(v) if isinstance(v, list) else v for k, v in flatten(cfg).items()})
+        config={k: str(v) if isinstance(v, list) else v for k, v in cfg.flat().items()})
 
 
 def wandb_mode(cfg):
