@@ -212,6 +212,24 @@ def test_lr_trace_is_the_same_with_two_processes(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# What a train window shows besides the loss: data wait and memory
+
+def test_data_wait_is_the_share_of_a_window_spent_waiting_for_batches(tmp_path):
+    """The same run, once with batches that take 50 ms to fetch and once with steps that take 50 ms:
+    the first waits for its data most of each window, the second far less. Every window also says
+    the process's memory (on a CPU, its resident set)."""
+    line = str(REPO / "tests" / "recipes" / "line.py")
+    waits = {}
+    for slow in ("fetch_seconds", "step_seconds"):
+        ok(launch([line, f"{slow}=0.05", "epochs=1", "log_every=4", "val_every=0", f"output_dir={tmp_path / slow}"],
+                  cwd=tmp_path))
+        windows = records(only_run(tmp_path / slow), "train")
+        assert all(0 <= w["data_wait"] <= 1 and 0.01 < w["rss_gb"] < 1000 for w in windows)
+        waits[slow] = min(w["data_wait"] for w in windows), max(w["data_wait"] for w in windows)
+    assert waits["fetch_seconds"][0] > 0.5 > waits["step_seconds"][1]
+
+
+# ---------------------------------------------------------------------------------------------
 # EMA
 
 def test_ema_is_validated_monitored_saved_and_tested(ema_run, tmp_path):

@@ -99,7 +99,7 @@ def train(recipe, cfg, resume=None, autoresume=False, trial=None):
             train_loader.set_epoch(epoch - 1)  # order and augmentation: functions of (seed, epoch)
             batches = train_loader.skip_first_batches(state.batch)
             bar = logs.progress_bar(accelerator, train_loader.length, state.batch, f"epoch {epoch}/{cfg.epochs}")
-            for batch in batches:
+            for batch in window.timed(batches):  # the time waited for each batch: data_wait
                 with accelerator.accumulate(model):  # no DDP all-reduce until the last micro-batch
                     loss, counts = recipe.loss(model, batch, cfg)
                     accelerator.backward(units.weigh(loss, counts))  # exact weights: see StepUnits

@@ -9,6 +9,9 @@ so the result is the exact figure over every sample seen, whatever the batch siz
 number of processes.
 """
 
+import os
+import resource
+import sys
 import time
 
 import torch
@@ -67,8 +70,10 @@ class Totals:
 class Window:
     """The train metrics of the steps since the last `read`: the loss and counts summed on the
     device (as in `Totals`), the mean gradient norm of the steps that measured one, the skipped
-    steps, and the throughput over the window's training time (`restart` the clock after
-    anything else, such as a validation or a save)."""
+    steps, the throughput over the window's training time (`restart` the clock after anything
+    else, such as a validation or a save), the fraction of it spent waiting for the loader
+    (`data_wait`, on the main process: its batches pass through `timed`), and the memory
+    (`memory`). All of it is read on the host: no device sync but the one of `read`."""
 
     def __init__(self, per, device, recipe_metrics=per_sample, flops_per_unit=0, peak_flops=0):
         self.per, self.recipe_metrics = per, recipe_metrics
@@ -88,8 +93,19 @@ class Window:
             self.norm += grad_norm.detach().float()
             self.measured += 1
 
+    def timed(self, batches):
+        """`batches`, with the time spent waiting for each added to the window's `waited`."""
+        batches = iter(batches)
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, _END)
+            self.waited += time.perf_counter() - start
+            if batch is _END:
+                return
+            yield batch
+
     def restart(self):
-        self.start = time.perf_counter()
+        self.start, self.waited = time.perf_counter(), 0.0
 
     def read(self, accelerator, lr):
         """The window's metrics over all ranks (a collective, and the host sync); a new window starts."""
@@ -99,7 +115,8 @@ class Window:
         metrics["skipped_steps"] = self.skipped
         if self.measured:
             metrics["grad_norm"] = self.norm.item() / self.measured
-        metrics.update(lr=lr, samples_per_s=sums.get("samples", 0) / seconds)
+        metrics.update(lr=lr, samples_per_s=sums.get("samples", 0) / seconds, data_wait=min(1.0, self.waited / seconds),
+                       **memory(accelerator.device))
         if self.per != "samples":
             metrics[f"{self.per}_per_s"] = sums.get(self.per, 0) / seconds
             if self.flops_per_unit and self.peak_flops:
@@ -108,6 +125,26 @@ class Window:
         self.measured = self.skipped = 0
         self.restart()
         return metrics
+
+
+_END = object()
+
+
+def memory(device):
+    """On a GPU, the peak memory that torch allocated and reserved since the last call (GB); on a
+    CPU, this process's resident memory now (GB). Host-side counters: no device sync."""
+    if device.type == "cuda":
+        peaks = {"peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 1e9,
+                 "peak_reserved_gb": torch.cuda.max_memory_reserved(device) / 1e9}
+        torch.cuda.reset_peak_memory_stats(device)
+        return peaks
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:  # Linux: pages, the second number resident
+            resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # elsewhere the peak, which is what getrusage knows (bytes on macOS, KiB on the others)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        resident = peak if sys.platform == "darwin" else peak * 1024
+    return {"rss_gb": resident / 1e9}
 
 
 def check_counts(counts, per="samples"):

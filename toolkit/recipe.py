@@ -93,7 +93,60 @@ def load(path):
     config = getattr(module, "config", {})
     if not isinstance(config, dict):
         raise UserError(f"recipe {path}: `config` must be a dict, got {type(config).__name__}")
+    hooks["loss"] = CheckedLoss(hooks["loss"], path)
     return Recipe(name=path.stem, path=path, config=config, module=module, **hooks)
+
+
+class CheckedLoss:
+    """The recipe's `loss`, whose first result is held to the contract: (a loss tensor of one
+    element, {"samples": n, other counts: numbers or one-element tensors}). A recipe that breaks it
+    ends in one line that names its loss and what it returned, not in a traceback from deep in the
+    toolkit (backward, an all-reduce). Later calls cost one attribute test."""
+
+    def __init__(self, function, path):
+        self.function, self.path, self.checked = function, path, False
+        functools.update_wrapper(self, function)
+
+    def __call__(self, model, batch, cfg):
+        result = self.function(model, batch, cfg)
+        if not self.checked:
+            problem = loss_problem(result)
+            if problem:
+                raise UserError(f"the recipe's loss() ({self.path}) {problem}")
+            self.checked = True
+        return result
+
+
+def loss_problem(result):
+    """What is wrong with a result of a recipe's loss(), as the end of a sentence, or None."""
+    import torch
+
+    example = "e.g. (F.cross_entropy(logits, y), {'samples': len(y), 'correct': (logits.argmax(1) == y).sum()})"
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        return f"must return (loss, counts), {example}; it returned {_describe(result)}"
+    loss, counts = result
+    if not torch.is_tensor(loss) or loss.numel() != 1:
+        return (f"must return a loss of one element, the batch's mean (the toolkit backpropagates it); it returned "
+                f"{_describe(loss)}")
+    if not isinstance(counts, dict) or "samples" not in counts:
+        return (f"must return counts with a 'samples' entry (the number of samples in the batch), {example}; "
+                f"it returned {_describe(counts)}")
+    for name, count in counts.items():
+        number = isinstance(count, (int, float)) or (torch.is_tensor(count) and count.numel() == 1
+                                                     and not count.dtype.is_complex)
+        if not number:
+            return (f"returned the count {name!r} as {_describe(count)}: a count is a number or a tensor of one "
+                    f"element, which the toolkit sums over batches and processes (a per-sample tensor: sum it)")
+    return None  # (the loss_per count is checked where it is used: metrics.check_counts)
+
+
+def _describe(value):
+    import torch
+
+    if torch.is_tensor(value):
+        return f"a tensor of shape {tuple(value.shape)} ({str(value.dtype).removeprefix('torch.')})"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
 def _takes(function, *args):

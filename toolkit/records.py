@@ -138,7 +138,8 @@ class Run:
     def log_train(self, metrics, step, epoch, bar):
         """Log a train window's metrics (on a terminal, the bar shows the main ones)."""
         self.metrics.log("train", metrics, step, epoch)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_per_s=f"{metrics['samples_per_s']:.0f}")
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_per_s=f"{metrics['samples_per_s']:.0f}",
+                        data_wait=f"{metrics['data_wait']:.0%}")
         log.info(f"epoch {epoch} step {step} train {format_metrics(metrics)}",
                  extra=FILE_ONLY if not bar.disable else None)
 

@@ -17,6 +17,7 @@ config = {
     "samples": 256,
     "fail_above": 0.0,      # a training step raises when optim.lr is above this (0: never), as a diverging run would
     "step_seconds": 0.0,    # each training step sleeps this long, so that a test can stop a run half way
+    "fetch_seconds": 0.0,   # each training batch takes this long to fetch, as from a slow disk
     "where": "",            # write torch's thread count and this process's CPU cores to <where>/<name>.json
     "epochs": 3,
     "batch_size": 32,
@@ -36,7 +37,8 @@ def datasets(cfg):
             {"threads": torch.get_num_threads(), "cores": sorted(os.sched_getaffinity(0))}))
     x = torch.randn(cfg.samples + 64, 1, generator=torch.Generator().manual_seed(0))
     y = 3 * x
-    return {"train": TensorDataset(x[64:], y[64:]), "val": TensorDataset(x[:64], y[:64])}
+    slow = (lambda batch: time.sleep(cfg.fetch_seconds) or batch) if cfg.fetch_seconds else None
+    return {"train": TensorDataset(x[64:], y[64:], transform=slow), "val": TensorDataset(x[:64], y[:64])}
 
 
 def model(cfg):
