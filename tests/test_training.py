@@ -224,9 +224,26 @@ def test_data_wait_is_the_share_of_a_window_spent_waiting_for_batches(tmp_path):
         ok(launch([line, f"{slow}=0.05", "epochs=1", "log_every=4", "val_every=0", f"output_dir={tmp_path / slow}"],
                   cwd=tmp_path))
         windows = records(only_run(tmp_path / slow), "train")
+        assert not (only_run(tmp_path / slow) / "profile").exists()  # profile.active=0: no profiler
         assert all(0 <= w["data_wait"] <= 1 and 0.01 < w["rss_gb"] < 1000 for w in windows)
         waits[slow] = min(w["data_wait"] for w in windows), max(w["data_wait"] for w in windows)
     assert waits["fetch_seconds"][0] > 0.5 > waits["step_seconds"][1]
+
+
+def test_the_profiler_records_its_window_of_steps_into_the_run_folder(tiny, tmp_path):
+    """profile.wait=2 profile.warmup=1 profile.active=2: steps 4 and 5 are traced into <run>/profile/ as
+    Chrome trace JSON (what TensorBoard's profiler and Perfetto open), with the model's operators,
+    and log.txt gets the ten most expensive ones."""
+    ok(launch([LENET, *tiny, "max_steps=8", "profile.wait=2", "profile.warmup=1", "profile.active=2"], cwd=tmp_path))
+    run = only_run(tmp_path / "runs")
+    (trace,) = (run / "profile").glob("rank0*.pt.trace.json")
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e.get("name", "") for e in events}
+    assert {"ProfilerStep#3", "ProfilerStep#4"} <= names and "ProfilerStep#2" not in names  # 0-based: steps 4, 5
+    assert {"aten::convolution", "aten::addmm"} <= names  # LeNet's convolutions and linear layers
+    log = (run / "log.txt").read_text()
+    table = log[log.index("the 10 most expensive operators:"):]
+    assert "Self CPU" in table and "aten::" in table
 
 
 # ---------------------------------------------------------------------------------------------

@@ -93,6 +93,12 @@ KEYS = {
                    resumable=True),
     "log_every": Key(50, "optimizer steps between reads of the train metrics (host syncs)", minimum=1,
                      resumable=True),
+    "profile": Group({
+        "wait": Key(5, "optimizer steps of the session before profiling starts"),
+        "warmup": Key(1, "steps the profiler runs but does not record (its own start-up)"),
+        "active": Key(0, "steps recorded by torch.profiler into <run>/profile/ (TensorBoard, Perfetto), its top "
+                         "operators into log.txt (0: off)"),
+    }, resumable=True),
     "checkpoint": Group({
         "every_epochs": Key(1, "save at the end of every N epochs (0: not on a schedule)", resumable=True),
         "every_steps": Key(0, "also save every N optimizer steps, mid-epoch too (0: off)", resumable=True),

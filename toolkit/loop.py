@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 
-from toolkit import UserError, checkpoint, logs, rundir, tracking
+from toolkit import UserError, checkpoint, logs, profiling, rundir, tracking
 from toolkit.build import build, sizes
 from toolkit.evaluation import Validator, evaluate, monitor_for
 from toolkit.loaders import make_loader, steps_per_epoch
@@ -84,7 +84,7 @@ def train(recipe, cfg, resume=None, autoresume=False, trial=None):
     run = Run(accelerator, recipe, cfg, run_dir, state, resume_from, monitor)
     # The stop request's signal handlers outlive the run's records: a launcher's SIGTERM that comes
     # while this process records that another one failed must not kill it before it says why.
-    with StopRequest(accelerator.num_processes) as stop, run:
+    with StopRequest(accelerator.num_processes) as stop, run, profiling.window(cfg, run_dir, accelerator) as profiler:
         run.log_start(splits, accelerator.unwrap_model(model), groups, initialized)
         saver = checkpoint.Saver(accelerator, run_dir, model, ema, cfg.checkpoint.keep, monitor, run, train_loader)
         validate = Validator(accelerator, recipe, cfg, eval_loaders.get("val"), {"val": model, "val_ema": ema}, run,
@@ -124,6 +124,8 @@ def train(recipe, cfg, resume=None, autoresume=False, trial=None):
 
                 state.step += 1
                 window.step(grad_norm, updated)
+                if profiler is not None:  # profile.active: a window of steps under torch.profiler
+                    profiler.step()
                 if ema is not None and updated:
                     ema.update_parameters(accelerator.unwrap_model(model))
                 end_of_epoch = batches.end_of_dataloader
