@@ -234,3 +234,22 @@ def test_ranks_whose_clocks_disagree_stop_at_one_step_for_one_reason(tmp_path):
     assert [p.exitcode for p in processes] == [0, 0]
     # Agreed one step after it was asked for (the all-reduce is read at the next step).
     assert results[0] == results[1] == ["None", "None", "max_minutes", "max_minutes"]
+
+
+def test_a_rank_that_hangs_ends_the_run_with_every_rank_s_stacks(tmp_path):
+    """Rank 1's loss blocks from its third step on, and rank 0 waits for it in the gradients'
+    all-reduce. With watchdog_minutes=0.15 (9 s), both write the stacks of their threads, the summary
+    says hung, after which step and which ranks reported, and the run ends with a non-zero status
+    instead of waiting for the process group's timeout (30 minutes on gloo)."""
+    line = REPO / "tests" / "recipes" / "line.py"
+    result = launch_two([line, "hang_rank=1", "watchdog_minutes=0.15", "epochs=1", f"output_dir={tmp_path / 'runs'}"],
+                        cwd=tmp_path, timeout=240)
+    assert result.returncode != 0
+    run = only_run(tmp_path / "runs")
+    final = summary(run)
+    assert final["status"] == "hung" and final["steps"] == 2
+    assert f"after step 2; the stacks of ranks 0, 1 are in {run}/hang-rank<r>.txt" in final["error"]
+    hung = (run / "hang-rank1.txt").read_text()
+    assert "line.py" in hung and "in loss" in hung  # where rank 1 blocks
+    assert "in _fire" in (run / "hang-rank0.txt").read_text()  # every thread of rank 0, the watchdog's too
+    assert "error: rank 1 hung: no progress for 0.15 minutes after step 2" in result.stderr

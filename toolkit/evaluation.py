@@ -17,7 +17,7 @@ from toolkit.summary import Stop
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, loader, recipe, cfg, split):
+def evaluate(accelerator, model, loader, recipe, cfg, split, beat=lambda: None):
     """Exact metrics of `model` over `loader`'s whole split, summed over all ranks.
 
     Ranks may hold different numbers of batches (the split is not padded). With DDP that is safe:
@@ -40,6 +40,7 @@ def evaluate(accelerator, model, loader, recipe, cfg, split):
         for batch in loader:
             loss, counts = recipe.loss(net, batch, cfg)
             totals.add(loss, counts)
+            beat()  # progress, for the watchdog
         if sharded:
             most = max(accelerator.gather(torch.tensor([len(loader)], device=accelerator.device)).tolist())
             if most > len(loader) and batch is None:
@@ -74,10 +75,10 @@ class Validator:
     logs their metrics, and, with a monitor, decides on rank 0 for every rank whether this is the
     best so far, and whether to stop: early_stop, or the `trial` hook (a search pruning this trial)."""
 
-    def __init__(self, accelerator, recipe, cfg, loader, models, run, trial=None):
+    def __init__(self, accelerator, recipe, cfg, loader, models, run, trial=None, beat=lambda: None):
         self.accelerator, self.recipe, self.cfg, self.loader, self.run = accelerator, recipe, cfg, loader, run
         self.models = {split: net for split, net in models.items() if net is not None}
-        self.trial = trial
+        self.trial, self.beat = trial, beat  # beat: each evaluation batch is progress (Watchdog)
 
     def sanity_check(self, val):
         """Evaluate the first `sanity_val_batches` batches of the val split `val` before the first
@@ -94,7 +95,7 @@ class Validator:
         with data.untouched_randomness(accelerator.device):
             loader = loaders.make_loader("val", first, cfg, self.recipe, accelerator, num_workers=0)
             batches = [send_to_device(batch, accelerator.device) for batch in loader]
-            reported = {split: evaluate(accelerator, net, batches, self.recipe, cfg, "val")
+            reported = {split: evaluate(accelerator, net, batches, self.recipe, cfg, "val", self.beat)
                         for split, net in self.models.items()}
         if self.run.monitor:
             monitored(reported, self.run.monitor)
@@ -105,7 +106,7 @@ class Validator:
             return False, None
         cfg, metrics, monitor = self.cfg, self.run.summary.metrics, self.run.monitor
         for split, net in self.models.items():
-            metrics[split] = evaluate(self.accelerator, net, self.loader, self.recipe, cfg, "val")
+            metrics[split] = evaluate(self.accelerator, net, self.loader, self.recipe, cfg, "val", self.beat)
             self.run.metrics.log(split, metrics[split], state.step, epoch)
             log.info(f"epoch {epoch}/{cfg.epochs} step {state.step} {split} {format_metrics(metrics[split])}")
         if not monitor:

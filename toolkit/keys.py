@@ -91,6 +91,8 @@ KEYS = {
     "channels_last": Key(False, "store conv weights NHWC: faster convolutions on GPUs, with bf16/fp16 above all"),
     "compile": Key(False, "torch.compile the model: faster GPU steps after a compile of seconds to minutes",
                    resumable=True),
+    "watchdog_minutes": Key(30.0, "a process without a step, evaluation batch or save for this long is hung: its "
+                                  "stacks go to <run>/hang-rank<r>.txt and the run ends (0: off)", resumable=True),
     "log_every": Key(50, "optimizer steps between reads of the train metrics (host syncs)", minimum=1,
                      resumable=True),
     "profile": Group({

@@ -31,6 +31,7 @@ from toolkit.processes import peak_flops_per_s, start_processes
 from toolkit.records import Run
 from toolkit.signals import StopRequest
 from toolkit.summary import Stop
+from toolkit.watchdog import Watchdog
 
 # Accelerate's optimizer step looks up whether the `lomo_optim` package is installed, twice per
 # step, through importlib (about 0.1 ms each: 7% of a LeNet step on a CPU). The answer cannot
@@ -84,11 +85,13 @@ def train(recipe, cfg, resume=None, autoresume=False, trial=None):
     run = Run(accelerator, recipe, cfg, run_dir, state, resume_from, monitor)
     # The stop request's signal handlers outlive the run's records: a launcher's SIGTERM that comes
     # while this process records that another one failed must not kill it before it says why.
-    with StopRequest(accelerator.num_processes) as stop, run, profiling.window(cfg, run_dir, accelerator) as profiler:
+    watchdog = Watchdog(cfg.watchdog_minutes, run, accelerator.process_index, accelerator.num_processes)
+    with StopRequest(accelerator.num_processes) as stop, run, watchdog, \
+            profiling.window(cfg, run_dir, accelerator) as profiler:
         run.log_start(splits, accelerator.unwrap_model(model), groups, initialized)
         saver = checkpoint.Saver(accelerator, run_dir, model, ema, cfg.checkpoint.keep, monitor, run, train_loader)
         validate = Validator(accelerator, recipe, cfg, eval_loaders.get("val"), {"val": model, "val_ema": ema}, run,
-                             trial)
+                             trial, watchdog.beat)
         validate.sanity_check(splits.get("val"))  # a bad monitor or loss fails here, in seconds
         window = train_window(accelerator, recipe, cfg, accelerator.unwrap_model(model))
         finite = FiniteCheck(cfg, accelerator, state)  # skip_nonfinite
@@ -118,6 +121,7 @@ def train(recipe, cfg, resume=None, autoresume=False, trial=None):
                 if not train_loader.padding:  # a stream's rank that ran out repeats its last batch, weighed 0
                     window.add(loss, counts)
                 state.batch += 1
+                watchdog.beat()  # progress: watchdog_minutes without it is a hang
                 bar.update()
                 if not accelerator.sync_gradients:
                     continue  # micro-batches of one optimizer step; everything below is per step
@@ -151,7 +155,7 @@ def train(recipe, cfg, resume=None, autoresume=False, trial=None):
         if run.ends(stopping):  # a normal end (not a signal, nan or pruning) goes on to test
             if "test" in eval_loaders:
                 tested = run.summary.metrics["test"] = evaluate(accelerator, model, eval_loaders["test"], recipe, cfg,
-                                                                "test")
+                                                                "test", watchdog.beat)
                 run.metrics.log("test", tested, state.step, state.epoch)
             if cfg.debug.fast_run:
                 checkpoint.load(accelerator, checkpoint.find(run_dir), ema)

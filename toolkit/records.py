@@ -12,7 +12,7 @@ import traceback
 import accelerate
 import torch
 
-from toolkit import PeerFailure, checkpoint, config, data, logs, processes, rundir, tracking
+from toolkit import PeerFailure, checkpoint, config, data, logs, processes, rundir, tracking, watchdog
 from toolkit.logs import FILE_ONLY, format_metrics, log
 from toolkit.notify import notify
 from toolkit.summary import Status, Stop, Summary
@@ -72,6 +72,13 @@ class Run:
         accelerator, summary = self.accelerator, self.summary
         summary.status = Status.INTERRUPTED if isinstance(error, KeyboardInterrupt) else Status.FAILED
         summary.error = f"{type(error).__name__}: {error}"
+        if accelerator.num_processes > 1 and processes.lost_a_peer(error) and watchdog.reported(self.dir):
+            # The process that broke this collective hung and exited (its watchdog): so is the run.
+            summary.status, summary.steps = Status.HUNG, self.state.step
+            summary.error = watchdog.hung(self.dir, self.state.step, self.cfg.watchdog_minutes)
+            print(f"error: rank {accelerator.process_index} stopped: another process hung ({summary.error})",
+                  file=sys.stderr, flush=True)
+            raise PeerFailure(summary.error) from error
         if accelerator.num_processes > 1 and processes.lost_a_peer(error):
             # The process that failed first wrote its error (below) before it exited, which is
             # what broke this collective.

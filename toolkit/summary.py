@@ -18,12 +18,13 @@ class Status(str, enum.Enum):
     PRUNED = "pruned"  # a search's pruner stopped it; it ended cleanly, untested
     INTERRUPTED = "interrupted"  # a signal stopped it after a save: `launch.py resume` continues it
     FAILED = "failed"  # an error, or too many non-finite steps
+    HUNG = "hung"  # no progress for watchdog_minutes: each process's stacks are in hang-rank<r>.txt
     UNKNOWN = "unknown"  # no summary.json (a run that never started)
 
     @property
     def ended(self):
         """Whether the run ended by itself (an interrupted one continues on resume)."""
-        return self in (Status.FINISHED, Status.PRUNED, Status.FAILED)
+        return self in (Status.FINISHED, Status.PRUNED, Status.FAILED, Status.HUNG)
 
     def __str__(self):
         return self.value

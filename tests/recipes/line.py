@@ -18,6 +18,7 @@ config = {
     "fail_above": 0.0,      # a training step raises when optim.lr is above this (0: never), as a diverging run would
     "step_seconds": 0.0,    # each training step sleeps this long, so that a test can stop a run half way
     "fetch_seconds": 0.0,   # each training batch takes this long to fetch, as from a slow disk
+    "hang_rank": -1,        # the training steps of this rank block, from its third on (a hang)
     "where": "",            # write torch's thread count and this process's CPU cores to <where>/<name>.json
     "epochs": 3,
     "batch_size": 32,
@@ -49,6 +50,9 @@ def model(cfg):
     return net
 
 
+TRAINED = [0]  # training steps of this process
+
+
 def loss(model, batch, cfg):
     import torch.nn.functional as F
 
@@ -57,4 +61,7 @@ def loss(model, batch, cfg):
         if cfg.fail_above and cfg.optim.lr > cfg.fail_above:
             raise ValueError(f"optim.lr={cfg.optim.lr} is above fail_above={cfg.fail_above}")
         time.sleep(cfg.step_seconds)
+        TRAINED[0] += 1
+        if TRAINED[0] > 2 and int(os.environ.get("RANK", "0")) == cfg.hang_rank:
+            time.sleep(3600)
     return F.mse_loss(model(x), y), {"samples": len(x)}
