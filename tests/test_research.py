@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from helpers import (LENET, PROBE, RESNET, copy_run, launch, launch_two, make_cifar10, make_mnist, ok, only_run,
-                     run_dirs, summary)
+                     records, run_dirs, summary)
 from toolkit import recipe
 
 
@@ -34,6 +34,29 @@ def test_wandb_offline_makes_one_run_and_resume_continues_it(tiny, tmp_path):
     ok(launch(["resume", run, "epochs=2"], cwd=tmp_path, env={"WANDB_SILENT": "true"}))
     assert {p.name.rsplit("-", 1)[1] for p in (run / "wandb").glob("offline-run-*")} == {run_id}
     assert len(list((run / "wandb").glob("offline-run-*"))) == 2
+
+
+def test_mlflow_makes_one_run_per_training_run_and_resume_continues_it(tiny, tmp_path):
+    """With MLflow's local file store: one MLflow run, named after the run folder, with the config as
+    its parameters; the resume logs into the same run, and every train and val metric is at the
+    step that metrics.jsonl gives it."""
+    import mlflow
+
+    store = f"file:{tmp_path / 'mlruns'}"
+    env = {"MLFLOW_ALLOW_FILE_STORE": "true"}
+    args = [LENET, *tiny, "epochs=1", "trackers=[mlflow]", f"mlflow.tracking_uri={store}", "mlflow.experiment=tests"]
+    ok(launch(args, cwd=tmp_path, env=env))
+    run = only_run(tmp_path / "runs")
+    ok(launch(["resume", run, "epochs=2"], cwd=tmp_path, env=env))
+
+    mlflow.set_tracking_uri(store)
+    client = mlflow.tracking.MlflowClient()
+    (found,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert found.info.run_name == run.name and found.data.params["optim.lr"] == "0.001"
+    for split in ("train", "val"):
+        steps = [r["step"] for r in records(run, split)]
+        assert [m.step for m in client.get_metric_history(found.info.run_id, f"{split}/loss")] == steps
+        assert max(steps) == 64  # both epochs: 32 steps each
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,6 +64,39 @@ def _check_wandb(cfg):
                     "set WANDB_API_KEY, or use wandb.mode=offline (or WANDB_MODE=offline) to log without an account")
 
 
+def _mlflow(cfg, run_dir, state):
+    """An MLflow run named after the run folder, in the experiment mlflow.experiment; a resume
+    continues it (its id, which MLflow gives when the run starts, is kept in the checkpoint). The
+    config goes in as the run's parameters once, when it starts: MLflow refuses to change one."""
+    from accelerate.tracking import MLflowTracker
+    from accelerate import PartialState
+
+    m = cfg.mlflow
+
+    class Run(MLflowTracker):
+        def start(self):
+            if not PartialState().is_main_process:
+                return
+            import mlflow
+
+            if m.tracking_uri:
+                mlflow.set_tracking_uri(m.tracking_uri)
+            super().start()
+            if "mlflow" not in state.tracker_ids:
+                self.store_init_configuration({k: str(v) if isinstance(v, list) else v for k, v in cfg.flat().items()})
+            state.tracker_ids["mlflow"] = self.active_run.info.run_id
+
+    return Run(experiment_name=m.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "minloop",
+               run_id=state.tracker_ids.get("mlflow"), run_name=run_dir.name)
+
+
+def _check_mlflow(cfg):
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        raise UserError("trackers has mlflow, which is not installed: pip install -e '.[mlflow]'") from None
+
+
 # Every tracker of `trackers=[...]`; toolkit/keys.py gives each block its place among the keys.
 TRACKERS = {
     "tensorboard": Tracker(_tensorboard),
@@ -75,6 +108,12 @@ TRACKERS = {
         "dir": Key("", 'wandb writes into <dir>/wandb ("": $WANDB_DIR, else the run folder)'),
         "group": Key("", 'e.g. a sweep\'s name ("": $WANDB_RUN_GROUP)'),
     }, meaning='"": what the WANDB_* variable says, else the default in brackets', check=_check_wandb, group="group"),
+    "mlflow": Tracker(_mlflow, {
+        "tracking_uri": Key("", 'a server (http://...), sqlite:///mlflow.db or file:<folder> ("": '
+                                "$MLFLOW_TRACKING_URI, else MLflow's default)"),
+        "experiment": Key("", 'the experiment ("": $MLFLOW_EXPERIMENT_NAME, else minloop; where set, the variable '
+                              'wins); runs are named after their folder'),
+    }, check=_check_mlflow),
 }
 
 
