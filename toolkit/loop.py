@@ -83,9 +83,9 @@ def train(recipe, cfg, resume=None, autoresume=False, trial=None):
 
     monitor = monitor_for(cfg, has_val="val" in eval_loaders, has_ema=ema is not None)
     run = Run(accelerator, recipe, cfg, run_dir, state, resume_from, monitor)
+    watchdog = Watchdog(cfg.watchdog_minutes, run, accelerator.process_index, accelerator.num_processes)
     # The stop request's signal handlers outlive the run's records: a launcher's SIGTERM that comes
     # while this process records that another one failed must not kill it before it says why.
-    watchdog = Watchdog(cfg.watchdog_minutes, run, accelerator.process_index, accelerator.num_processes)
     with StopRequest(accelerator.num_processes) as stop, run, watchdog, \
             profiling.window(cfg, run_dir, accelerator) as profiler:
         run.log_start(splits, accelerator.unwrap_model(model), groups, initialized)

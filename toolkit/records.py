@@ -72,26 +72,28 @@ class Run:
         accelerator, summary = self.accelerator, self.summary
         summary.status = Status.INTERRUPTED if isinstance(error, KeyboardInterrupt) else Status.FAILED
         summary.error = f"{type(error).__name__}: {error}"
-        if accelerator.num_processes > 1 and processes.lost_a_peer(error) and watchdog.reported(self.dir):
-            # The process that broke this collective hung and exited (its watchdog): so is the run.
-            summary.status, summary.steps = Status.HUNG, self.state.step
-            summary.error = watchdog.hung(self.dir, self.state.step, self.cfg.watchdog_minutes)
-            print(f"error: rank {accelerator.process_index} stopped: another process hung ({summary.error})",
-                  file=sys.stderr, flush=True)
-            raise PeerFailure(summary.error) from error
         if accelerator.num_processes > 1 and processes.lost_a_peer(error):
-            # The process that failed first wrote its error (below) before it exited, which is
-            # what broke this collective.
-            causes = [p.read_text().strip().splitlines()[-1] for p in sorted(self.dir.glob("error-rank*.txt"))]
-            summary.error = f"another process failed: {'; '.join(causes) or 'see its error'}"
-            failure = PeerFailure(f"rank {accelerator.process_index} stopped: another process failed "
-                                  f"({'; '.join(causes) or 'see its error above'})")
+            failure = self._peer_failure()
             print(f"error: {failure}", file=sys.stderr, flush=True)  # now, while a SIGTERM cannot end it
             raise failure from error
         if accelerator.num_processes > 1 and not isinstance(error, KeyboardInterrupt):
             (self.dir / f"error-rank{accelerator.process_index}.txt").write_text(
                 "".join(traceback.format_exception(error)).rstrip() + f"\nrank {accelerator.process_index}: "
                 f"{processes.first_line(error)}\n", encoding="utf-8")
+
+    def _peer_failure(self):
+        """The summary and the PeerFailure of a process whose collective broke because another one
+        ended: it failed, and wrote its error before it exited (below), or it hung, and its watchdog
+        wrote its stacks."""
+        summary, rank = self.summary, self.accelerator.process_index
+        if watchdog.reported(self.dir):
+            summary.status, summary.steps = Status.HUNG, self.state.step
+            summary.error = watchdog.hung(self.dir, self.state.step, self.cfg.watchdog_minutes)
+            return PeerFailure(f"rank {rank} stopped: another process hung ({summary.error})")
+        causes = [p.read_text().strip().splitlines()[-1] for p in sorted(self.dir.glob("error-rank*.txt"))]
+        summary.error = f"another process failed: {'; '.join(causes) or 'see its error'}"
+        return PeerFailure(f"rank {rank} stopped: another process failed "
+                           f"({'; '.join(causes) or 'see its error above'})")
 
     def log_start(self, splits, model, groups, initialized):
         """The opening lines of log.txt: what runs, where, on what (the console shows the short ones)."""
