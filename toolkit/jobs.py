@@ -1,13 +1,13 @@
 """What a sweep and a search share: their runs are `launch.py` processes of one recipe, in one
-folder, <output_dir>/<recipe>/<kind>-<time>/, started with the same config files and fixed values,
-and grouped in the trackers under the folder's name."""
+folder, <output_dir>/<recipe>/<kind>-<time>/, started with the same config files and fixed values
+(and grouped in the trackers under the folder's name: `tracking.group_overrides`)."""
 
 import shlex
 import sys
 import time
 from pathlib import Path
 
-from toolkit import config, rundir, tracking
+from toolkit import config, rundir
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch.py"
 
@@ -63,12 +63,6 @@ def copy_configs(folder, files):
         rundir.write_text(folder / f"config-{i}.yaml", config.yaml_dump(layer))
         names.append(f"config-{i}.yaml")
     return names
-
-
-def grouping(base, folder):
-    """The overrides that group the runs in `folder` in the trackers (wandb.group=<folder's name>),
-    where the config does not set a group itself."""
-    return tracking.group_overrides(base, Path(folder).name)
 
 
 def command(launcher, recipe_path, files, overrides, output_dir, name, autoresume=False):

@@ -87,8 +87,7 @@ class Run:
         wrote its stacks."""
         summary, rank = self.summary, self.accelerator.process_index
         if watchdog.reported(self.dir):
-            summary.status, summary.steps = Status.HUNG, self.state.step
-            summary.error = watchdog.hung(self.dir, self.state.step, self.cfg.watchdog_minutes)
+            watchdog.record(summary, self.dir, self.state.step, self.cfg.watchdog_minutes)
             return PeerFailure(f"rank {rank} stopped: another process hung ({summary.error})")
         causes = [p.read_text().strip().splitlines()[-1] for p in sorted(self.dir.glob("error-rank*.txt"))]
         summary.error = f"another process failed: {'; '.join(causes) or 'see its error'}"

@@ -38,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-from toolkit import UserError, config, jobs, parallel, rundir, space, sweep
+from toolkit import UserError, config, jobs, parallel, rundir, space, sweep, tracking
 from toolkit.trial import ENV_FOLDER, ENV_TRIAL, NAME, load_study, storage
 from toolkit.summary import Status, Summary, alive
 
@@ -80,7 +80,7 @@ def start(recipe, files, overrides, trials, parallel_runs, launcher, pruner, sta
                 "trials": trials, "monitor": base.checkpoint.monitor,
                 "direction": "maximize" if base.checkpoint.mode == "max" else "minimize",
                 "pruner": pruner, "startup_trials": startup_trials, "sampler": sampler, "seed": seed,
-                "launcher": launcher, "cwd": os.getcwd(), "grouping": jobs.grouping(base, folder)}
+                "launcher": launcher, "cwd": os.getcwd(), "grouping": tracking.group_overrides(base, folder.name)}
     rundir.write_json(folder / "settings.json", settings)
     optuna.create_study(storage=storage(folder), study_name=NAME, direction=settings["direction"])
     print(f"search of {trials} trials in {folder}: {', '.join(f'{k}={v}' for k, v in searched.items())}; "
@@ -294,7 +294,7 @@ class Driver:
         for key in ("output_dir", "name"):  # the trial's place, not its hyperparameters
             values.pop(key)
         for override in self.settings["grouping"]:  # the search's own, not the trial's hyperparameter
-            key, value = override.split("=", 1)
+            key, value = config.parse_override(override)
             tracker, name = key.split(".")
             if values.get(tracker, {}).get(name) == value:
                 values[tracker][name] = ""

@@ -95,8 +95,10 @@ class Summary:
     def from_json(cls, values):
         names = {f.name for f in dataclasses.fields(cls)} - {"metrics"}
         known = {k: v for k, v in values.items() if k in names}
-        status = values.get("status", "unknown")
-        known["status"] = Status(status) if status in Status._value2member_map_ else Status.UNKNOWN
+        try:
+            known["status"] = Status(values.get("status", "unknown"))
+        except ValueError:  # a status this version does not know
+            known["status"] = Status.UNKNOWN
         return cls(**known, metrics={split: values[split] for split in SPLITS if split in values})
 
     @classmethod

@@ -17,7 +17,7 @@ each run's console output goes to <sweep>/console/<run>.txt.
 import itertools
 import re
 
-from toolkit import UserError, config, jobs, logs, parallel, rundir
+from toolkit import UserError, config, jobs, logs, parallel, rundir, tracking
 from toolkit.summary import Status, Summary
 
 
@@ -56,7 +56,7 @@ def sweep(recipe, files, overrides, launcher="", parallel_runs=1):
 
     folder = jobs.claim_folder(base, recipe, "sweep")
     files_used = [folder / name for name in jobs.copy_configs(folder, plain_files)]  # without the sweep block
-    group = jobs.grouping(base, folder)  # the sweep's runs together
+    group = tracking.group_overrides(base, folder.name)  # the sweep's runs together
     print(f"sweep of {len(points)} runs in {folder}: {', '.join(f'{k} in {v}' for k, v in grid.items())}")
 
     if parallel_runs > 1:

@@ -63,10 +63,9 @@ class Watchdog:
         while len(reported(folder)) < self.world and time.monotonic() < deadline:
             time.sleep(0.1)  # the other processes' watchdogs fire about now: wait for their stacks
         if self.rank == 0:
-            summary = self.run.summary
-            summary.status, summary.steps, summary.error = Status.HUNG, step, hung(folder, step, minutes)
-            summary.write(folder)
-            log.error(f"hung: {summary.error}")
+            record(self.run.summary, folder, step, minutes)
+            self.run.summary.write(folder)
+            log.error(f"hung: {self.run.summary.error}")
         print(f"error: rank {self.rank} hung: no progress for {minutes:g} minutes after step {step}; its stacks: "
               f"{folder / f'hang-rank{self.rank}.txt'}", file=sys.stderr, flush=True)
         os._exit(1)  # the stuck main thread cannot unwind: end the process, and the launcher the others
@@ -77,7 +76,8 @@ def reported(run_dir):
     return sorted(int(p.stem.removeprefix("hang-rank")) for p in run_dir.glob("hang-rank*.txt"))
 
 
-def hung(run_dir, step, minutes):
-    """The summary's error for a run that hung."""
-    return (f"no progress for {minutes:g} minutes after step {step}; the stacks of ranks "
-            f"{', '.join(map(str, reported(run_dir)))} are in {run_dir}/hang-rank<r>.txt")
+def record(summary, run_dir, step, minutes):
+    """Say in `summary` that the run in `run_dir` hung after `step`, and which ranks wrote their stacks."""
+    summary.status, summary.steps = Status.HUNG, step
+    summary.error = (f"no progress for {minutes:g} minutes after step {step}; the stacks of ranks "
+                     f"{', '.join(map(str, reported(run_dir)))} are in {run_dir}/hang-rank<r>.txt")
