@@ -83,6 +83,13 @@ def test_tensor_dataset_serves_the_same_batches_as_the_standard_path(num_process
             assert torch.equal(fx, sx) and torch.equal(fy, sy)
 
 
+def test_tensor_dataset_gives_one_sample_by_index_as_torch_does():
+    x, y = torch.randn(5, 3), torch.arange(5)
+    for i in range(5):
+        sample, expected = TensorDataset(x, y)[i], torch.utils.data.TensorDataset(x, y)[i]
+        assert torch.equal(sample[0], expected[0]) and torch.equal(sample[1], expected[1])
+
+
 def test_tensor_dataset_transform_runs_per_batch():
     seen = []
     dataset = TensorDataset(torch.arange(10), transform=lambda batch: seen.append(len(batch[0])) or batch)

@@ -52,7 +52,7 @@ class TensorDataset(torch.utils.data.Dataset):
             return self.transform(batch)
 
     def __getitem__(self, i):
-        return tuple(t[i] for t in self.__getitems__([i]))
+        return tuple(t[0] for t in self.__getitems__([i]))
 
     @staticmethod
     def collate_fn(batch):
