@@ -82,12 +82,13 @@ class MapLoader:
         return iter(self.loader)
 
 
-def make_loader(split, dataset, cfg, recipe, processes, num_workers=None):
+def make_loader(split, dataset, cfg, recipe, processes, num_workers=None, limit=None):
     """A `Loader` for one split; the training one shuffles. A dataset that serves whole batches
     (`toolkit.data.TensorDataset`, also inside a Subset) brings its own `collate_fn`; a recipe's
     `collate` wins. Other map-style datasets draw their samples' randomness from (seed, epoch,
     index); a stream (IterableDataset) gets a `StreamLoader`. `processes`: a PartialState or an
-    Accelerator; `num_workers`: instead of cfg.num_workers."""
+    Accelerator; `num_workers`: instead of cfg.num_workers; `limit`: a stream's pass ends after this
+    many samples, instead of limit_batches' (a map-style split is cut by `build.limit_splits`)."""
     training = split == "train"
     num_workers = cfg.num_workers if num_workers is None else num_workers
     batch_size = cfg.batch_size if training else cfg.eval_batch_size
@@ -96,7 +97,8 @@ def make_loader(split, dataset, cfg, recipe, processes, num_workers=None):
         base = base.dataset
     collate = recipe.collate_for(cfg) or getattr(base, "collate_fn", None)
     if data.is_stream(dataset):
-        limit = cfg.limit_batches[split] * batch_size * processes.num_processes
+        if limit is None:
+            limit = cfg.limit_batches[split] * batch_size * processes.num_processes
         return streams.StreamLoader(dataset, batch_size, num_workers, collate, processes, cfg.seed,
                                     agree=training, limit=limit)
     samples = None
