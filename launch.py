@@ -6,6 +6,7 @@
     python launch.py export runs/lenet/<run> OUT [--checkpoint ...] [--ema]          weights for other code
     python launch.py sweep recipes/lenet.py optim.lr=1e-3,3e-3 [...]               a grid of runs
     python launch.py search recipes/lenet.py "optim.lr=loguniform(1e-4,1e-1)" [...]  a search (Optuna)
+    python launch.py check recipes/lenet.py [key=value ...]                          prove a recipe, in minutes
     python launch.py runs [runs/lenet]                                              list runs
     python launch.py plot runs/lenet/<run> [...]                                    draw their curves
     accelerate launch [launcher options] launch.py ...                              distributed
@@ -155,6 +156,19 @@ def search(args):
                           args.sampler, args.sampler_seed)
 
 
+def check(args):
+    from toolkit import doctor, recipe as recipes
+
+    if args.counts_to:  # one of the 2 processes that check starts to count samples
+        doctor.counts_main(recipes.load(args.recipe), args.config, args.overrides, args.counts_to)
+        return 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("run check as one process (python launch.py check ...): it starts the 2 it needs itself")
+    rows = doctor.check(args.recipe, args.config, args.overrides, args.processes)
+    print(doctor.ending(rows))
+    return 1 if any(row.ok is False for row in rows) else 0
+
+
 def runs(args):
     from toolkit import report
 
@@ -194,6 +208,11 @@ HELP = {  # command -> (description, example)
                "another machine that shares the folder.",
                "python launch.py search recipes/lenet.py 'optim.lr=loguniform(1e-4,1e-1)' 'batch_size=int(32,256)' "
                "epochs=3 --trials 30 --parallel 2"),
+    "check": ("Prove a recipe and its config before the long job, in minutes: its contract, datasets() giving the "
+              "same data twice, each sample counted once (with 0 and 2 workers, and 2 processes), metrics that do not "
+              "depend on eval_batch_size, a loss that falls on a few batches, a resume bit for bit, and how much of a "
+              "step waits for data. One row per property, PASS or FAIL with the fix; the exit status is 1 on a FAIL.",
+              "python launch.py check recipes/lenet.py data.root=/usr/share/datasets/fashion-mnist"),
     "runs": ("List the run folders under FOLDER with their status, epochs, best metric and time.",
              "python launch.py runs runs/lenet"),
     "plot": ("Draw the loss and metric curves of runs into a PNG, or a search folder's history (needs matplotlib: "
@@ -213,7 +232,7 @@ def parser(command):
     p = Parser(prog="launch.py" if command == "train" else f"launch.py {command}",
                                 description=description, epilog=f"example: {example}",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    if command in ("train", "sweep"):
+    if command in ("train", "sweep", "check"):
         p.add_argument("recipe", help="path to a recipe file, e.g. recipes/lenet.py")
     elif command == "search":
         p.add_argument("recipe", nargs="?", help="path to a recipe file, e.g. recipes/lenet.py")
@@ -227,7 +246,7 @@ def parser(command):
         p.add_argument("runs", nargs="+", help="run folders, or one search folder")
         p.add_argument("--out", help="the PNG to write (default: <run>/curves.png, or curves.png for several; "
                        "<search>/history.png)")
-    if command in ("train", "resume", "test", "sweep", "search"):
+    if command in ("train", "resume", "test", "sweep", "search", "check"):
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides with dotted keys, e.g. optim.lr=3e-3 trackers=[]")
         p.add_argument("--config", action="append", default=[], metavar="FILE",
@@ -262,12 +281,16 @@ def parser(command):
         p.add_argument("--sampler_seed", type=int, default=0, metavar="S", help="the sampler's seed (default 0)")
         p.add_argument("--resume", metavar="FOLDER",
                        help="continue the search in FOLDER until it has its trials (also from another machine)")
+    if command == "check":
+        p.add_argument("--processes", type=int, default=2, choices=[1, 2],
+                       help="2: also count the samples with 2 processes (torchrun, on CPUs without 2 GPUs); 1: not")
+        p.add_argument("--counts-to", help=argparse.SUPPRESS)
     p.add_argument("--debug", action="store_true", help="show tracebacks for configuration errors")
     return p
 
 
 COMMANDS = {"train": train, "resume": resume, "test": test, "export": export, "sweep": sweep, "search": search,
-            "runs": runs, "plot": plot}
+            "check": check, "runs": runs, "plot": plot}
 
 
 def main(argv=None):

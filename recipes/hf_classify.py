@@ -4,7 +4,7 @@ Accelerate's `nlp_example.py` (BERT on GLUE MRPC), with `pip install -e '.[hf]'`
     python launch.py recipes/hf_classify.py                                  # bert-base-cased on GLUE MRPC
     python launch.py recipes/hf_classify.py model.name=roberta-base data.config=sst2
     python launch.py recipes/hf_classify.py data.name=csv data.files=reviews/{split}.csv data.text=[review]
-    python launch.py recipes/hf_classify.py model.name=tiny data.name=stdlib   # offline, on a CPU, in a minute
+    python launch.py recipes/hf_classify.py model.name=tiny data.name=stdlib optim.lr=1e-3  # offline, on a CPU
 
 `model.name` is anything `AutoModelForSequenceClassification.from_pretrained` takes (a hub id or a
 folder, such as one that `launch.py export` wrote); `tiny` builds a BERT of `model.layers` x
