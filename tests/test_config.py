@@ -91,7 +91,7 @@ def test_integers_are_accepted_for_float_keys():
 
 def test_choices_and_minimums():
     assert problems("precision=fp8") == ["precision: 'fp8' is not one of no, bf16, fp16"]
-    assert problems("trackers=[tensorboard, nope]") == ["trackers: 'nope' is not one of tensorboard, wandb, mlflow"]
+    assert problems("trackers=[tensorboard, nope]") == ["trackers: 'nope' is not one of tensorboard, wandb, mlflow, aim, comet_ml, clearml, dvclive, swanlab, trackio"]
     assert problems("batch_size=0") == ["batch_size: 0 is below the minimum, 1"]
 
 
