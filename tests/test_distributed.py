@@ -1,6 +1,7 @@
 """Several processes through the real launcher (CPU, gloo): exact metrics and per-rank data."""
 
 import json
+import os
 import sys
 import time
 
@@ -234,6 +235,39 @@ def test_ranks_whose_clocks_disagree_stop_at_one_step_for_one_reason(tmp_path):
     assert [p.exitcode for p in processes] == [0, 0]
     # Agreed one step after it was asked for (the all-reduce is read at the next step).
     assert results[0] == results[1] == ["None", "None", "max_minutes", "max_minutes"]
+
+
+def _threads_after_the_group(rank, port, results):
+    """One of two gloo processes: it starts the process group as a run does, imports torch._dynamo
+    after it, as accelerator.prepare does, ends a collective and the group; its threads then."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), ACCELERATE_USE_CPU="1")
+    from toolkit import config
+    from toolkit.processes import start_processes
+
+    assert "torch._dynamo" not in sys.modules
+    before = len(os.listdir("/proc/self/task"))
+    processes, _ = start_processes(config.resolve({}))
+    import torch._dynamo  # noqa: F401
+
+    processes.wait_for_everyone()
+    processes.destroy_process_group()
+    results[rank] = (before, len(os.listdir("/proc/self/task")))
+
+
+def test_the_process_group_ends_with_its_threads(tmp_path):
+    """torch._dynamo, imported after the group starts, must not keep it alive past
+    destroy_process_group: gloo's threads, still finishing the last collective as the interpreter
+    exits, would abort the process ("terminate called without an active exception"), now and then."""
+    context = torch.multiprocessing.get_context("spawn")
+    results, port = context.Manager().dict(), free_port()
+    processes = [context.Process(target=_threads_after_the_group, args=(rank, port, results)) for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    assert [p.exitcode for p in processes] == [0, 0]
+    assert [after for before, after in results.values()] == [before for before, after in results.values()]
 
 
 def test_a_rank_that_hangs_ends_the_run_with_every_rank_s_stacks(tmp_path):

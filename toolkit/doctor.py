@@ -546,3 +546,4 @@ def counts_main(recipe, files, overrides, out):
     if processes.is_main_process:
         Path(out).write_text(json.dumps(counted))
     processes.wait_for_everyone()
+    processes.destroy_process_group()  # now: gloo's threads, ended at the interpreter's exit, may abort it

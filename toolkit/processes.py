@@ -24,6 +24,12 @@ def start_processes(cfg):
                         "--cpu or a MULTI_CPU config it expects mpirun); for N processes on CPUs run "
                         "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N launch.py ..., "
                         "or torchrun --nproc_per_node N launch.py ...")
+    # Imported before the group starts: its functions take `group=group.WORLD` as a default, read at
+    # import (torch._dynamo imports it, e.g. from accelerator.prepare). Imported after, they would
+    # keep the group alive past destroy_process_group, and gloo's threads, still finishing the last
+    # collective as the interpreter exits, abort the process ("terminate called without an active
+    # exception").
+    from torch.distributed.nn import functional  # noqa: F401
     processes = PartialState(cpu=cpu)
     logs.quiet_libraries(processes.is_main_process)
     precision = cfg.precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
