@@ -36,7 +36,7 @@ def test_a_stream_that_splits_itself_by_rank_fails_the_count_with_two_processes(
     result = launch(["check", BROKEN, "stream=true", "breaks=samples"], cwd=tmp_path)
     found = verdicts(result)
     assert [name for name, verdict in found.items() if verdict == "FAIL"] == ["samples"], result.stdout
-    assert "with 2 processes: it reads other samples" in result.stdout
+    assert "with 2 processes: it reads other samples" in result.stdout, result.stdout
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +66,16 @@ def test_the_shipped_recipes_pass(name, mnist_root, cifar_root, tmp_path):
     if name == "lenet":  # with the recipe's DataLoader workers, and the count with 2 processes
         assert "(num_workers=2): all 10 weight tensors equal, bit for bit" in result.stdout
         assert "with 0 and 2 workers, and 2 processes" in result.stdout
+
+
+def test_a_failed_count_with_two_processes_names_their_error_not_the_launcher_s():
+    from toolkit.doctor import first_error
+
+    console = ("Traceback (most recent call last):\n  File \"task.py\", line 9, in datasets\n"
+               "FileNotFoundError: [Errno 2] No such file or directory: 'data/train.txt'\n"
+               "Traceback (most recent call last):\n  File \"run.py\", line 1142, in <module>\n"
+               "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
+               "=======================================================\n")
+    assert first_error(console) == "FileNotFoundError: [Errno 2] No such file or directory: 'data/train.txt'"
+    assert first_error("error: data.root: no such folder\n" + console) == "error: data.root: no such folder"
+    assert first_error("Signal 6 (SIGABRT) received by PID 11547\n=====\n") == ""

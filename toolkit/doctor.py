@@ -25,6 +25,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -67,11 +68,12 @@ class Row:
 
 
 class Failed(Exception):
-    """A property does not hold: what was measured, and the fix."""
+    """A property does not hold: what was measured, the fix, and the console of the work that
+    failed (another process's), shown after the rows."""
 
-    def __init__(self, found, fix=""):
+    def __init__(self, found, fix="", console=""):
         super().__init__(found)
-        self.found, self.fix = found, fix
+        self.found, self.fix, self.console = found, fix, console
 
 
 class Check:
@@ -406,7 +408,7 @@ def run_one(name, measure, doctor):
         with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
             row = Row(name, True, measure(doctor))
     except Failed as e:
-        row = Row(name, False, e.found, e.fix)
+        row = Row(name, False, e.found, e.fix, console=e.console)
     except UserError as e:
         row = Row(name, False, str(e).splitlines()[0])
     except Exception as e:  # noqa: BLE001 - the recipe's own error: a FAIL, with its traceback
@@ -523,10 +525,20 @@ def in_two_processes(check):
             *[f"--config={file}" for file in check.files], *check.overrides, f"--counts-to={out}"]
     done = subprocess.run(args, env=env, capture_output=True, text=True)
     if done.returncode != 0 or not out.is_file():
-        lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")] or done.stderr.splitlines()
-        raise Failed(f"the evaluation in 2 processes failed: {lines[-1] if lines else done.returncode}"
-                     if lines else f"the evaluation in 2 processes failed (exit status {done.returncode})")
+        raise Failed(f"the evaluation in 2 processes failed: {first_error(done.stderr) or done.returncode}",
+                     "the end of their console follows; --processes 1 leaves the count with 2 processes out",
+                     console=done.stderr)
     return json.loads(out.read_text())
+
+
+def first_error(console):
+    """The line of a launcher's console that says what failed: the toolkit's `error:` line, else the
+    last exception line of a process's traceback (not the launcher's own ChildFailedError)."""
+    lines = console.splitlines()
+    said = [line for line in lines if line.startswith("error: ")]
+    raised = [line for line in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b", line)
+              and "ChildFailedError" not in line]
+    return said[0] if said else raised[-1] if raised else ""
 
 
 def counts_main(recipe, files, overrides, out):
