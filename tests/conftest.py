@@ -1,4 +1,4 @@
-"""Fixtures: tiny data, and trained runs that several tests share.
+"""Fixtures: tiny data, the README's own recipes, and trained runs that several tests share.
 
 A shared run is trained once per session, through the real command line. Tests only read it, or
 work on a copy of it (`helpers.copy_run`) in their own tmp_path. When pytest-xdist runs the tests
@@ -6,8 +6,11 @@ in several processes, the first one to need a shared folder makes it and the oth
 
 import json
 import os
+import re
 import shutil
 import subprocess
+import sysconfig
+from pathlib import Path
 
 # One torch thread in this process (read when torch is imported, just below) and in every one it
 # starts: the tests run as one process per core (pytest-xdist), and two threads on a busy core
@@ -15,9 +18,11 @@ import subprocess
 os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from filelock import FileLock  # noqa: E402
+from PIL import Image  # noqa: E402
 
-from helpers import LENET, PROBE, launch, launch_two, make_mnist, ok, only_run  # noqa: E402
+from helpers import LENET, PROBE, REPO, launch, launch_two, make_mnist, ok, only_run  # noqa: E402
 
 
 def shared_folder(tmp_path_factory, name, make):
@@ -104,3 +109,36 @@ def probe_run(tmp_path_factory):
                                                     "checkpoint.monitor=", "probe=probe"], processes=2)
     shared.probe = shared.tmp / "probe"  # relative to the run's working directory
     return shared
+
+
+@pytest.fixture(scope="module")
+def recipes(tmp_path_factory):
+    """The README's recipes as files, and tiny data for each: features.pt, images/, shards/, lines.txt."""
+    root = tmp_path_factory.mktemp("own_data")
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Your own data"):]
+    for name, code in re.findall(r"```python\n# (my_\w+\.py)\n(.*?)```", section, re.S):
+        (root / name).write_text(code)
+    g = torch.Generator().manual_seed(0)
+
+    def features(n):
+        x = torch.randn(n, 16, generator=g)
+        return {"x": x, "y": (x[:, :4].sum(1) > 0).long()}
+
+    torch.save(features(1500), root / "features.pt")
+    (root / "shards").mkdir()
+    for i in range(7):
+        torch.save(features(100 + 37 * i), root / "shards" / f"{i:03d}.pt")
+    for split, per_class in (("train", 20), ("val", 6)):
+        for c in range(3):
+            folder = root / "images" / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for k in range(per_class):
+                image = (torch.rand(3, 32, 32, generator=g) * 80).byte()
+                image[c] += 150  # the class is the bright channel
+                Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{k}.png")
+    # Real text, 100 validation lines and 320 training lines: 5 whole steps of 64 per epoch.
+    source = Path(sysconfig.get_paths()["stdlib"]) / "argparse.py"
+    lines = [line for line in source.read_text(encoding="utf-8").splitlines(keepends=True) if len(line) > 1]
+    (root / "lines.txt").write_text("".join(lines[:420]), encoding="utf-8")
+    return root

@@ -4,13 +4,9 @@ own (section "Your own data"), run as written there."""
 
 import collections
 import json
-import re
-import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from helpers import REPO, assert_same_weights, launch, launch_two, ok, only_run, read_jsonl, summary, weights
 from toolkit import checkpoint
@@ -21,39 +17,6 @@ STREAM = REPO / "tests" / "recipes" / "stream.py"
 
 def run(args, cwd, processes=1):
     return ok(launch_two(args, cwd) if processes == 2 else launch(args, cwd))
-
-
-@pytest.fixture(scope="module")
-def recipes(tmp_path_factory):
-    """The README's recipes as files, and tiny data for each: features.pt, images/, shards/, lines.txt."""
-    root = tmp_path_factory.mktemp("own_data")
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Your own data"):]
-    for name, code in re.findall(r"```python\n# (my_\w+\.py)\n(.*?)```", section, re.S):
-        (root / name).write_text(code)
-    g = torch.Generator().manual_seed(0)
-
-    def features(n):
-        x = torch.randn(n, 16, generator=g)
-        return {"x": x, "y": (x[:, :4].sum(1) > 0).long()}
-
-    torch.save(features(1500), root / "features.pt")
-    (root / "shards").mkdir()
-    for i in range(7):
-        torch.save(features(100 + 37 * i), root / "shards" / f"{i:03d}.pt")
-    for split, per_class in (("train", 20), ("val", 6)):
-        for c in range(3):
-            folder = root / "images" / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for k in range(per_class):
-                image = (torch.rand(3, 32, 32, generator=g) * 80).byte()
-                image[c] += 150  # the class is the bright channel
-                Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{k}.png")
-    # Real text, 100 validation lines and 320 training lines: 5 whole steps of 64 per epoch.
-    source = Path(sysconfig.get_paths()["stdlib"]) / "argparse.py"
-    lines = [line for line in source.read_text(encoding="utf-8").splitlines(keepends=True) if len(line) > 1]
-    (root / "lines.txt").write_text("".join(lines[:420]), encoding="utf-8")
-    return root
 
 
 @pytest.mark.parametrize("name, args, val_samples", [

@@ -1,7 +1,7 @@
 """`launch.py check`: the toolkit's promises measured on a recipe and its config, in minutes, before
 the long job. Each property is one function that does real work on the recipe's own data, model
-and loss (an evaluation, a few dozen training steps, a resume) and returns a `Row`: PASS or FAIL,
-what it measured, and for a FAIL the fix.
+and loss (an evaluation, a few dozen training steps, a resume) and returns a `Row`: PASS or FAIL
+(SKIP where the recipe gives it nothing to measure), what it measured, and for a FAIL the fix.
 
     contract     the hooks, loss()'s (loss, counts) with samples and loss_per's count, a loss with
                  a gradient, checkpoint.monitor among validation's metrics
@@ -9,7 +9,7 @@ what it measured, and for a FAIL the fix.
     samples      an evaluation counts each sample once: the split's length (a stream: the same
                  count with 0 and 2 DataLoader workers), also with 2 processes
     summable     eval_batch_size B and B/3 give the same metrics: the counts are sums
-    learns       a few batches, repeated: the loss falls clearly
+    learns       a few dozen steps on a few batches: their loss falls clearly
     resume       N steps unbroken against k steps, a stop, a resume and the rest: the same
                  weights, bit for bit, with the recipe's num_workers
     input        how much of a step waits for data
@@ -45,7 +45,7 @@ from toolkit.summary import Status
 
 LEARN_STEPS = 30  # optimizer steps on the same few batches
 LEARN_BATCHES = 2
-LEARN_FALL = 0.2  # the loss must fall by this fraction of its first value
+LEARN_FALL = 0.05  # their loss must fall by this fraction
 RESUME_BATCHES = 4  # train batches per epoch of the resume check's two epochs
 INPUT_BOUND = 0.5  # a step that waits for data more than this fraction of its time
 WORKERS = 2  # the other number of DataLoader workers that the sample count is taken with
@@ -74,6 +74,10 @@ class Failed(Exception):
     def __init__(self, found, fix="", console=""):
         super().__init__(found)
         self.found, self.fix, self.console = found, fix, console
+
+
+class Skipped(Exception):
+    """A property that this recipe gives nothing to measure: why."""
 
 
 class Check:
@@ -126,9 +130,10 @@ def fresh_process_state():
     torch.use_deterministic_algorithms(False)
 
 
-def evaluation(recipe, cfg, split, dataset, limit, num_workers):
-    """The metrics (with `samples`) of a fresh model of the recipe over the first `limit` samples
-    of `dataset`, in this process's part when there are several, as a run's evaluation takes them."""
+def evaluation(recipe, cfg, split, dataset, limit, num_workers, trained=None, training=False):
+    """The metrics (with `samples`) of a fresh model of the recipe (or one with the weights of the
+    safetensors file `trained`) over the first `limit` samples of `dataset`, in this process's part
+    when there are several, as a run's evaluation takes them (in training mode if `training`)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -139,13 +144,17 @@ def evaluation(recipe, cfg, split, dataset, limit, num_workers):
     processes, cpu = start_processes(cfg)
     accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.precision)
     set_seed(cfg.seed)  # the same initial weights for every evaluation, as `build` makes them
-    model = recipe.model(cfg).to(accelerator.device)
+    model = recipe.model(cfg)
+    if trained:
+        weights.load_into(model, weights.load_safetensors(trained))
+    model.to(accelerator.device)
     if not data.is_stream(dataset):
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
     # A train split is read as evaluation reads val: in order, eval_batch_size at a time.
     loader = make_loader("val" if split == "train" else split, dataset, cfg, recipe, processes,
                          num_workers=num_workers, limit=limit)
-    return evaluate(accelerator, model, loader.prepare(accelerator, training=False), recipe, cfg, split)
+    return evaluate(accelerator, model, loader.prepare(accelerator, training=False), recipe, cfg, split,
+                    training=training)
 
 
 # The properties, in the order they run -----------------------------------------------------------
@@ -217,9 +226,10 @@ def repeatable(check):
 
 CONTRACT = ("keep the recipe contract (README, Recipes): datasets(cfg), model(cfg), and loss(model, batch, cfg) "
             "returning (the batch's mean loss, {'samples': n, other counts summed over samples})")
-_SEED_FIX = ("draw with the seed: set_seed(cfg.seed) reaches torch, numpy and random's global generators before "
-             "datasets() is called; a generator of your own needs cfg.seed (np.random.default_rng(cfg.seed), "
-             "random.Random(cfg.seed)); list files in sorted order")
+_SEED_FIX = ("draw from torch's, numpy's or random's global generators: set_seed(cfg.seed) seeds them before "
+             "datasets() runs, and the toolkit seeds them again for each sample it reads; a generator of your own "
+             "needs cfg.seed in datasets(), and in __getitem__ gives a sample other draws when read in another order "
+             "(use the global ones there); list files in sorted order")
 FIRST = 3
 
 
@@ -253,9 +263,10 @@ def samples(check):
             differ = differences(one, metrics, tolerance)
             if differ:
                 name, a, b = differ[0]
+                stream = data.is_stream(check.splits[split])
                 raise Failed(f"an evaluation of {what} gives {name}={a:.6g} with {first_way}, but {name}={b:.6g} with "
-                             f"{way}: it reads other samples", _STREAM_FIX if data.is_stream(check.splits[split])
-                             else _COUNT_FIX)
+                             f"{way}: it reads other samples", _STREAM_FIX if stream else
+                             _PROCESSES_FIX if way == "2 processes" else _SAMPLE_FIX)
     ways = f"0 and {WORKERS} workers" + (", and 2 processes" if check.processes > 1 else "")
     counted = ", ".join(f"{split} {expected}" for split, (_, expected, _) in results.items())
     return f"{counted} samples, counted once and with the same metrics with {ways}"
@@ -280,6 +291,11 @@ def eval_splits(splits):
 
 _COUNT_FIX = ("counts['samples'] is the number of samples in the batch (len(labels)); a collate or loss that drops "
               "samples leaves them uncounted")
+_SAMPLE_FIX = ("a sample must depend on its index and the seed alone: keep no state between __getitem__ calls (a "
+               "cache filled as it is read, a counter), and draw from torch's, numpy's or random's global generator "
+               "(seeded for each sample), not from a generator of your own")
+_PROCESSES_FIX = ("datasets() must give every process the same data: draw with cfg.seed, not with RANK or another "
+                  "value of the process (the toolkit gives each process its part)")
 _STREAM_FIX = ("read the whole stream in __iter__, or only your part through toolkit.streams.stream_part(); do not "
                "split it by RANK or get_worker_info() yourself (the toolkit splits it once)")
 
@@ -301,18 +317,30 @@ def summable(check):
 
 
 def learns(check):
-    summary = check.train_run(
+    """A model that learns fits the few batches it is trained on: their loss, on the same inputs
+    (the same draws of dropout and augmentation) before and after, falls clearly. One that does
+    not train leaves it as it was."""
+    cfg, train = check.cfg, check.splits["train"]
+    summary = finished(check.train_run(
         "learns", f"debug.overfit_batches={LEARN_BATCHES}", f"max_steps={LEARN_STEPS}", f"epochs={LEARN_STEPS}",
-        "sched.name=constant", "sched.warmup_steps=0", "sched.warmup_epochs=0", f"log_every={LEARN_BATCHES}",
+        "sched.name=constant", "sched.warmup_steps=0", "sched.warmup_epochs=0", f"log_every={LEARN_STEPS}",
         "val_every=0", "val_every_steps=0", "checkpoint.monitor=", "checkpoint.every_steps=0",
-        "checkpoint.every_epochs=0", "limit_batches.train=0")
-    finished(summary)
-    losses = [row["loss"] for row in records(summary.run_dir) if row["split"] == "train"]
-    start, end = losses[0], losses[-1]
-    what = f"the train loss on {LEARN_BATCHES} batches repeated went from {start:.4g} to {end:.4g} in " \
-           f"{summary.steps} steps (constant LR {check.cfg.optim.lr:g})"
-    if not math.isfinite(end) or start - end < LEARN_FALL * abs(start):
-        raise Failed(what, "the loss must come from the model's output, the optimizer must hold the model's "
+        "checkpoint.every_epochs=0", "limit_batches.train=0"))
+    trained = checkpoint.find(summary.run_dir) / "model.safetensors"
+    n = LEARN_BATCHES * cfg.batch_size  # the samples that debug.overfit_batches trains on
+    # In training mode, as the steps saw them (batch statistics), in batches of their size; the
+    # same seed draws the same dropout and augmentation for both.
+    fitting = check.resolve(f"eval_batch_size={cfg.batch_size}")
+    before, after = (evaluation(check.recipe, fitting, "train", train, n, 0, state, training=True)
+                     for state in (None, trained))
+    samples, (before, after) = before["samples"], (before["loss"], after["loss"])
+    share = (before - after) / abs(before) if before else 0.0
+    what = (f"the loss of the first {samples:g} train samples went from {before:.4g} to {after:.4g} in "
+            f"{summary.steps} steps on them (constant LR {cfg.optim.lr:g}): ")
+    what += f"{'down' if share >= 0 else 'up'} {abs(share):.1%}" if math.isfinite(after) else "not finite"
+    if not (share >= LEARN_FALL and math.isfinite(after)):
+        raise Failed(f"{what}; it must fall by {LEARN_FALL:.0%}",
+                     "the loss must come from the model's output, the optimizer must hold the model's "
                      "parameters (an optimizer hook's own model is not trained), and they must not be frozen; "
                      "or optim.lr is too small (or too large, for a loss that grows)")
     return what
@@ -320,12 +348,15 @@ def learns(check):
 
 def resume(check):
     cfg = check.cfg
-    steps_per_epoch = math.ceil(RESUME_BATCHES / cfg.grad_accum)
+    # A small train split holds fewer batches than the epochs are cut to.
+    batches = math.ceil(len(first(check.splits["train"], RESUME_BATCHES * cfg.batch_size)) / cfg.batch_size)
+    steps_per_epoch = math.ceil(batches / cfg.grad_accum)
     total = 2 * steps_per_epoch
     stop = steps_per_epoch + max(1, steps_per_epoch // 2)  # in the middle of the second epoch
     if stop >= total:
         stop = steps_per_epoch
-    common = (f"limit_batches.train={RESUME_BATCHES}", "limit_batches.val=2", "epochs=2", "max_steps=0",
+    # max_steps: a stream's schedule that spans the training needs it
+    common = (f"limit_batches.train={RESUME_BATCHES}", "limit_batches.val=2", "epochs=2", f"max_steps={total}",
               f"checkpoint.every_steps={stop}", "checkpoint.keep=0", "log_every=1", "debug.fast_run=false",
               "debug.overfit_batches=0")
     unbroken = finished(check.train_run("unbroken", *common))
@@ -356,10 +387,18 @@ def resume(check):
 
 def input_bound(check):
     if check.unbroken is None:
-        raise Failed("not measured: the resume check's run did not finish")
-    waits = [row["data_wait"] for row in records(check.unbroken) if row["split"] == "train" and "data_wait" in row]
-    wait = statistics.median(waits[1:] or waits)  # the first step also starts the workers
-    what = f"a step waits for data {wait:.0%} of its time (median of {len(waits[1:] or waits)} steps, " \
+        raise Skipped("not measured: the resume check's run did not finish")
+    # The first step of an epoch also waits for the workers to start (or for a new pass of a
+    # stream) and its batch has no step before it to overlap with: the steps after it show how fast
+    # the input keeps up.
+    train = [row for row in records(check.unbroken) if row["split"] == "train" and "data_wait" in row]
+    firsts = {min(row["step"] for row in train if row["epoch"] == epoch) for epoch in {row["epoch"] for row in train}}
+    waits = [row["data_wait"] for row in train if row["step"] not in firsts]
+    if not waits:
+        raise Skipped("not measured: each epoch of the check's runs held one train batch, and no step came after "
+                      "another of its epoch")
+    wait = statistics.median(waits)
+    what = f"a step waits for data {wait:.0%} of its time (median of {len(waits)} steps after an epoch's first, " \
            f"num_workers={check.cfg.num_workers})"
     if wait > INPUT_BOUND:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -409,6 +448,8 @@ def run_one(name, measure, doctor):
             row = Row(name, True, measure(doctor))
     except Failed as e:
         row = Row(name, False, e.found, e.fix, console=e.console)
+    except Skipped as e:
+        row = Row(name, None, str(e))
     except UserError as e:
         row = Row(name, False, str(e).splitlines()[0])
     except Exception as e:  # noqa: BLE001 - the recipe's own error: a FAIL, with its traceback
@@ -432,8 +473,10 @@ def ending(rows):
             lines += ["", f"{row.name}: {row.fix}" if row.fix else f"{row.name}: the recipe raised"]
             lines += ["    " + text for text in row.console.rstrip().splitlines()[-12:]]
     failed = [row.name for row in rows if row.ok is False]
+    unmeasured = [row.name for row in rows if row.ok is None]
     lines += ["", f"{len(failed)} of {len(rows)} failed: {', '.join(failed)}" if failed else
-              f"all {len(rows)} passed"]
+              f"{len(rows) - len(unmeasured)} of {len(rows)} passed, not measured: {', '.join(unmeasured)}"
+              if unmeasured else f"all {len(rows)} passed"]
     return "\n".join(lines)
 
 

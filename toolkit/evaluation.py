@@ -17,8 +17,9 @@ from toolkit.summary import Stop
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, loader, recipe, cfg, split, beat=lambda: None):
-    """Exact metrics of `model` over `loader`'s whole split, summed over all ranks.
+def evaluate(accelerator, model, loader, recipe, cfg, split, beat=lambda: None, training=False):
+    """Exact metrics of `model` over `loader`'s whole split, summed over all ranks; in training
+    mode (batch statistics, dropout) if `training`, as `launch.py check` measures what a few steps fit.
 
     Ranks may hold different numbers of batches (the split is not padded). With DDP that is safe:
     the unwrapped model runs no collective, and the one collective is the final reduce. FSDP
@@ -33,7 +34,7 @@ def evaluate(accelerator, model, loader, recipe, cfg, split, beat=lambda: None):
         for buffer in net.buffers():
             broadcast(buffer, from_process=0)
     was_training = net.training
-    net.eval()
+    net.train(training)
     totals = Totals(cfg.loss_per or "samples")
     with accelerator.autocast():  # the same precision for the EMA copy as for the prepared model
         batch = None

@@ -16,6 +16,7 @@ from toolkit.data import TensorDataset
 config = {
     "breaks": "",    # contract | repeatable | samples | summable | learns | resume | input | "" (none)
     "stream": False,
+    "per_process": False,  # datasets() draws the held-out points with the process's RANK
     "points": 300,   # train; val and test have 100 each
     "batch_size": 16,
     "eval_batch_size": 12,
@@ -47,7 +48,9 @@ def datasets(cfg):
     x, y = points(cfg.points, torch.Generator().manual_seed(0))
     # breaks=repeatable: the held-out points are drawn from a generator without a seed
     pool = points(1000, torch.Generator().manual_seed(1))
-    chosen = np.random.default_rng().permutation(1000)[:200] if cfg.breaks == "repeatable" else np.arange(200)
+    chosen = np.random.default_rng().permutation(1000)[:200] if cfg.breaks == "repeatable" else \
+        np.random.default_rng(int(os.environ.get("RANK", 0))).permutation(1000)[:200] if cfg.per_process else \
+        np.arange(200)
     held = pool[0][chosen], pool[1][chosen]
     slow = (lambda batch: time.sleep(0.1) or batch) if cfg.breaks == "input" else None
     if cfg.stream:
