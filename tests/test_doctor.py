@@ -2,11 +2,14 @@
 property fails that row, and no other. The `input` row measures speed: on a busy machine any
 recipe may wait for data, so it is asserted only where a test makes the input slow."""
 
+import re
+
 import pytest
 
 from helpers import LENET, REPO, RESNET, launch, make_cifar10
 
 BROKEN = REPO / "tests" / "recipes" / "broken.py"
+STREAM = REPO / "tests" / "recipes" / "stream.py"
 PROPERTIES = ["contract", "repeatable", "samples", "summable", "learns", "resume", "input"]
 SPEED = "input"
 
@@ -56,6 +59,16 @@ def test_data_that_differs_per_process_fails_the_count_with_two_processes(how, f
     assert failed(found) == ["samples"], result.stdout
     assert "with 2 processes: it reads other samples" in result.stdout, result.stdout
     assert f"samples: {fix}" in result.stdout
+
+
+def test_learns_measures_the_model_that_the_run_starts_from(tmp_path):
+    """stream.py's samples draw from torch's generator as they are read, and the run reads the ones
+    it overfits before it makes the model: a model made right after the seed would start from other
+    weights than the run's, and its loss would say nothing of what the steps did."""
+    result = launch(["check", STREAM, "--processes", "1"], cwd=tmp_path)
+    assert verdicts(result)["learns"] == "PASS", result.stdout
+    start = float(re.search(r"the loss of the 128 train samples it trained on went from (\S+) to", result.stdout)[1])
+    assert start > 100  # the run's first steps have losses in the hundreds; a model made after the seed, about 1.5
 
 
 def test_an_epoch_of_one_batch_leaves_the_data_wait_unmeasured(tmp_path):

@@ -130,10 +130,10 @@ def fresh_process_state():
     torch.use_deterministic_algorithms(False)
 
 
-def evaluation(recipe, cfg, split, dataset, limit, num_workers, trained=None, training=False):
-    """The metrics (with `samples`) of a fresh model of the recipe (or one with the weights of the
-    safetensors file `trained`) over the first `limit` samples of `dataset`, in this process's part
-    when there are several, as a run's evaluation takes them (in training mode if `training`)."""
+def evaluation(recipe, cfg, split, dataset, limit, num_workers, model=None, training=False):
+    """The metrics (with `samples`) of `model` (default: a fresh model of the recipe) over the first
+    `limit` samples of `dataset`, in this process's part when there are several, as a run's
+    evaluation takes them (in training mode if `training`)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -143,10 +143,9 @@ def evaluation(recipe, cfg, split, dataset, limit, num_workers, trained=None, tr
 
     processes, cpu = start_processes(cfg)
     accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.precision)
-    set_seed(cfg.seed)  # the same initial weights for every evaluation, as `build` makes them
-    model = recipe.model(cfg)
-    if trained:
-        weights.load_into(model, weights.load_safetensors(trained))
+    if model is None:
+        set_seed(cfg.seed)  # the same initial weights for every evaluation
+        model = recipe.model(cfg)
     model.to(accelerator.device)
     if not data.is_stream(dataset):
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
@@ -316,34 +315,44 @@ def summable(check):
     return f"{split}: {', '.join(results[big])} agree with eval_batch_size {big} and {small}"
 
 
+LEARNING = (f"debug.overfit_batches={LEARN_BATCHES}", f"max_steps={LEARN_STEPS}", f"epochs={LEARN_STEPS}",
+            "sched.name=constant", "sched.warmup_steps=0", "sched.warmup_epochs=0", f"log_every={LEARN_STEPS}",
+            "val_every=0", "val_every_steps=0", "checkpoint.monitor=", "checkpoint.every_steps=0",
+            "checkpoint.every_epochs=0", "limit_batches.train=0")
+
+
 def learns(check):
     """A model that learns fits the few batches it is trained on: their loss, on the same inputs
     (the same draws of dropout and augmentation) before and after, falls clearly. One that does
     not train leaves it as it was."""
-    cfg, train = check.cfg, check.splits["train"]
-    summary = finished(check.train_run(
-        "learns", f"debug.overfit_batches={LEARN_BATCHES}", f"max_steps={LEARN_STEPS}", f"epochs={LEARN_STEPS}",
-        "sched.name=constant", "sched.warmup_steps=0", "sched.warmup_epochs=0", f"log_every={LEARN_STEPS}",
-        "val_every=0", "val_every_steps=0", "checkpoint.monitor=", "checkpoint.every_steps=0",
-        "checkpoint.every_epochs=0", "limit_batches.train=0"))
+    summary = finished(check.train_run("learns", *LEARNING))
     trained = checkpoint.find(summary.run_dir) / "model.safetensors"
-    n = LEARN_BATCHES * cfg.batch_size  # the samples that debug.overfit_batches trains on
-    # In training mode, as the steps saw them (batch statistics), in batches of their size; the
-    # same seed draws the same dropout and augmentation for both.
-    fitting = check.resolve(f"eval_batch_size={cfg.batch_size}")
-    before, after = (evaluation(check.recipe, fitting, "train", train, n, 0, state, training=True)
-                     for state in (None, trained))
-    samples, (before, after) = before["samples"], (before["loss"], after["loss"])
-    share = (before - after) / abs(before) if before else 0.0
-    what = (f"the loss of the first {samples:g} train samples went from {before:.4g} to {after:.4g} in "
-            f"{summary.steps} steps on them (constant LR {cfg.optim.lr:g}): ")
-    what += f"{'down' if share >= 0 else 'up'} {abs(share):.1%}" if math.isfinite(after) else "not finite"
-    if not (share >= LEARN_FALL and math.isfinite(after)):
+    before, after = (fitted(check, weights) for weights in ("", trained))
+    share = (before["loss"] - after["loss"]) / abs(before["loss"]) if before["loss"] else 0.0
+    what = (f"the loss of the {before['samples']:g} train samples it trained on went from {before['loss']:.4g} to "
+            f"{after['loss']:.4g} in {summary.steps} steps (constant LR {check.cfg.optim.lr:g}): ")
+    what += f"{'down' if share >= 0 else 'up'} {abs(share):.1%}" if math.isfinite(after["loss"]) else "not finite"
+    if not (share >= LEARN_FALL and math.isfinite(after["loss"])):
         raise Failed(f"{what}; it must fall by {LEARN_FALL:.0%}",
                      "the loss must come from the model's output, the optimizer must hold the model's "
                      "parameters (an optimizer hook's own model is not trained), and they must not be frozen; "
                      "or optim.lr is too small (or too large, for a loss that grows)")
     return what
+
+
+def fitted(check, weights):
+    """The metrics of the samples that the learns run trains on (debug.overfit_batches makes them
+    its val split too), of the model it starts from, or with `weights`. Both are built as the run
+    builds them (a stream that draws as it is read moves the generator before the model is made),
+    and evaluated in training mode (batch statistics), in batches of the training's size, with the
+    same draws of dropout."""
+    from toolkit.build import build
+    from toolkit.processes import start_processes
+
+    cfg = check.resolve(*LEARNING, f"eval_batch_size={check.cfg.batch_size}", "compile=false")
+    processes, _ = start_processes(cfg)
+    splits, model, _, _ = build(check.recipe, cfg, processes, weights, strict=True)
+    return evaluation(check.recipe, cfg, "val", splits["val"], len(splits["val"]), 0, model, training=True)
 
 
 def resume(check):
