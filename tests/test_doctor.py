@@ -2,14 +2,17 @@
 property fails that row, and no other. The `input` row measures speed: on a busy machine any
 recipe may wait for data, so it is asserted only where a test makes the input slow."""
 
+import json
 import re
 
 import pytest
+import torch
 
 from helpers import LENET, REPO, RESNET, launch, make_cifar10
 
 BROKEN = REPO / "tests" / "recipes" / "broken.py"
 STREAM = REPO / "tests" / "recipes" / "stream.py"
+WDS = REPO / "tests" / "recipes" / "wds_points.py"
 PROPERTIES = ["contract", "repeatable", "samples", "summable", "learns", "resume", "input"]
 SPEED = "input"
 
@@ -71,6 +74,44 @@ def test_learns_measures_the_model_that_the_run_starts_from(tmp_path):
     assert start > 100  # the run's first steps have losses in the hundreds; a model made after the seed, about 1.5
 
 
+@pytest.fixture(scope="module")
+def wds_shards(tmp_path_factory):
+    """Shards for wds_points.py: train 70, 55, 61 and 48 points, val 37 and 29."""
+    import webdataset as wds
+
+    root, g = tmp_path_factory.mktemp("shards"), torch.Generator().manual_seed(0)
+    for name, n in (("train-0", 70), ("train-1", 55), ("train-2", 61), ("train-3", 48), ("val-0", 37), ("val-1", 29)):
+        with wds.TarWriter(str(root / f"{name}.tar")) as tar:
+            for i, x in enumerate(torch.randn(n, 2, generator=g).tolist()):
+                y = int((torch.atan2(torch.tensor(x[1]), torch.tensor(x[0])) + torch.pi) * 3 / (2 * torch.pi)) % 3
+                tar.write({"__key__": f"{name}-{i:04d}", "json": json.dumps({"x": x, "y": y}).encode()})
+    return root
+
+
+@pytest.mark.parametrize("recipe, args, counted", [
+    (STREAM, ["split_itself=true", "eval_batch_size=32"], "train 203 samples"),  # stream_part(): 7 shards
+    (WDS, [], "val 66 samples"),  # webdataset: 2 val shards, split by node and by worker
+], ids=["stream_part", "webdataset"])
+def test_a_short_stream_that_splits_itself_is_counted_whole(recipe, args, counted, wds_shards, tmp_path):
+    """Each worker and process of a stream that splits itself reads shards of its own, so the first
+    samples of a pass differ with their number: a stream of at most 8 evaluation batches is counted
+    whole, and every way of reading it counts all its samples, with the same metrics."""
+    result = launch(["check", recipe, f"data.root={wds_shards}", *args] if recipe == WDS else
+                    ["check", recipe, *args], cwd=tmp_path)
+    found = verdicts(result)
+    assert failed(found) == [], result.stdout + result.stderr[-3000:]
+    assert f"{counted}, counted once and with the same metrics with 0 and 2 workers, and 2 processes" in result.stdout
+
+
+def test_a_long_stream_that_splits_itself_is_not_counted(tmp_path):
+    """203 samples are more than 8 batches of 16: its first samples differ with the workers, and the
+    row says that it could not count them, instead of a FAIL."""
+    result = launch(["check", STREAM, "split_itself=true", "eval_batch_size=16", "--processes", "1"], cwd=tmp_path)
+    found = verdicts(result)
+    assert found["samples"] == "SKIP" and failed(found) == [], result.stdout
+    assert "not counted: train (a stream of over 128 samples that splits itself" in result.stdout
+
+
 def test_an_epoch_of_one_batch_leaves_the_data_wait_unmeasured(tmp_path):
     """The first step of an epoch waits for its batch with nothing to overlap it: with one train
     batch per epoch there is no step to measure the input by, and the row says so."""
@@ -114,8 +155,8 @@ def test_the_shipped_recipes_pass(name, mnist_root, cifar_root, tmp_path):
 def test_a_failed_count_with_two_processes_names_their_error_not_the_launcher_s():
     from toolkit.doctor import first_error
 
-    console = ("Traceback (most recent call last):\n  File \"task.py\", line 9, in datasets\n"
-               "FileNotFoundError: [Errno 2] No such file or directory: 'data/train.txt'\n"
+    console = ("[rank1]: Traceback (most recent call last):\n[rank1]:   File \"task.py\", line 9, in datasets\n"
+               "[rank1]: FileNotFoundError: [Errno 2] No such file or directory: 'data/train.txt'\n"
                "Traceback (most recent call last):\n  File \"run.py\", line 1142, in <module>\n"
                "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
                "=======================================================\n")

@@ -22,6 +22,7 @@ fails with an error. The check runs in one process; for the count with 2 process
 import contextlib
 import dataclasses
 import io
+import itertools
 import json
 import math
 import os
@@ -49,6 +50,7 @@ LEARN_FALL = 0.05  # their loss must fall by this fraction
 RESUME_BATCHES = 4  # train batches per epoch of the resume check's two epochs
 INPUT_BOUND = 0.5  # a step that waits for data more than this fraction of its time
 WORKERS = 2  # the other number of DataLoader workers that the sample count is taken with
+WHOLE_PASS = 8  # evaluation batches: a stream of at most this many is counted whole
 
 
 @dataclasses.dataclass
@@ -105,6 +107,23 @@ class Check:
     def eval_samples(self, cfg):
         """How many samples of a split the evaluation checks read: two and a half batches and one."""
         return 2 * cfg.eval_batch_size + cfg.eval_batch_size // 2 + 1
+
+    def reading(self, dataset):
+        """How the sample count reads an evaluated split: (how many samples, how many it must count).
+        A map-style split: its first `eval_samples`. A stream of at most WHOLE_PASS evaluation
+        batches: all of it (its length, read here). A longer stream: its first `eval_samples` (to
+        count as many with every number of workers and processes), if the toolkit splits it; if it
+        splits itself (shards per worker, stream_part()), its first samples differ with the number
+        of slots, and it is not read: (None, None)."""
+        cfg = self.cfg
+        limit = self.eval_samples(cfg)
+        if not data.is_stream(dataset):
+            return limit, min(limit, len(dataset))
+        whole = WHOLE_PASS * cfg.eval_batch_size
+        length = sum(1 for _ in itertools.islice(dataset, whole + 1))
+        if length <= whole:
+            return whole + 1, length
+        return (None, None) if splits_itself(dataset, cfg.seed) else (limit, limit)
 
     def train_run(self, name, *extra, resume=None):
         """A training run of the recipe in <folder>/<name> (or, given `resume`, that run folder
@@ -233,26 +252,30 @@ FIRST = 3
 
 
 def samples(check):
-    """Each sample is counted once: an evaluation of the first samples of each eval split counts
-    as many as there are (a stream: as many with 0 and 2 workers, and 2 processes), and gives the
-    same metrics in every way of reading them, which it would not if some read other samples."""
-    cfg, limit, results = check.cfg, check.eval_samples(check.cfg), {}
+    """Each sample is counted once: an evaluation of the first samples of each eval split (a
+    short stream: all of it) counts as many as there are, with 0 and 2 workers and 2 processes,
+    and gives the same metrics in every way of reading them, which it would not if some read other
+    samples."""
+    cfg, results, unread = check.cfg, {}, []
     for split in eval_splits(check.splits):
         dataset = check.splits[split]
         stream = data.is_stream(dataset)
+        limit, expected = check.reading(dataset)
+        if limit is None:
+            unread.append(split)
+            continue
         ways = {f"1 process and {workers} workers": evaluation(check.recipe, cfg, split, dataset, limit, workers)
                 for workers in (0, WORKERS)}
-        what = f"the first {limit} samples of the {split} stream" if stream else \
-            f"{min(limit, len(dataset))} samples of the {split} split"
-        expected = ways["1 process and 0 workers"]["samples"] if stream else min(limit, len(dataset))
+        what = (f"the {split} stream, whole" if expected < limit else f"the first {limit} samples of the {split} "
+                f"stream") if stream else f"{expected} samples of the {split} split"
         if any(metrics["samples"] != expected for metrics in ways.values()):
             raise Failed(f"an evaluation of {what} counted "
-                         + " and ".join(f"{metrics['samples']} with {way}" for way, metrics in ways.items()),
-                         _STREAM_FIX if stream else _COUNT_FIX)
-        if check.processes > 1:
-            ways["2 processes"] = None  # measured below, for all splits at once
+                         + " and ".join(f"{metrics['samples']:g} with {way}" for way, metrics in ways.items())
+                         + f", not {expected}", _STREAM_FIX if stream else _COUNT_FIX)
         results[split] = (what, expected, ways)
-    if check.processes > 1:
+    if not results:
+        raise Skipped(_UNREAD.format(", ".join(unread), WHOLE_PASS * cfg.eval_batch_size))
+    if check.processes > 1:  # all splits at once
         for split, metrics in in_two_processes(check).items():
             results[split][2]["2 processes"] = metrics
     tolerance = tolerance_of(cfg)
@@ -268,7 +291,23 @@ def samples(check):
                              _PROCESSES_FIX if way == "2 processes" else _SAMPLE_FIX)
     ways = f"0 and {WORKERS} workers" + (", and 2 processes" if check.processes > 1 else "")
     counted = ", ".join(f"{split} {expected}" for split, (_, expected, _) in results.items())
-    return f"{counted} samples, counted once and with the same metrics with {ways}"
+    return (f"{counted} samples, counted once and with the same metrics with {ways}"
+            + ("; " + _UNREAD.format(", ".join(unread), WHOLE_PASS * cfg.eval_batch_size) if unread else ""))
+
+
+_UNREAD = ("not counted: {} (a stream of over {} samples that splits itself, whose first samples differ with the "
+           "number of workers and processes)")
+
+
+def splits_itself(dataset, seed):
+    """Whether a stream reads only its slot's part: a library's split over workers or processes,
+    or stream_part() (seen as it reads its first sample)."""
+    from toolkit.streams import StreamPart
+
+    part = StreamPart(dataset, 0, 1, seed)
+    part.set_epoch(0)
+    next(iter(part), None)
+    return part.splits_itself
 
 
 def tolerance_of(cfg):
@@ -586,7 +625,7 @@ def in_two_processes(check):
 def first_error(console):
     """The line of a launcher's console that says what failed: the toolkit's `error:` line, else the
     last exception line of a process's traceback (not the launcher's own ChildFailedError)."""
-    lines = console.splitlines()
+    lines = [re.sub(r"^\[rank\d+\]:\s?", "", line) for line in console.splitlines()]  # torchrun's prefix
     said = [line for line in lines if line.startswith("error: ")]
     raised = [line for line in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b", line)
               and "ChildFailedError" not in line]
@@ -595,7 +634,7 @@ def first_error(console):
 
 def counts_main(recipe, files, overrides, out):
     """In each of the 2 processes of `in_two_processes`: evaluate each eval split as `samples`
-    does, and write {split: metrics} to `out` from the main process."""
+    does, with the recipe's num_workers, and write {split: metrics} to `out` from the main process."""
     from toolkit.build import same_everywhere
     from toolkit.processes import start_processes
 
@@ -605,8 +644,9 @@ def counts_main(recipe, files, overrides, out):
     with processes.main_process_first():
         doctor.splits = doctor.datasets()
     same_everywhere(doctor.splits, processes)
-    counted = {split: evaluation(recipe, cfg, split, doctor.splits[split], doctor.eval_samples(cfg), 0)
-               for split in eval_splits(doctor.splits)}
+    limits = {split: doctor.reading(doctor.splits[split])[0] for split in eval_splits(doctor.splits)}
+    counted = {split: evaluation(recipe, cfg, split, doctor.splits[split], limit, cfg.num_workers)
+               for split, limit in limits.items() if limit is not None}
     if processes.is_main_process:
         Path(out).write_text(json.dumps(counted))
     processes.wait_for_everyone()

@@ -150,6 +150,13 @@ class StreamPart(IterableDataset):
         if hasattr(self.dataset, "set_epoch"):  # e.g. a stream that shuffles its shards per epoch
             self.dataset.set_epoch(epoch)
 
+    @property
+    def splits_itself(self):
+        """Whether the stream reads only its slot's part (a library's split, or stream_part(),
+        known once a pass has read its first sample): then a slot's first samples depend on how
+        many slots there are."""
+        return self._reads_its_part or any(self.splits)
+
     def state_dict(self):
         if self._resume is not None:  # loaded, and not read from yet
             return self._resume
