@@ -6,8 +6,9 @@ and loss (an evaluation, a few dozen training steps, a resume) and returns a `Ro
     contract     the hooks, loss()'s (loss, counts) with samples and loss_per's count, a loss with
                  a gradient, checkpoint.monitor among validation's metrics
     repeatable   two calls of datasets() give the same lengths and the same first samples
-    samples      an evaluation counts each sample once: the split's length (a stream: the same
-                 count with 0 and 2 DataLoader workers), also with 2 processes
+    samples      an evaluation counts each sample once, with the same metrics, with 0 and 2
+                 DataLoader workers and 2 processes: the split's first samples (a short stream:
+                 all of it), as many as there are
     summable     eval_batch_size B and B/3 give the same metrics: the counts are sums
     learns       a few dozen steps on a few batches: their loss falls clearly
     resume       N steps unbroken against k steps, a stop, a resume and the rest: the same
