@@ -62,7 +62,8 @@ def test_each_sample_draws_from_seed_epoch_and_index():
     assert draws(seed=0, epoch=3, workers=2, order=list(reversed(range(64)))) == base  # any workers and order
     assert draws(seed=0, epoch=3, workers=0, order=range(30, 50)) == {i: base[i] for i in range(30, 50)}  # resumed
     assert len({tuple(v) for v in base.values()}) == 64  # every sample draws differently ...
-    for other in (draws(seed=0, epoch=4, workers=0, order=range(64)), draws(seed=1, epoch=3, workers=0, order=range(64))):
+    for other in (draws(seed=0, epoch=4, workers=0, order=range(64)),
+                  draws(seed=1, epoch=3, workers=0, order=range(64))):
         assert all(other[i][k] != base[i][k] for i in range(64) for k in range(3))  # ... each epoch and seed too
 
     # Loading in the main process leaves the training step's random generators where they were.
@@ -172,7 +173,6 @@ def test_a_stream_resumes_exactly_with_two_processes_and_workers(one_process_str
     assert read_probe(tmp_path / "s", 2) == unbroken
     assert_same_weights(weights(only_run(tmp_path / "unbroken")), weights(stopped))
     assert trained_samples(only_run(tmp_path / "unbroken")) == {1: 203, 2: 203}
-
 
     def noise(records):
         """Each sample's noise draws over both passes."""
