@@ -274,8 +274,9 @@ def samples(check):
                          + " and ".join(f"{metrics['samples']:g} with {way}" for way, metrics in ways.items())
                          + f", not {expected}", _STREAM_FIX if stream else _COUNT_FIX)
         results[split] = (what, expected, ways)
+    not_counted = _UNREAD.format(", ".join(unread), WHOLE_PASS * cfg.eval_batch_size) if unread else ""
     if not results:
-        raise Skipped(_UNREAD.format(", ".join(unread), WHOLE_PASS * cfg.eval_batch_size))
+        raise Skipped(not_counted)
     if check.processes > 1:  # all splits at once
         for split, metrics in in_two_processes(check).items():
             results[split][2]["2 processes"] = metrics
@@ -292,8 +293,8 @@ def samples(check):
                              _PROCESSES_FIX if way == "2 processes" else _SAMPLE_FIX)
     ways = f"0 and {WORKERS} workers" + (", and 2 processes" if check.processes > 1 else "")
     counted = ", ".join(f"{split} {expected}" for split, (_, expected, _) in results.items())
-    return (f"{counted} samples, counted once and with the same metrics with {ways}"
-            + ("; " + _UNREAD.format(", ".join(unread), WHOLE_PASS * cfg.eval_batch_size) if unread else ""))
+    return f"{counted} samples, counted once and with the same metrics with {ways}" + (
+        f"; {not_counted}" if not_counted else "")
 
 
 _UNREAD = ("not counted: {} (a stream of over {} samples that splits itself, whose first samples differ with the "
