@@ -104,6 +104,23 @@ def test_a_short_stream_that_splits_itself_is_counted_whole(recipe, args, counte
     assert f"{counted}, counted once and with the same metrics with {ways}" in result.stdout
 
 
+def test_the_count_with_two_processes_reads_with_the_recipe_s_workers(wds_shards, tmp_path):
+    """2 val shards, 2 processes of 2 workers: a worker has no shard, and webdataset's empty_check
+    fails in it, as it would in the run; the row names webdataset's error."""
+    result = launch(["check", WDS, f"data.root={wds_shards}", "empty_check=true", "num_workers=2"], cwd=tmp_path)
+    found = verdicts(result)
+    assert failed(found) == ["samples"], result.stdout + result.stderr[-3000:]
+    assert "the evaluation in 2 processes failed: ValueError: No samples found in dataset" in result.stdout
+
+
+def test_a_sample_that_depends_on_its_worker_fails_the_count_with_workers(tmp_path):
+    result = launch(["check", BROKEN, "per_worker=true", "--processes", "1"], cwd=tmp_path)
+    found = verdicts(result)
+    assert failed(found) == ["samples"], result.stdout
+    assert "with 1 process and 2 workers: it reads other samples" in result.stdout
+    assert "samples: a sample must depend on its index and the seed alone" in result.stdout
+
+
 def test_a_long_stream_that_splits_itself_is_not_counted(tmp_path):
     """203 samples are more than 8 batches of 16: its first samples differ with the workers, and the
     row says that it could not count them, instead of a FAIL."""

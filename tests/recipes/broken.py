@@ -17,6 +17,7 @@ config = {
     "breaks": "",    # contract | repeatable | samples | summable | learns | resume | input | "" (none)
     "stream": False,
     "per_process": False,  # datasets() draws the held-out points with the process's RANK
+    "per_worker": False,   # a val sample depends on the DataLoader worker that reads it
     "points": 300,   # train; val and test have 100 each
     "batch_size": 16,
     "eval_batch_size": 12,
@@ -56,8 +57,24 @@ def datasets(cfg):
     if cfg.stream:
         own = cfg.breaks == "samples"
         return {"train": Stream(x, y, own), "val": Stream(held[0][:100], held[1][:100], own)}
-    return {"train": TensorDataset(x, y, transform=slow), "val": TensorDataset(held[0][:100], held[1][:100]),
+    val = (PerWorker if cfg.per_worker else TensorDataset)(held[0][:100], held[1][:100])
+    return {"train": TensorDataset(x, y, transform=slow), "val": val,
             "test": TensorDataset(held[0][100:], held[1][100:])}
+
+
+class PerWorker(torch.utils.data.Dataset):
+    """Points whose value depends on the DataLoader worker that reads them, as a sample would that a
+    per-process cache or a lazily opened file changes."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        worker = torch.utils.data.get_worker_info()
+        return self.x[i] + (0 if worker is None else worker.id + 1), self.y[i]
 
 
 class MLP(torch.nn.Module):

@@ -9,6 +9,7 @@ import webdataset as wds
 
 config = {
     "data": {"root": "shards"},
+    "empty_check": False,  # webdataset's own: a worker without a shard fails
     "batch_size": 16,
     "eval_batch_size": 16,
     "max_steps": 20,
@@ -18,14 +19,15 @@ config = {
 }
 
 
-def stream(pattern):
-    return wds.WebDataset(pattern, nodesplitter=wds.split_by_node, shardshuffle=False, empty_check=False).decode() \
+def stream(pattern, cfg):
+    return wds.WebDataset(pattern, nodesplitter=wds.split_by_node, shardshuffle=False,
+                          empty_check=cfg.empty_check).decode() \
         .map(lambda sample: (torch.tensor(sample["json"]["x"]), sample["json"]["y"]))
 
 
 def datasets(cfg):
     root = cfg.data.root
-    return {"train": stream(f"{root}/train-{{0..3}}.tar"), "val": stream(f"{root}/val-{{0..1}}.tar")}
+    return {"train": stream(f"{root}/train-{{0..3}}.tar", cfg), "val": stream(f"{root}/val-{{0..1}}.tar", cfg)}
 
 
 def model(cfg):
