@@ -18,7 +18,6 @@ import argparse
 import os
 import signal
 import sys
-from pathlib import Path
 
 from toolkit import PeerFailure, UserError
 from toolkit.recipe import RecipeError
@@ -27,94 +26,68 @@ LAYERS = ("Config layers, later wins: toolkit defaults < the recipe's config < e
           "< key=value overrides.")
 
 
+# ---------------------------------------------------------------------------------------------
+# The commands: each takes the parsed arguments and returns the exit status.
+
 def train(args):
-    from toolkit import checkpoint, config, loop, recipe as recipes
+    from toolkit import config, loop, recipe as recipes
+    from toolkit.state import resume
 
     recipe = recipes.load(args.recipe)
     cfg = config.resolve(recipe.config, args.config, args.overrides)
-    if args.autoresume:
-        # The run's identity is its name: the same command continues it wherever it stopped.
-        if not cfg.name:
-            raise UserError("--autoresume needs name=..., the run's identity: its folder is "
-                            f"{cfg.output_dir}/{recipe.name}/<name>")
-        run = Path(cfg.output_dir) / recipe.name / cfg.name
-        if checkpoint.complete(run):
-            return continue_run(run, args.config, args.overrides, args.force)
+    run = resume.autoresume_folder(recipe, cfg) if args.autoresume else None
+    if run is not None:
+        return continue_run(run, args)
     return exit_status(loop.train(recipe, cfg, autoresume=args.autoresume, trial=search_trial()))
 
 
 def resume(args):
-    """Continue a run in its folder from its latest checkpoint, with its saved config and recipe.
-
-    Policy: the weights, optimizer, RNG, data position, step and best metric come from the
-    checkpoint; the config is the run's config.yaml plus what the command line changes, which may
-    only touch keys that leave the model and the data as they were (keys.resumable) unless --force.
-    """
-    return continue_run(args.run, args.config, args.overrides, args.force)
+    """Continue a run in its folder from its latest checkpoint, with its saved config and recipe;
+    the overrides may change only what leaves the model and the data as they were (toolkit/state/resume.py)."""
+    return continue_run(args.run, args)
 
 
-def continue_run(path, files, overrides, force=False):
-    from toolkit import config, keys, loop
-    from toolkit.optim import SCHEDULES
+def continue_run(path, args):
+    from toolkit import loop
+    from toolkit.state import resume
 
-    run, recipe = load_run(path)
-    saved = config.resolve(recipe.config, [run / "config.yaml"])
-    cfg = config.resolve(recipe.config, [run / "config.yaml", *files], overrides)
-    changed = [f"{key} ({old} -> {new})" for key, old, new in config.changes(cfg, saved) if not keys.resumable(key)]
-    if changed and not force:
-        raise UserError(f"resuming {run} with a different {', '.join(changed)} would change the model or the "
-                        f"data of a run half done; start a new run, or pass --force to resume anyway")
-    resized = [f"{key} {old} -> {new}" for key, old, new in config.changes(cfg, saved)
-               if key in ("epochs", "max_steps")]
-    if resized and SCHEDULES[cfg.sched.name].over_training and os.environ.get("RANK", "0") == "0":
-        print(f"warning: {', '.join(resized)} resizes the {cfg.sched.name} LR schedule, which is a function of the "
-              f"training length: the LR jumps to where the new schedule is at the checkpoint's step", file=sys.stderr)
+    run, recipe = resume.load_run(path)
+    cfg = resume.resumed_config(run, recipe, args.config, args.overrides, args.force)
     return exit_status(loop.train(recipe, cfg, resume=run, trial=search_trial()))
 
 
 def search_trial():
     """The hook of a search's trial into the loop, when a search started this run, else None."""
-    from toolkit import trial
+    from toolkit.jobs import trial
 
     return trial.trial_from_environment()
 
 
 def test(args):
     from toolkit import config, evaluation
+    from toolkit.state import resume
 
-    run, recipe = load_run(args.run)
+    run, recipe = resume.load_run(args.run)
     cfg = config.resolve(recipe.config, [run / "config.yaml", *args.config], args.overrides)
     evaluation.test(recipe, cfg, run, args.checkpoint, args.split, args.ema)
     return 0
 
 
 def export(args):
-    from toolkit import config, export as exports
+    from toolkit import config
+    from toolkit.state import export as exports, resume
 
-    run, recipe = load_run(args.run)
+    run, recipe = resume.load_run(args.run)
     cfg = config.resolve(recipe.config, [run / "config.yaml"])
     path = exports.export(recipe, cfg, run, args.out, args.checkpoint, args.ema)
     print(f"exported {path}{' (EMA weights)' if args.ema else ''} to {args.out}")
     return 0
 
 
-def load_run(path):
-    """A run folder and the copy of the recipe it ran with."""
-    from toolkit import recipe as recipes
-
-    run = Path(path)
-    if not (run / "config.yaml").is_file():
-        raise UserError(f"{run} is not a run folder (no config.yaml in it)")
-    copies = sorted(run.glob("*.py"))
-    if len(copies) != 1:
-        raise UserError(f"{run} should hold one copy of its recipe (*.py); found {len(copies)}")
-    return run, recipes.load(copies[0])
-
-
 def exit_status(summary):
     """A run's exit status from its `Summary`: 0 when the run finished; 128 + the signal's number
     when a signal stopped it; 1 when it failed (the error is printed)."""
-    from toolkit.summary import Status
+    from toolkit.run.summary import Status
 
     if summary.status == Status.INTERRUPTED:
         return 128 + signal.Signals[summary.signal or "SIGINT"].value
@@ -133,14 +106,16 @@ def say_error(text):
 
 
 def sweep(args):
-    from toolkit import recipe as recipes, sweep as sweeps
+    from toolkit import recipe as recipes
+    from toolkit.jobs import sweep as sweeps
 
     sweeps.sweep(recipes.load(args.recipe), args.config, args.overrides, args.launcher, args.parallel)
     return 0
 
 
 def search(args):
-    from toolkit import recipe as recipes, search as searches
+    from toolkit import recipe as recipes
+    from toolkit.jobs import search as searches
 
     if args.resume:
         if args.recipe or args.overrides or args.config:
@@ -157,37 +132,40 @@ def search(args):
 
 
 def check(args):
-    from toolkit import doctor, recipe as recipes
+    from toolkit import check as checks, recipe as recipes
 
     if args.counts_to:  # one of the 2 processes that check starts to count samples
-        doctor.counts_main(recipes.load(args.recipe), args.config, args.overrides, args.counts_to)
+        checks.counts_main(recipes.load(args.recipe), args.config, args.overrides, args.counts_to)
         return 0
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("run check as one process (python launch.py check ...): it starts the 2 it needs itself")
-    rows = doctor.check(args.recipe, args.config, args.overrides, args.processes)
-    print(doctor.ending(rows))
+    rows = checks.check(args.recipe, args.config, args.overrides, args.processes)
+    print(checks.ending(rows))
     return 1 if any(row.ok is False for row in rows) else 0
 
 
 def runs(args):
-    from toolkit import report
+    from toolkit.jobs import runs as tables
 
-    print(report.list_runs(args.folder))
+    print(tables.list_runs(args.folder))
     return 0
 
 
 def plot(args):
-    from toolkit import report
+    from toolkit.jobs import runs as tables
 
-    print(report.plot(args.runs, args.out))
+    print(tables.plot(args.runs, args.out))
     return 0
 
+
+# ---------------------------------------------------------------------------------------------
+# The command line: one subcommand each, made of the arguments it takes.
 
 HELP = {  # command -> (description, example)
     "train": ("Train a recipe in a new run folder. " + LAYERS,
               "python launch.py recipes/lenet.py --config my.yaml optim.lr=3e-3 epochs=5\n"
               "other commands: resume, test, export, sweep, search, runs, plot (each with --help)"),
-    "resume": (resume.__doc__.split("\n\n")[0], "python launch.py resume runs/lenet/20261124-130102 epochs=20"),
+    "resume": (" ".join(resume.__doc__.split()), "python launch.py resume runs/lenet/20261124-130102 epochs=20"),
     "test": ("Evaluate a run's checkpoint on the test split (or val, if the recipe has no test). Prints the "
              "metrics and saves them as <run>/<split>-<checkpoint>.json.",
              "python launch.py test runs/lenet/20261124-130102 --checkpoint latest"),
@@ -221,84 +199,132 @@ HELP = {  # command -> (description, example)
 }
 
 
+def a_recipe(p):
+    p.add_argument("recipe", help="path to a recipe file, e.g. recipes/lenet.py")
+
+
+def a_run(p):
+    p.add_argument("run", help="a run folder, e.g. runs/lenet/20261124-130102")
+
+
+def overrides(p):
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides with dotted keys, e.g. optim.lr=3e-3 trackers=[]")
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="a YAML file of config values; repeatable, later files win")
+
+
+def force(p):
+    p.add_argument("--force", action="store_true", help="resume (train: with --autoresume) even if the "
+                   "overrides change keys that shape the model or the data")
+
+
+def autoresume(p):
+    p.add_argument("--autoresume", action="store_true",
+                   help="the run's folder is <output_dir>/<recipe>/<name>; if it has a checkpoint, continue it "
+                   "(as resume does) instead of starting again: for jobs that are preempted and restarted")
+
+
+def which_weights(p):
+    p.add_argument("--checkpoint", default="", help="best, latest, or a folder name such as step-0000516 "
+                   "(default: best, or latest when the run has no best yet)")
+    p.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights (ema.decay > 0)")
+
+
+def test_split(p):
+    p.add_argument("--split", default="", choices=["", "test", "val"], help="default: test, else val")
+
+
+def export_out(p):
+    p.add_argument("out", help="the folder to write; it must not exist, or be empty")
+
+
+def many_runs(default_launcher):
+    def add(p):
+        p.add_argument("--launcher", default=default_launcher, metavar="COMMAND",
+                       help="start each run with this, e.g. 'accelerate launch --multi_gpu --num_processes 2'")
+        p.add_argument("--parallel", type=int, default=1, metavar="K",
+                       help="K runs at once: each gets its own GPUs (CUDA_VISIBLE_DEVICES), or without GPUs its "
+                       "own share of the CPU cores (OMP_NUM_THREADS); their output goes to <folder>/console/")
+    return add
+
+
+def searching(p):
+    p.add_argument("recipe", nargs="?", help="path to a recipe file, e.g. recipes/lenet.py")
+    p.add_argument("--trials", type=int, metavar="N", help="how many trials (default 20)")
+    p.add_argument("--pruner", default="median", choices=["median", "halving", "none"],
+                   help="median: stop a trial whose validation is worse than the median of the finished "
+                   "trials' at the same validation; halving: asynchronous successive halving")
+    p.add_argument("--startup_trials", type=int, default=5, metavar="N",
+                   help="median: trials that finish before any is pruned (default 5)")
+    p.add_argument("--sampler", default="tpe", choices=["tpe", "random"], help="how values are chosen")
+    p.add_argument("--sampler_seed", type=int, default=0, metavar="S", help="the sampler's seed (default 0)")
+    p.add_argument("--resume", metavar="FOLDER",
+                   help="continue the search in FOLDER until it has its trials (also from another machine)")
+
+
+def checking(p):
+    p.add_argument("--processes", type=int, default=2, choices=[1, 2],
+                   help="2: also count the samples with 2 processes (torchrun, on CPUs without 2 GPUs); 1: not")
+    p.add_argument("--counts-to", help=argparse.SUPPRESS)
+
+
+def runs_folder(p):
+    p.add_argument("folder", nargs="?", default="runs", help="where to look (default: runs)")
+
+
+def plotted(p):
+    p.add_argument("runs", nargs="+", help="run folders, or one search folder")
+    p.add_argument("--out", help="the PNG to write (default: <run>/curves.png, or curves.png for several; "
+                   "<search>/history.png)")
+
+
+COMMANDS = {  # name -> (what runs it, what it does, the arguments it takes)
+    "train": (train, "train a new run", [a_recipe, overrides, force, autoresume]),
+    "resume": (resume, "continue a run", [a_run, overrides, force]),
+    "test": (test, "evaluate a run's checkpoint", [a_run, overrides, which_weights, test_split]),
+    "export": (export, "weights for code without the toolkit", [a_run, export_out, which_weights]),
+    "sweep": (sweep, "a grid of runs", [a_recipe, overrides, many_runs("")]),
+    "search": (search, "a search (Optuna)", [searching, overrides, many_runs(None)]),
+    "check": (check, "prove a recipe, in minutes", [a_recipe, overrides, checking]),
+    "runs": (runs, "list runs", [runs_folder]),
+    "plot": (plot, "draw their curves", [plotted]),
+}
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         # parse_intermixed_args names an optional nargs="*" positional among the missing ones.
         super().error(message.replace(", key=value", ""))
 
 
-def parser(command):
-    description, example = HELP[command]
-    p = Parser(prog="launch.py" if command == "train" else f"launch.py {command}",
-                                description=description, epilog=f"example: {example}",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    if command in ("train", "sweep", "check"):
-        p.add_argument("recipe", help="path to a recipe file, e.g. recipes/lenet.py")
-    elif command == "search":
-        p.add_argument("recipe", nargs="?", help="path to a recipe file, e.g. recipes/lenet.py")
-    elif command in ("resume", "test", "export"):
-        p.add_argument("run", help="a run folder, e.g. runs/lenet/20261124-130102")
-    if command == "export":
-        p.add_argument("out", help="the folder to write; it must not exist, or be empty")
-    elif command == "runs":
-        p.add_argument("folder", nargs="?", default="runs", help="where to look (default: runs)")
-    elif command == "plot":
-        p.add_argument("runs", nargs="+", help="run folders, or one search folder")
-        p.add_argument("--out", help="the PNG to write (default: <run>/curves.png, or curves.png for several; "
-                       "<search>/history.png)")
-    if command in ("train", "resume", "test", "sweep", "search", "check"):
-        p.add_argument("overrides", nargs="*", metavar="key=value",
-                       help="config overrides with dotted keys, e.g. optim.lr=3e-3 trackers=[]")
-        p.add_argument("--config", action="append", default=[], metavar="FILE",
-                       help="a YAML file of config values; repeatable, later files win")
-    if command in ("resume", "train"):
-        p.add_argument("--force", action="store_true", help="resume (train: with --autoresume) even if the "
-                       "overrides change keys that shape the model or the data")
-    if command in ("test", "export"):
-        p.add_argument("--checkpoint", default="", help="best, latest, or a folder name such as step-0000516 "
-                       "(default: best, or latest when the run has no best yet)")
-        p.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights (ema.decay > 0)")
-    if command == "test":
-        p.add_argument("--split", default="", choices=["", "test", "val"], help="default: test, else val")
-    if command == "train":
-        p.add_argument("--autoresume", action="store_true",
-                       help="the run's folder is <output_dir>/<recipe>/<name>; if it has a checkpoint, continue it "
-                       "(as resume does) instead of starting again: for jobs that are preempted and restarted")
-    if command in ("sweep", "search"):
-        p.add_argument("--launcher", default="" if command == "sweep" else None, metavar="COMMAND",
-                       help="start each run with this, e.g. 'accelerate launch --multi_gpu --num_processes 2'")
-        p.add_argument("--parallel", type=int, default=1, metavar="K",
-                       help="K runs at once: each gets its own GPUs (CUDA_VISIBLE_DEVICES), or without GPUs its "
-                       "own share of the CPU cores (OMP_NUM_THREADS); their output goes to <folder>/console/")
-    if command == "search":
-        p.add_argument("--trials", type=int, metavar="N", help="how many trials (default 20)")
-        p.add_argument("--pruner", default="median", choices=["median", "halving", "none"],
-                       help="median: stop a trial whose validation is worse than the median of the finished "
-                       "trials' at the same validation; halving: asynchronous successive halving")
-        p.add_argument("--startup_trials", type=int, default=5, metavar="N",
-                       help="median: trials that finish before any is pruned (default 5)")
-        p.add_argument("--sampler", default="tpe", choices=["tpe", "random"], help="how values are chosen")
-        p.add_argument("--sampler_seed", type=int, default=0, metavar="S", help="the sampler's seed (default 0)")
-        p.add_argument("--resume", metavar="FOLDER",
-                       help="continue the search in FOLDER until it has its trials (also from another machine)")
-    if command == "check":
-        p.add_argument("--processes", type=int, default=2, choices=[1, 2],
-                       help="2: also count the samples with 2 processes (torchrun, on CPUs without 2 GPUs); 1: not")
-        p.add_argument("--counts-to", help=argparse.SUPPRESS)
-    p.add_argument("--debug", action="store_true", help="show tracebacks for configuration errors")
-    return p
-
-
-COMMANDS = {"train": train, "resume": resume, "test": test, "export": export, "sweep": sweep, "search": search,
-            "check": check, "runs": runs, "plot": plot}
+def parser():
+    """launch.py's parser, with one subparser per command. `python launch.py RECIPE` is `train`."""
+    top = Parser(prog="launch.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for name, (run, summary, arguments) in COMMANDS.items():
+        description, example = HELP[name]
+        sub = commands.add_parser(name, help=summary, description=description,
+                                  epilog=f"example: {example}", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                  prog="launch.py" if name == "train" else f"launch.py {name}")
+        for add in arguments:
+            add(sub)
+        sub.add_argument("--debug", action="store_true", help="show tracebacks for configuration errors")
+        sub.set_defaults(run=run)
+    return top, commands.choices
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in COMMANDS and argv[0] != "train" else "train"
-    args = parser(command).parse_intermixed_args(argv)
+    top, commands = parser()
+    if argv[:1] in (["-h"], ["--help"]):
+        top.print_help()
+        return 0
+    command = argv.pop(0) if argv and argv[0] in commands else "train"
+    # Each command's own parser, intermixed: key=value overrides may come before and after options.
+    args = commands[command].parse_intermixed_args(argv)
     try:
-        return COMMANDS[command](args)
+        return args.run(args)
     except RecipeError as e:
         if args.debug:
             raise

@@ -5,7 +5,7 @@ ImageFolder with RandomCrop(28, padding=2) + RandomHorizontalFlip + ToTensor per
 DataLoader with 2 workers and batch 64 (persistent workers, as the toolkit makes them):
 
   (a) plain: the dataset as it is (what a hand-written loop does)
-  (b) seeded: wrapped in toolkit.data.SeededSamples, which seeds torch, numpy and `random` before
+  (b) seeded: wrapped in toolkit.data.mapstyle.SeededSamples, which seeds torch, numpy and `random` before
       each sample from (seed, epoch, index), as the loop does for every map-style dataset
 
 Data loading alone, no training step: the worst case, as a model's step would hide part of it.
@@ -24,8 +24,8 @@ from PIL import Image
 from torchvision import datasets, transforms
 
 from common import FASHION_MNIST, REPO  # noqa: F401 - puts the repository on sys.path
-from toolkit.data import SeededSamples
-from toolkit.readers import load_mnist
+from toolkit.data.mapstyle import SeededSamples
+from toolkit.data.readers import load_mnist
 
 IMAGES, BATCH, WORKERS = 6000, 64, 2
 

@@ -23,7 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from toolkit.streams import StreamLoader  # noqa: E402
+from toolkit.data.streams import StreamLoader  # noqa: E402
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 40_000
 ROUNDS, BATCH = 3, 64

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from toolkit import recipe  # noqa: E402
-from toolkit.readers import load_mnist  # noqa: E402
+from toolkit.data.readers import load_mnist  # noqa: E402
 
 FASHION_MNIST = os.environ.get("FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
 LENET = recipe.load(REPO / "recipes" / "lenet.py")

@@ -22,7 +22,7 @@ all, ending with one table of check, seconds, figures and result (PASS, FAIL or 
            recipes/gpt.py, toolkit and hand-written, 5 pairs (its docstring). Result: its median
            wall-clock ratio toolkit / hand-written.
   gpt_mfu  a short run of recipes/gpt.py with bf16 + compile. Result: the mfu of its last train
-           window in metrics.jsonl (toolkit.processes.PEAK_FLOPS must know the GPU).
+           window in metrics.jsonl (toolkit.distributed.PEAK_FLOPS must know the GPU).
   peers    benchmarks/bench_peers.py --gpu (bert-base's shape, bf16) with fewer rounds and lines
            than its defaults, to fit the budget. Result: the medians of its per-round ratios
            toolkit / transformers.Trainer and toolkit / a plain Accelerate loop.
@@ -63,7 +63,7 @@ import torch.nn.functional as F
 
 from common import FASHION_MNIST, REPO, records, table
 
-from toolkit.readers import CIFAR10_FILES, MNIST_FILES  # noqa: E402 - common puts the repository on the path
+from toolkit.data.readers import CIFAR10_FILES, MNIST_FILES  # noqa: E402 - common puts the repository on the path
 
 BUDGET_S = 450  # every check together; 30 s spare under 8 minutes
 TIMEOUTS = {"fsdp": 45, "fp16": 45, "resnet": 150, "gpt": 210, "gpt_mfu": 60, "peers": 150}  # s, per command
@@ -341,7 +341,7 @@ def check_gpt_mfu(work):
     train = records(run_folder(work / "gpt"), "train")
     if not train or "mfu" not in train[-1]:
         return (f"no mfu in metrics.jsonl's train records: is {torch.cuda.get_device_name()} in "
-                f"toolkit.processes.PEAK_FLOPS?"), "FAIL"
+                f"toolkit.distributed.PEAK_FLOPS?"), "FAIL"
     last = train[-1]
     first = (train[-2]["step"] if len(train) > 1 else 0) + 1
     figures = (f"steps {first}-{last['step']}: "
@@ -381,7 +381,8 @@ def run_check(name, work):
 
 def resnet_pairs(root):
     """PAIRS pairs of toolkit and hand-written runs; prints their images/s as one JSON line."""
-    from toolkit import config, readers, recipe
+    from toolkit import config, recipe
+    from toolkit.data import readers
 
     resnet = recipe.load(REPO / "recipes" / "resnet_cifar.py")
     overrides = resnet_overrides(root)

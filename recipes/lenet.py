@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolkit import UserError
-from toolkit.data import TensorDataset
-from toolkit.readers import load_mnist
+from toolkit.data import TensorDataset, load_mnist
 
 config = {
     "data": {

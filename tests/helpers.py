@@ -205,7 +205,7 @@ def weights(run, which="latest"):
     """The model weights of a run's checkpoint (latest, best or a folder name)."""
     from safetensors.torch import load_file
 
-    from toolkit import checkpoint
+    from toolkit.state import checkpoint
 
     return load_file(checkpoint.find(run, which) / "model.safetensors")
 

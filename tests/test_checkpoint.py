@@ -14,9 +14,10 @@ from safetensors.torch import load_file
 from conftest import Shared, tiny_args
 from helpers import (CPU, LENET, PROBE, REPO, assert_same_weights, copy_run, launch, launch_two, ok, only_run,
                      read_jsonl, start, summary, two_processes, wait_until, weights)
-from toolkit import UserError, checkpoint
-from toolkit.summary import Status, Summary
-from toolkit.weights import load_weights
+from toolkit import UserError
+from toolkit.run.summary import Status, Summary
+from toolkit.state import checkpoint
+from toolkit.state.weights import load_weights
 
 
 def comparable(records):

@@ -137,11 +137,12 @@ def test_diff_lists_what_changed():
 
 def test_choices_are_the_registries_names():
     """The names that optim.name, sched.name and trackers take are their registries' (toolkit.optim,
-    toolkit.tracking): each of them works, a name outside them is refused, and the README table shows them."""
+    toolkit.run.trackers): each of them works, a name outside them is refused, and the README table shows them."""
     import torch
 
     from helpers import LENET
-    from toolkit import optim, recipe, tracking
+    from toolkit import optim, recipe
+    from toolkit.run import trackers
     assert set(optim.OPTIMIZERS) == {"adamw", "adam", "sgd"}
     model = torch.nn.Linear(2, 1)
     for name in optim.OPTIMIZERS:
@@ -151,14 +152,15 @@ def test_choices_are_the_registries_names():
         factor = optim.lr_schedule(resolve(RECIPE, [], [f"sched.name={name}"]), steps_per_epoch=10)
         assert all(0 <= factor(step) <= 1 for step in range(30))
     assert problems("sched.name=nope") == ["sched.name: 'nope' is not one of constant, cosine, linear, step, onecycle"]
-    assert problems("trackers=[nope]") == [f"trackers: 'nope' is not one of {', '.join(tracking.TRACKERS)}"]
+    assert problems("trackers=[nope]") == [f"trackers: 'nope' is not one of {', '.join(trackers.TRACKERS)}"]
     assert "| `optim.name` | `adamw` | adamw \\| adam \\| sgd |" in config.markdown_table()
 
 
 def test_each_key_is_described_once_with_its_rules():
     """A key's default, meaning, choices, minimum, rule and whether a resume may change it come from
     its one spec (keys.KEYS, and a tracker's block in its entry)."""
-    from toolkit import keys as specs, spec
+    from toolkit.config import keys as specs
+    from toolkit.config import spec
     keys = {key: node for key, node, _ in spec.leaves(specs.KEYS)}
     assert keys["batch_size"].minimum == 1 and problems("batch_size=0") == ["batch_size: 0 is below the minimum, 1"]
     assert problems("ema.decay=1.0") == ["ema.decay: must be below 1 (e.g. 0.999), or 0 for no EMA"]

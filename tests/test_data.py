@@ -5,8 +5,8 @@ from torch.utils.data import DataLoader
 
 from helpers import make_mnist, write_idx
 from toolkit import UserError
-from toolkit.data import TensorDataset
-from toolkit.readers import load_mnist, read_idx
+from toolkit.data.mapstyle import TensorDataset
+from toolkit.data.readers import load_mnist, read_idx
 
 
 @pytest.mark.parametrize("compress", [True, False])
@@ -51,7 +51,7 @@ def test_missing_data_says_where_and_how(tmp_path, monkeypatch):
     assert f"in {tmp_path} or {tmp_path}/FashionMNIST/raw" in message
     assert "train-images-idx3-ubyte[.gz]" in message and "apt-get install dataset-fashion-mnist" in message
 
-    monkeypatch.setattr("toolkit.readers._download_mnist", lambda name, root: "<urlopen error no network>")
+    monkeypatch.setattr("toolkit.data.readers._download_mnist", lambda name, root: "<urlopen error no network>")
     with pytest.raises(UserError, match="the download failed \\(<urlopen error no network>\\)"):
         load_mnist("mnist", tmp_path)
 

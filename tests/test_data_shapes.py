@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from helpers import REPO, assert_same_weights, launch, launch_two, ok, only_run, read_jsonl, summary, weights
-from toolkit import checkpoint
-from toolkit.data import SeededSamples
+from toolkit.data.mapstyle import SeededSamples
+from toolkit.state import checkpoint
 
 STREAM = REPO / "tests" / "recipes" / "stream.py"
 

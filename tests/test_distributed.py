@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from conftest import Shared
 from helpers import (CPU, LENET, PROBE, REPO, accelerate_launch, free_port, launch, launch_two, ok, only_run, start,
                      summary)
-from toolkit.processes import first_line
+from toolkit.distributed import first_line
 
 # Here 2 processes start with the flags form (`launch_two(..., flags=True)`); the other test files
 # use accelerate_configs/multi_gpu.yaml.
@@ -214,7 +214,7 @@ def _stop_requests(rank, store, results):
     """One of two gloo processes: asks StopRequest at 4 steps, its clock past max_minutes from step 1 on
     rank 0 but only from step 3 on rank 1."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    from toolkit.signals import StopRequest
+    from toolkit.run.signals import StopRequest
 
     with StopRequest(2) as stop:
         results[rank] = [str(stop.check(over_time=step >= 1 + 2 * rank)) for step in range(4)]
@@ -243,7 +243,7 @@ def _threads_after_the_group(rank, port, results):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), ACCELERATE_USE_CPU="1")
     from toolkit import config
-    from toolkit.processes import start_processes
+    from toolkit.distributed import start_processes
 
     assert "torch._dynamo" not in sys.modules
     before = len(os.listdir("/proc/self/task"))

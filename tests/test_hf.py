@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from helpers import REPO, assert_same_weights, launch, launch_two, ok, only_run, records, summary, weights
-from toolkit import UserError, checkpoint
-from toolkit.weights import load_weights, write_safetensors
+from toolkit import UserError
+from toolkit.state import checkpoint
+from toolkit.state.weights import load_weights, write_safetensors
 
 GPT2 = str(REPO / "tests" / "recipes" / "hf_gpt2.py")
 COMMON = [GPT2, "num_workers=0", "ema.decay=0.9", "checkpoint.every_steps=4"]  # the stream read between steps

@@ -4,7 +4,7 @@ import pytest
 
 from toolkit import config
 from toolkit.loop import Plan, plan
-from toolkit.summary import Stop
+from toolkit.run.summary import Stop
 
 
 def cfg(*overrides):

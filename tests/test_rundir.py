@@ -14,7 +14,7 @@ PAD = "x" * SIZE  # a write long enough for another writer to start in the middl
 WRITER = f"""
 import sys
 sys.path.insert(0, {str(REPO)!r})
-from toolkit import rundir
+from toolkit.run import rundir
 for n in range(40):
     rundir.write_json(sys.argv[1], {{"writer": int(sys.argv[2]), "n": n, "pad": "x" * {SIZE}}})
 """
@@ -28,7 +28,7 @@ def complete(path):
 
 
 def test_writers_of_one_file_at_once_always_leave_a_complete_file(tmp_path):
-    from toolkit import rundir
+    from toolkit.run import rundir
 
     path = tmp_path / "search.json"
     rundir.write_json(path, {"writer": -1, "n": 0, "pad": PAD})
@@ -59,7 +59,7 @@ def test_writers_of_one_file_at_once_always_leave_a_complete_file(tmp_path):
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
-    from toolkit import rundir
+    from toolkit.run import rundir
 
     path = tmp_path / "summary.json"
     rundir.write_json(path, {"status": "running"})

@@ -17,7 +17,7 @@ from helpers import REPO, free_port, launch, ok, read_jsonl, run_dirs, summary, 
 optuna = pytest.importorskip("optuna")
 
 import launch as launch_module  # noqa: E402
-from toolkit import parallel  # noqa: E402
+from toolkit.jobs import pool  # noqa: E402
 
 LINE = REPO / "tests" / "recipes" / "line.py"
 SPACE = "optim.lr=loguniform(1e-3,0.3)"
@@ -241,7 +241,7 @@ def test_search_without_optuna_says_how_to_install_it(tmp_path, capsys, monkeypa
 
 
 def test_more_parallel_runs_than_gpus_is_refused(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(parallel, "gpus", lambda: ["0", "1"])
+    monkeypatch.setattr(pool, "gpus", lambda: ["0", "1"])
     for command in (["search", str(LINE), SPACE], ["sweep", str(LINE), "optim.lr=0.01,0.02,0.03"]):
         assert launch_module.main([*command, f"output_dir={tmp_path / 'runs'}", "--parallel", "3"]) == 2
         assert capsys.readouterr().err == ("error: --parallel 3 needs 3 GPUs, one per run, but this machine shows 2 "
@@ -264,7 +264,7 @@ def test_a_forked_run_is_what_python_would_start_but_pre_imported(tmp_path):
         "sys.exit(3)\n")
     (tmp_path / "work").mkdir()
     env = {**os.environ, "MINLOOP_X": "y", "OMP_NUM_THREADS": "1"}
-    run = parallel.forked([str(script), "a", "b"], env, cwd=str(tmp_path / "work"), cores={0},
+    run = pool.forked([str(script), "a", "b"], env, cwd=str(tmp_path / "work"), cores={0},
                           output=tmp_path / "out.txt")
     wait_until(lambda: run.poll() is not None, what="the forked script's end")
     assert run.poll() == 3
@@ -278,5 +278,5 @@ def test_the_training_loop_knows_nothing_of_searches():
     search, trial, space, sweep, jobs or process pool."""
     code = "import sys, toolkit.loop; print(sorted(m for m in sys.modules if m.startswith('toolkit.')))"
     loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    assert not {"toolkit.search", "toolkit.trial", "toolkit.space", "toolkit.sweep", "toolkit.jobs",
-                "toolkit.parallel"} & set(eval(loaded))
+    assert not {"toolkit.jobs.search", "toolkit.jobs.trial", "toolkit.jobs.space", "toolkit.jobs.sweep", "toolkit.jobs.launching",
+                "toolkit.jobs.pool"} & set(eval(loaded))

@@ -17,7 +17,7 @@ import webdataset as wds
 from datasets.distributed import split_dataset_by_node
 
 from toolkit import UserError
-from toolkit.streams import StreamLoader, stream_part
+from toolkit.data.streams import StreamLoader, stream_part
 
 N = 250  # samples before the filter
 KEPT = [i for i in range(N) if i % 7 != 3]  # after it

@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from helpers import LENET, launch, ok, only_run, records
-from toolkit.tracking import _drop_steps_after
+from toolkit.run.trackers import _drop_steps_after
 
 
 class Book:

@@ -13,9 +13,11 @@ from safetensors.torch import load_file
 import launch as launch_module
 from helpers import (FASHION_MNIST, LENET, PROBE, REPO, copy_run, launch, launch_two, ok, only_run, read_jsonl,
                      records, summary)
-from toolkit import UserError, checkpoint, config, optim, recipe, tracking
-from toolkit.loaders import make_loader
+from toolkit import UserError, config, optim, recipe
+from toolkit.data.loaders import make_loader
 from toolkit.optim import lr_schedule, make_optimizer
+from toolkit.run import trackers
+from toolkit.state import checkpoint
 
 
 def lenet_cfg(*overrides):
@@ -183,13 +185,13 @@ class Lines(GeneralTracker):
 
 
 def test_a_new_optimizer_schedule_and_tracker_are_one_entry_each(tiny, tmp_path, monkeypatch):
-    """One entry in toolkit.optim's OPTIMIZERS and SCHEDULES and in toolkit.tracking's TRACKERS, and a
+    """One entry in toolkit.optim's OPTIMIZERS and SCHEDULES and in toolkit.run.trackers's TRACKERS, and a
     run takes optim.name=adagrad sched.name=halving trackers=[lines]: the config accepts the names,
     the optimizer is Adagrad, the LR halves every 4 steps, and the tracker logs every step."""
     monkeypatch.setitem(optim.OPTIMIZERS, "adagrad", lambda groups, o: torch.optim.Adagrad(groups, lr=o.lr))
     halving = optim.Schedule(lambda step, progress, s, per_epoch: 0.5 ** (step // 4))
     monkeypatch.setitem(optim.SCHEDULES, "halving", halving)
-    monkeypatch.setitem(tracking.TRACKERS, "lines", tracking.Tracker(lambda cfg, run_dir, state: Lines(run_dir)))
+    monkeypatch.setitem(trackers.TRACKERS, "lines", trackers.Tracker(lambda cfg, run_dir, state: Lines(run_dir)))
     ok(launch([LENET, *tiny, "optim.name=adagrad", "sched.name=halving", "trackers=[lines]", "max_steps=10",
                "log_every=1"], cwd=tmp_path))
     run = only_run(tmp_path / "runs")
@@ -346,11 +348,3 @@ def test_each_sample_draws_from_its_own_seed_on_any_worker_or_rank():
         loader = make_loader("val", Seeds(), cfg, recipe.load(LENET), processes)
         seeds.append([int(s) for batch in loader for s in batch])
     assert seeds[0] == seeds[1] and len(set(seeds[0])) == 8  # a function of the sample, not the worker
-
-
-# ---------------------------------------------------------------------------------------------
-# Documentation
-
-def test_readme_lists_every_key_with_its_default():
-    readme = (REPO / "README.md").read_text()
-    assert config.markdown_table() in readme, "README's key table is stale: python -m toolkit.config"

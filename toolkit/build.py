@@ -8,9 +8,10 @@ import torch
 from accelerate.utils import set_seed
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from toolkit import UserError, data
+from toolkit import UserError
+from toolkit.data import mapstyle
 from toolkit.optim import SCHEDULES
-from toolkit.weights import load_weights
+from toolkit.state.weights import load_weights
 
 
 def build(recipe, cfg, processes, weights="", training=True, strict=False, use_ema=False):
@@ -52,9 +53,9 @@ def check_splits(splits, cfg):
         raise UserError(f"the recipe's datasets() returned unknown splits {', '.join(sorted(unknown))}; "
                         f"expected train, val, test")
     train = splits["train"]
-    if data.has_length(train) and len(train) == 0:
+    if mapstyle.has_length(train) and len(train) == 0:
         raise UserError("the train split is empty")
-    if not data.has_length(train):
+    if not mapstyle.has_length(train):
         s, schedule = cfg.sched, SCHEDULES[cfg.sched.name]
         needs = [need for need, on in (
             (f"sched.name={s.name}", schedule.per_epoch or (schedule.over_training and not cfg.max_steps)),
@@ -69,7 +70,7 @@ def check_splits(splits, cfg):
 
 def sizes(splits):
     """{split: its length, or None for a stream}."""
-    return {split: len(ds) if data.has_length(ds) else None for split, ds in splits.items()}
+    return {split: len(ds) if mapstyle.has_length(ds) else None for split, ds in splits.items()}
 
 
 def same_everywhere(splits, processes):
@@ -93,13 +94,13 @@ def limit_splits(splits, cfg, num_processes):
     over them is an epoch)."""
     def first(split, batches, batch_size):
         n = batches * batch_size * num_processes
-        if data.is_stream(splits[split]):
+        if mapstyle.is_stream(splits[split]):
             return list(itertools.islice(splits[split], n))
         return torch.utils.data.Subset(splits[split], range(min(n, len(splits[split]))))
 
     limited = dict(splits)
     for split, batches in cfg.limit_batches.items():
-        if batches and split in splits and not data.is_stream(splits[split]):
+        if batches and split in splits and not mapstyle.is_stream(splits[split]):
             limited[split] = first(split, batches, cfg.batch_size if split == "train" else cfg.eval_batch_size)
     if cfg.debug.overfit_batches:
         few = limited["val"] = first("train", cfg.debug.overfit_batches, cfg.batch_size)

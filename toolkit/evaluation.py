@@ -7,13 +7,15 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast, broadcast_object_list, send_to_device
+from accelerate.utils import broadcast_object_list, send_to_device
 
-from toolkit import UserError, build, checkpoint, data, loaders, rundir
-from toolkit.logs import format_metrics, log
+from toolkit import UserError, build, distributed
+from toolkit.data import loaders, mapstyle
 from toolkit.metrics import Totals, summarize
-from toolkit.processes import start_processes
-from toolkit.summary import Stop
+from toolkit.run import rundir
+from toolkit.run.logs import format_metrics, log
+from toolkit.run.summary import Stop
+from toolkit.state import checkpoint
 
 
 @torch.no_grad()
@@ -21,18 +23,11 @@ def evaluate(accelerator, model, loader, recipe, cfg, split, beat=lambda: None, 
     """Exact metrics of `model` over `loader`'s whole split, summed over all ranks; in training
     mode (batch statistics, dropout) if `training`, as `launch.py check` measures what a few steps fit.
 
-    Ranks may hold different numbers of batches (the split is not padded). With DDP that is safe:
-    the unwrapped model runs no collective, and the one collective is the final reduce. FSDP
-    gathers weights inside every forward, so there each rank runs as many forwards as the busiest
-    one, repeating its last batch and ignoring the result.
+    Ranks may hold different numbers of batches (the split is not padded): the model is the one
+    `distributed.evaluation_model` gives, each rank runs the forwards that `forwards_to_match`
+    asks for, and the one collective of the counts is the final reduce.
     """
-    sharded = accelerator.distributed_type == DistributedType.FSDP
-    net = model if sharded else accelerator.unwrap_model(model)
-    if accelerator.num_processes > 1 and not sharded:
-        # Every rank evaluates rank 0's model: DDP keeps weights in sync but buffers (BatchNorm
-        # statistics) drift apart between its broadcasts.
-        for buffer in net.buffers():
-            broadcast(buffer, from_process=0)
+    net = distributed.evaluation_model(accelerator, model)
     was_training = net.training
     net.train(training)
     totals = Totals(cfg.loss_per or "samples")
@@ -42,17 +37,12 @@ def evaluate(accelerator, model, loader, recipe, cfg, split, beat=lambda: None, 
             loss, counts = recipe.loss(net, batch, cfg)
             totals.add(loss, counts)
             beat()  # progress, for the watchdog
-        if sharded:
-            most = max(accelerator.gather(torch.tensor([len(loader)], device=accelerator.device)).tolist())
-            if most > len(loader) and batch is None:
-                raise UserError("under FSDP every process needs at least one evaluation batch: lower "
-                                "eval_batch_size or use fewer processes")
-            for _ in range(most - len(loader)):
-                recipe.loss(net, batch, cfg)
+        for _ in range(distributed.forwards_to_match(accelerator, len(loader))):
+            recipe.loss(net, batch, cfg)
     net.train(was_training)
     sums = totals.reduce(accelerator)
     if not sums.get("samples"):  # the same sums on every rank: all stop here together
-        stream = not data.has_length(loader)  # a list of batches has a length too (sanity_check)
+        stream = not mapstyle.has_length(loader)  # a list of batches has a length too (sanity_check)
         raise UserError(f"the {split} split has no sample" + (" (its stream yielded nothing)" if stream else ""))
     return summarize(sums, recipe.metrics, cfg.loss_per or "samples")
 
@@ -91,9 +81,9 @@ class Validator:
         n = cfg.sanity_val_batches * cfg.eval_batch_size
         if self.loader is None or not n:
             return
-        first = list(itertools.islice(val, n)) if data.is_stream(val) else \
+        first = list(itertools.islice(val, n)) if mapstyle.is_stream(val) else \
             torch.utils.data.Subset(val, range(min(n, len(val))))
-        with data.untouched_randomness(accelerator.device):
+        with mapstyle.untouched_randomness(accelerator.device):
             loader = loaders.make_loader("val", first, cfg, self.recipe, accelerator, num_workers=0)
             batches = [send_to_device(batch, accelerator.device) for batch in loader]
             reported = {split: evaluate(accelerator, net, batches, self.recipe, cfg, "val", self.beat)
@@ -128,7 +118,7 @@ def test(recipe, cfg, run_dir, which="", split="", use_ema=False):
     """Evaluate checkpoint `which` (best, latest or a folder name; default: best if the run has
     one, else latest) of the run in `run_dir` on `split` (default: test, else val), with its EMA
     weights if `use_ema`; print the metrics and save them as <run>/<split>[_ema]-<checkpoint>.json."""
-    processes, cpu = start_processes(cfg)
+    processes, cpu = distributed.start_processes(cfg)
     which = which or ("best" if checkpoint.read_state(checkpoint.find(run_dir)).best_checkpoint else "latest")
     path = checkpoint.find(run_dir, which)
     weights = path / ("ema.safetensors" if use_ema else "model.safetensors")

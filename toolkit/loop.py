@@ -20,18 +20,19 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 
-from toolkit import UserError, checkpoint, logs, profiling, rundir, tracking
+from toolkit import UserError, distributed
 from toolkit.build import build, sizes
+from toolkit.data.loaders import make_loader, steps_per_epoch
 from toolkit.evaluation import Validator, evaluate, monitor_for
-from toolkit.loaders import make_loader, steps_per_epoch
-from toolkit.logs import log
-from toolkit.metrics import StepUnits, Window
-from toolkit.optim import lr_schedule, make_optimizer, set_lr
-from toolkit.processes import peak_flops_per_s, start_processes
-from toolkit.records import Run
-from toolkit.signals import StopRequest
-from toolkit.summary import Stop
-from toolkit.watchdog import Watchdog
+from toolkit.metrics import Window
+from toolkit.optim import StepUnits, lr_schedule, make_optimizer, set_lr
+from toolkit.run import logs, profiling, rundir, trackers
+from toolkit.run.logs import log
+from toolkit.run.records import Run
+from toolkit.run.signals import StopRequest
+from toolkit.run.summary import Stop
+from toolkit.run.watchdog import Watchdog
+from toolkit.state import checkpoint
 
 # Accelerate's optimizer step looks up whether the `lomo_optim` package is installed, twice per
 # step, through importlib (about 0.1 ms each: 7% of a LeNet step on a CPU). The answer cannot
@@ -44,13 +45,13 @@ def train(recipe, cfg, resume=None, autoresume=False, trial=None):
     folder), continue that run from its latest checkpoint. Return the summary. With `autoresume`
     the new run's folder is <output_dir>/<recipe>/<name> (launch.py --autoresume). `trial`: a
     hook told each validation's monitored value, `trial.report(value, number) -> True` to stop
-    (a search's trial that its pruner stops: `toolkit.trial.Trial`)."""
+    (a search's trial that its pruner stops: `toolkit.jobs.trial.Trial`)."""
     # Creating the first optimizer imports torch._dynamo (0.8 s on 2 CPU cores): let that happen
     # while the data loads, which mostly waits in zlib and torch, outside the GIL.
     threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True).start()
     # The process group first, so that ranks can agree on things (the run folder) before any work.
-    processes, cpu = start_processes(cfg)
-    tracking.check_trackers(cfg)
+    processes, cpu = distributed.start_processes(cfg)
+    trackers.check_trackers(cfg)
     resume_from = checkpoint.find(resume) if resume else None
     state = checkpoint.verify(resume_from, processes.num_processes) if resume else checkpoint.TrainState()
 
@@ -66,7 +67,7 @@ def train(recipe, cfg, resume=None, autoresume=False, trial=None):
     run_dir = Path(resume) if resume else rundir.create(processes, cfg.output_dir, recipe.name, cfg.name, autoresume)
     accelerator = Accelerator(
         cpu=cpu, mixed_precision=cfg.precision, gradient_accumulation_steps=cfg.grad_accum,
-        log_with=tracking.make_trackers(cfg, run_dir, state) or None, project_dir=run_dir,
+        log_with=trackers.make_trackers(cfg, run_dir, state) or None, project_dir=run_dir,
         # Every rank shuffles with one seed and takes its shard of each batch list: the data order is
         # a function of (seed, epoch). Batches in pinned memory go to the GPU without blocking.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed,
@@ -88,12 +89,12 @@ def train(recipe, cfg, resume=None, autoresume=False, trial=None):
     # while this process records that another one failed must not kill it before it says why.
     with StopRequest(accelerator.num_processes) as stop, run, watchdog, \
             profiling.window(cfg, run_dir, accelerator) as profiler:
-        run.log_start(splits, accelerator.unwrap_model(model), groups, initialized)
+        run.log_start(splits, distributed.recipe_model(accelerator, model), groups, initialized)
         saver = checkpoint.Saver(accelerator, run_dir, model, ema, cfg.checkpoint.keep, monitor, run, train_loader)
         validate = Validator(accelerator, recipe, cfg, eval_loaders.get("val"), {"val": model, "val_ema": ema}, run,
                              trial, watchdog.beat)
         validate.sanity_check(splits.get("val"))  # a bad monitor or loss fails here, in seconds
-        window = train_window(accelerator, recipe, cfg, accelerator.unwrap_model(model))
+        window = train_window(accelerator, recipe, cfg, distributed.recipe_model(accelerator, model))
         finite = FiniteCheck(cfg, accelerator, state)  # skip_nonfinite
         stopping = None  # the `Stop`, when training ends before `epochs`
         last_epoch = state.epoch if cfg.max_steps and state.step >= cfg.max_steps else cfg.epochs
@@ -131,7 +132,7 @@ def train(recipe, cfg, resume=None, autoresume=False, trial=None):
                 if profiler is not None:  # profile.active: a window of steps under torch.profiler
                     profiler.step()
                 if ema is not None and updated:
-                    ema.update_parameters(accelerator.unwrap_model(model))
+                    distributed.update_ema(accelerator, ema, model)
                 end_of_epoch = batches.end_of_dataloader
                 todo = plan(state.step, epoch, end_of_epoch, cfg, stop.check(run.over_time()), state.bad_steps)
                 if end_of_epoch:
@@ -202,7 +203,7 @@ def train_window(accelerator, recipe, cfg, model):
     """The train metrics' `Window`, with the model FLOPs utilisation (MFU) where it can be known: on
     GPUs whose peak is known, for recipes that count their FLOPs (the `flops` hook)."""
     return Window(cfg.loss_per or "samples", accelerator.device, recipe.metrics, recipe.flops(cfg, model),
-                  peak_flops_per_s(accelerator.device))
+                  distributed.peak_flops_per_s(accelerator.device))
 
 
 def past_the_end(state, epoch):

@@ -1,4 +1,4 @@
-"""Exact metrics from summable counts, and exact gradients for losses that are means over a count.
+"""Exact metrics from summable counts.
 
 A recipe's `loss(model, batch, cfg)` returns `(loss, counts)`: `counts["samples"]` is the number of
 samples in the batch and the other counts are sums over them (e.g. `correct`, `tokens`). The loss
@@ -20,7 +20,7 @@ from accelerate.utils import gather_object
 from toolkit import UserError
 
 
-def _exact_dtype(device):
+def exact_dtype(device):
     return torch.float32 if device.type == "mps" else torch.float64  # exact counts up to 2**53
 
 
@@ -58,7 +58,7 @@ class Totals:
         names = sorted(self.sums)
         if accelerator.num_processes > 1:
             names = sorted(set(gather_object(names)))
-        dtype = _exact_dtype(accelerator.device)
+        dtype = exact_dtype(accelerator.device)
         zero = torch.zeros((), dtype=dtype, device=accelerator.device)
         stacked = torch.stack([torch.as_tensor(self.sums[k], device=accelerator.device).to(dtype)
                                if k in self.sums else zero for k in names])
@@ -165,61 +165,3 @@ def summarize(sums, recipe_metrics=per_sample, per="samples"):
     extra = recipe_metrics({k: v for k, v in sums.items() if k != "loss"})
     loss = sums["loss"] / sums[per] if sums.get(per) else float("nan")
     return {**extra, "loss": loss, "samples": int(samples)}
-
-
-class StepUnits:
-    """Makes an optimizer step's gradient the gradient of the one big batch it stands for.
-
-    DDP averages the processes' gradients and Accelerate divides each micro-batch's loss by
-    `grad_accum`: a mean of per-micro-batch means. That is exact only when every micro-batch
-    holds as many units as the others. With `loss_per=tokens` (a loss that is a mean over a
-    count), each micro-batch's loss is weighed by its count instead, and at the step the
-    gradients are divided by the step's total count over micro-batches and processes (one
-    all-reduce of a number, no host sync): the gradient of the summed loss over all tokens of the
-    step, divided by their number.
-
-    A stream's last steps (`StreamLoader`) can leave some processes without a batch: they
-    repeat their last one with weight zero, and the others' losses are weighed so that the
-    step's gradient is the mean over the processes that had data.
-
-    A step of one micro-batch on one process is its own big batch: its loss is used as it is.
-    """
-
-    def __init__(self, per, accelerator, loader):
-        """`loader`: the training `loaders.Loader`, which says which batches are padding."""
-        self.per, self.accelerator, self.loader = per, accelerator, loader
-        self.units = torch.zeros((), dtype=_exact_dtype(accelerator.device), device=accelerator.device)
-        self.alone = accelerator.num_processes == 1 and accelerator.gradient_accumulation_steps == 1
-
-    def weigh(self, loss, counts):
-        """The loss to back-propagate for one micro-batch."""
-        if self.per:
-            if self.per not in counts:
-                check_counts(counts, self.per)
-            if self.alone:  # no other micro-batch or process to weigh it against
-                return loss
-            units = 0 if self.loader.padding else counts[self.per]
-            self.units += units
-            return loss * units
-        if self.loader.padding:  # a repeat that must not count
-            return loss * 0
-        with_data = self.loader.ranks_with_data
-        if with_data != self.accelerator.num_processes:
-            return loss * (self.accelerator.num_processes / with_data)
-        return loss
-
-    def normalize(self, model):
-        """At an optimizer step, before clipping: divide the gradients by the step's units."""
-        if not self.per or self.alone:
-            return
-        total = self.accelerator.reduce(self.units, reduction="sum") if self.accelerator.num_processes > 1 \
-            else self.units
-        factor = self.accelerator.gradient_accumulation_steps * self.accelerator.num_processes / total
-        factor = torch.where(total > 0, factor, 0.0)  # a step without units has zero gradients anyway
-        grads = {}
-        for p in model.parameters():
-            if p.grad is not None:
-                grads.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
-        for (device, dtype), group in grads.items():
-            torch._foreach_mul_(group, factor.to(device=device, dtype=dtype))
-        self.units.zero_()

@@ -1,4 +1,6 @@
-"""The optimizer (parameter groups, freezing, LR multipliers) and the learning-rate schedule.
+"""The optimizer (parameter groups, freezing, LR multipliers), the learning-rate schedule, and the
+weighing of each step's gradients (`StepUnits`: exact gradients for a loss that is a mean over a
+count, such as tokens).
 
 The schedule is a plain function of the optimizer step, applied before every optimizer step:
 nothing to prepare (Accelerate's prepared schedulers step once per process), nothing to save (the
@@ -11,7 +13,8 @@ from collections.abc import Callable
 
 import torch
 
-from toolkit import UserError
+from toolkit import UserError, distributed
+from toolkit.metrics import check_counts, exact_dtype
 
 # Every optim.name: the torch optimizer, from the parameter groups and cfg.optim.
 OPTIMIZERS = {
@@ -124,3 +127,56 @@ def lr_schedule(cfg, steps_per_epoch):
 def set_lr(optimizer, base_lrs, factor):
     for group, base in zip(optimizer.param_groups, base_lrs):
         group["lr"] = base * factor
+
+
+class StepUnits:
+    """Makes an optimizer step's gradient the gradient of the one big batch it stands for.
+
+    DDP averages the processes' gradients and Accelerate divides each micro-batch's loss by
+    `grad_accum`: a mean of per-micro-batch means. That is exact only when every micro-batch
+    holds as many units as the others. With `loss_per=tokens` (a loss that is a mean over a
+    count), each micro-batch's loss is weighed by its count instead, and at the step the
+    gradients are divided by the step's total count over micro-batches and processes (one
+    all-reduce of a number, no host sync): the gradient of the summed loss over all tokens of the
+    step, divided by their number.
+
+    A stream's last steps (`StreamLoader`) can leave some processes without a batch: they
+    repeat their last one with weight zero, and the others' losses are weighed so that the
+    step's gradient is the mean over the processes that had data.
+
+    A step of one micro-batch on one process is its own big batch: its loss is used as it is.
+    """
+
+    def __init__(self, per, accelerator, loader):
+        """`loader`: the training `loaders.Loader`, which says which batches are padding."""
+        self.per, self.accelerator, self.loader = per, accelerator, loader
+        self.units = torch.zeros((), dtype=exact_dtype(accelerator.device), device=accelerator.device)
+        self.alone = accelerator.num_processes == 1 and accelerator.gradient_accumulation_steps == 1
+
+    def weigh(self, loss, counts):
+        """The loss to back-propagate for one micro-batch."""
+        if self.per:
+            if self.per not in counts:
+                check_counts(counts, self.per)
+            if self.alone:  # no other micro-batch or process to weigh it against
+                return loss
+            units = 0 if self.loader.padding else counts[self.per]
+            self.units += units
+            return loss * units
+        if self.loader.padding:  # a repeat that must not count
+            return loss * 0
+        with_data = self.loader.ranks_with_data
+        if with_data != self.accelerator.num_processes:
+            return loss * (self.accelerator.num_processes / with_data)
+        return loss
+
+    def normalize(self, model):
+        """At an optimizer step, before clipping: divide the gradients by the step's units."""
+        if not self.per or self.alone:
+            return
+        total = self.accelerator.reduce(self.units, reduction="sum") if self.accelerator.num_processes > 1 \
+            else self.units
+        factor = self.accelerator.gradient_accumulation_steps * self.accelerator.num_processes / total
+        factor = torch.where(total > 0, factor, 0.0)  # a step without units has zero gradients anyway
+        distributed.scale_gradients(model, factor)
+        self.units.zero_()

@@ -9,7 +9,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from toolkit.streams import stream_part
+from toolkit.data import stream_part
 
 config = {
     "probe": "",             # where to write the records ("": nowhere)

@@ -1,0 +1,41 @@
+"""`launch.py export RUN OUT`: a run's weights as a folder that code without the toolkit loads.
+
+A `transformers` model (anything with `save_pretrained`) is written with `save_pretrained`, so that
+`AutoModel*.from_pretrained(OUT)` loads it (config.json, model.safetensors, tied weights once);
+any other model as OUT/model.safetensors beside the run's config.yaml, which `recipe.model(cfg)`
+and `load_state_dict` read back. A recipe's optional `export(cfg, folder)` hook adds the rest
+(a tokenizer's files, say) before the folder appears.
+"""
+
+import shutil
+from pathlib import Path
+
+from toolkit import UserError
+from toolkit.run import rundir
+from toolkit.state import checkpoint
+from toolkit.state.weights import load_weights, write_safetensors
+
+
+def export(recipe, cfg, run_dir, out, which="", use_ema=False):
+    """Write checkpoint `which` of the run (default: best, else latest), or its EMA weights, into
+    the new folder `out`, whole or not at all. Returns the checkpoint's path."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not an empty folder: export into a new one")
+    which = which or ("best" if checkpoint.read_state(checkpoint.find(run_dir)).best_checkpoint else "latest")
+    path = checkpoint.find(run_dir, which)
+    weights = path / ("ema.safetensors" if use_ema else "model.safetensors")
+    if not weights.is_file():
+        raise UserError(f"{path} has no {weights.name}" + (" (the run had no EMA: ema.decay=0)" if use_ema else ""))
+    model = recipe.model(cfg)
+    load_weights(model, weights, strict=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with rundir.replacing(out) as folder:
+        folder.mkdir()
+        if callable(getattr(model, "save_pretrained", None)):
+            model.save_pretrained(folder)
+        else:
+            write_safetensors(model.state_dict(), folder / "model.safetensors")
+            shutil.copy2(Path(run_dir) / "config.yaml", folder / "config.yaml")
+        recipe.export(cfg, folder)
+    return path

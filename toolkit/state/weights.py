@@ -1,0 +1,120 @@
+"""Weights in and out: safetensors files that load without running code, state dicts read with
+weights_only=True, an HF model's `from_pretrained`, and tied or shared tensors (written once, loaded
+back into every name that shares them)."""
+
+from pathlib import Path
+
+import torch
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+from toolkit import UserError
+from toolkit.run import rundir
+
+
+def load_weights(model, source, strict=False):
+    """Load weights into `model` from a .safetensors file, a .pt/.pth/.bin state dict (read with
+    weights_only=True), a folder with a `model.safetensors` (a run's best weights, a checkpoint, an
+    export), or, for a `transformers` model, anything its `from_pretrained` takes (a hub id, an HF
+    folder). Non-strict unless `strict`; returns (missing, unexpected) key lists."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file() and callable(getattr(model, "from_pretrained", None)):
+        weights = _pretrained(model, source)  # an HF hub id, a sharded HF folder
+    elif not path.is_file():
+        raise UserError(f"{source}: no such file (give a .safetensors file, a run folder or a checkpoint)")
+    elif path.suffix == ".safetensors":
+        weights = load_safetensors(path)
+    elif path.suffix in (".pt", ".pth", ".bin"):
+        try:
+            weights = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - e.g. a pickle that would run code
+            raise UserError(f"{source} cannot be loaded safely ({reason(e)})") from e
+        if isinstance(weights, dict) and isinstance(weights.get("state_dict", weights.get("model")), dict):
+            weights = weights.get("state_dict", weights.get("model"))
+    else:
+        raise UserError(f"{source}: expected a .safetensors, .pt, .pth or .bin file or a folder")
+    consume_prefix_in_state_dict_if_present(weights, "module.")  # saved from a DDP-wrapped model
+    try:
+        return load_into(model, weights, strict)
+    except RuntimeError as e:
+        raise UserError(f"{source} does not fit the model: {str(e).splitlines()[1].strip()}") from e
+
+
+def _pretrained(model, source):
+    """The state dict of `type(model).from_pretrained(source)` (load_state_dict casts it to the model's dtypes)."""
+    try:
+        return type(model).from_pretrained(str(source)).state_dict()
+    except Exception as e:  # noqa: BLE001 - not found, offline, another architecture: one line
+        raise UserError(f"init_from={source}: {type(model).__name__}.from_pretrained failed: {reason(e)}") from e
+
+
+def load_into(model, weights, strict=True):
+    """`model.load_state_dict(weights)`, where a name that `weights` lacks because it shares its
+    tensor with a name that it has (tied embeddings: safetensors holds one of them) is not missing:
+    loading the one loads both. Returns (missing, unexpected) key lists."""
+    result = model.load_state_dict(weights, strict=False)
+    missing = result.missing_keys
+    if missing:
+        tensors, names = model.state_dict(keep_vars=True), {}
+        for name, tensor in tensors.items():
+            names.setdefault(_place(tensor), set()).add(name)
+        missing = [name for name in missing if not names[_place(tensors[name])] & weights.keys()]
+    if strict and (missing or result.unexpected_keys):
+        raise RuntimeError(f"Error(s) in loading state_dict for {type(model).__name__}:\n"
+                           f"missing keys {missing or 'none'}, unexpected keys {result.unexpected_keys or 'none'}")
+    return missing, result.unexpected_keys
+
+
+def load_safetensors(path, device="cpu"):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device=device)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} cannot be read as safetensors ({e}); the file is damaged") from None
+
+
+def reason(error):
+    """The informative line of an exception: for a refused pickle, the global it wanted."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    refused = [line for line in lines if "GLOBAL" in line or "WeightsUnpickler" in line]
+    return f"{type(error).__name__}: {(refused or lines or [''])[0]}"
+
+
+def export(weights, target):
+    with rundir.replacing(target) as tmp:
+        write_safetensors(weights, tmp)
+
+
+def write_safetensors(weights, path):
+    from safetensors.torch import save_file
+
+    save_file(_unshared(weights), path, metadata={"format": "pt"})
+    rundir.readable(path)
+    rundir.fsync(path)
+
+
+def _place(tensor):
+    """Where a tensor's values are: two names of one place are one tensor (tied weights)."""
+    if not tensor.numel():
+        return id(tensor)
+    return tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride()
+
+
+def _unshared(weights):
+    """`weights` (a state dict) as safetensors can write them, on the CPU: a tensor that an earlier
+    name holds already (tied embeddings, a shared parameter) is written once, under that name
+    (`_load_into` gives it back to both); another view of a storage already written is a copy."""
+    kept, places, storages = {}, set(), set()
+    for name, tensor in weights.items():
+        tensor = tensor.detach()
+        place = _place(tensor)
+        if place in places:
+            continue
+        places.add(place)
+        storage = place[:2] if tensor.numel() else place
+        kept[name] = tensor.cpu().clone() if storage in storages else tensor.cpu().contiguous()
+        storages.add(storage)
+    return kept
