@@ -10,7 +10,7 @@ from pathlib import Path
 from toolkit import config
 from toolkit.run import rundir
 
-LAUNCH = Path(__file__).resolve().parents[1] / "launch.py"
+LAUNCH = Path(__file__).resolve().parents[2] / "launch.py"  # the repository's, above toolkit/jobs/
 
 
 def values(text):

@@ -171,7 +171,7 @@ def test_the_shipped_recipes_pass(name, mnist_root, cifar_root, tmp_path):
 
 
 def test_a_failed_count_with_two_processes_names_their_error_not_the_launcher_s():
-    from toolkit.check import first_error
+    from toolkit.check.count import first_error
 
     console = ("[rank1]: Traceback (most recent call last):\n[rank1]:   File \"task.py\", line 9, in datasets\n"
                "[rank1]: FileNotFoundError: [Errno 2] No such file or directory: 'data/train.txt'\n"

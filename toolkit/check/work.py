@@ -1,0 +1,138 @@
+"""The work that the properties share: `Check` (the recipe, its config, a temporary folder, and what
+the properties measure once), an evaluation and a training run of the recipe as a run does them,
+and which samples of a split they read."""
+
+import itertools
+from pathlib import Path
+
+import torch
+
+from toolkit import config
+from toolkit.data import mapstyle
+from toolkit.run.summary import Status
+from toolkit.check.rows import Failed
+
+WHOLE_PASS = 8  # evaluation batches: a stream of at most this many is counted whole
+
+
+class Check:
+    """The recipe, its config (the files and overrides of the command line, as a run would resolve
+    them), a temporary folder, and what the properties measure once and share."""
+
+    def __init__(self, recipe, files, overrides, folder, processes=2):
+        self.recipe, self.files, self.overrides, self.folder = recipe, list(files), list(overrides), Path(folder)
+        self.processes = processes
+        self.cfg = self.resolve()
+        self.splits = None  # the first call of datasets(), once the contract holds
+        self.unbroken = None  # the resume check's unbroken run folder, for the data wait
+
+    def resolve(self, *extra):
+        """The config with `extra` overrides after the user's."""
+        return config.resolve(self.recipe.config, self.files, [*self.overrides, *extra])
+
+    def datasets(self):
+        """The recipe's splits, as `build` calls datasets(): after set_seed(cfg.seed)."""
+        from accelerate.utils import set_seed
+
+        set_seed(self.cfg.seed, deterministic=self.cfg.deterministic)
+        return self.recipe.datasets(self.cfg)
+
+    def eval_samples(self, cfg):
+        """How many samples of a split the evaluation checks read: two and a half batches and one."""
+        return 2 * cfg.eval_batch_size + cfg.eval_batch_size // 2 + 1
+
+    def reading(self, dataset):
+        """How the sample count reads an evaluated split: (how many samples, how many it must count).
+        A map-style split: its first `eval_samples`. A stream of at most WHOLE_PASS evaluation
+        batches: all of it (its length, read here). A longer stream: its first `eval_samples` (to
+        count as many with every number of workers and processes), if the toolkit splits it; if it
+        splits itself (shards per worker, stream_part()), its first samples differ with the number
+        of slots, and it is not read: (None, None)."""
+        cfg = self.cfg
+        limit = self.eval_samples(cfg)
+        if not mapstyle.is_stream(dataset):
+            return limit, min(limit, len(dataset))
+        whole = WHOLE_PASS * cfg.eval_batch_size
+        length = sum(1 for _ in itertools.islice(dataset, whole + 1))
+        if length <= whole:
+            return whole + 1, length
+        return (None, None) if splits_itself(dataset, cfg.seed) else (limit, limit)
+
+    def train_run(self, name, *extra, resume=None):
+        """A training run of the recipe in <folder>/<name> (or, given `resume`, that run folder
+        continued); its summary. The run's own records stay in its folder."""
+        from toolkit import loop
+
+        cfg = self.resolve("trackers=[]", f"output_dir={self.folder / name}", "name=run", "max_minutes=0",
+                           "early_stop.patience=0", *extra)
+        fresh_process_state()
+        try:
+            return loop.train(self.recipe, cfg, resume=resume)
+        finally:
+            fresh_process_state()
+
+
+def fresh_process_state():
+    """Forget what a run leaves in this process (Accelerate's state, torch's determinism switch),
+    so that the next run in it starts as in a process of its own."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    torch.use_deterministic_algorithms(False)
+
+
+def finished(summary):
+    """A training run's summary, if the run finished: else the property fails with its error."""
+    if summary.status != Status.FINISHED:
+        raise Failed(f"the run {summary.status}" + (f": {summary.error.splitlines()[0]}" if summary.error else ""))
+    return summary
+
+
+def evaluation(recipe, cfg, split, dataset, limit, num_workers, model=None, training=False):
+    """The metrics (with `samples`) of `model` (default: a fresh model of the recipe) over the first
+    `limit` samples of `dataset`, in this process's part when there are several, as a run's
+    evaluation takes them (in training mode if `training`)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from toolkit.evaluation import evaluate
+    from toolkit.data.loaders import make_loader
+    from toolkit.distributed import start_processes
+
+    processes, cpu = start_processes(cfg)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.precision)
+    if model is None:
+        set_seed(cfg.seed)  # the same initial weights for every evaluation
+        model = recipe.model(cfg)
+    model.to(accelerator.device)
+    if not mapstyle.is_stream(dataset):
+        dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+    # A train split is read as evaluation reads val: in order, eval_batch_size at a time.
+    loader = make_loader("val" if split == "train" else split, dataset, cfg, recipe, processes,
+                         num_workers=num_workers, limit=limit)
+    return evaluate(accelerator, model, loader.prepare(accelerator, training=False), recipe, cfg, split,
+                    training=training)
+
+
+def eval_splits(splits):
+    """The splits whose samples an evaluation counts: val and test, else train."""
+    return [split for split in ("val", "test") if split in splits] or ["train"]
+
+
+def first(dataset, n):
+    """The first `n` samples of a split (a stream's, read)."""
+    if mapstyle.is_stream(dataset):
+        return list(itertools.islice(dataset, n))
+    return torch.utils.data.Subset(dataset, range(min(n, len(dataset))))
+
+
+def splits_itself(dataset, seed):
+    """Whether a stream reads only its slot's part: a library's split over workers or processes,
+    or stream_part() (seen as it reads its first sample)."""
+    from toolkit.data.streams import StreamPart
+
+    part = StreamPart(dataset, 0, 1, seed)
+    part.set_epoch(0)
+    next(iter(part), None)
+    return part.splits_itself
