@@ -2,7 +2,7 @@
 
 A pass is split over slots (process x DataLoader worker) exactly once on each of the two axes,
 either by the stream or by the toolkit. HF `datasets` streams and webdataset pipelines split
-themselves, and the toolkit asks them how (`library_split`); a stream that calls `stream_part()`
+themselves, and the toolkit asks them how (`toolkit.data.libraries`); a stream that calls `stream_part()`
 reads its slot's part; any other stream is read whole in every slot, and the toolkit keeps sample
 `k` of the pass in slot `k % slots`. `StreamLoader` serves each process its part, in batches.
 """
@@ -11,7 +11,6 @@ import contextlib
 import contextvars
 import dataclasses
 import itertools
-import sys
 import warnings
 
 import torch
@@ -22,6 +21,7 @@ from accelerate.utils import send_to_device
 from torch.utils.data import IterableDataset, get_worker_info
 
 from toolkit import UserError
+from toolkit.data.libraries import library_split, resumes_from_state
 from toolkit.data.mapstyle import SharedEpoch, seed_sample, untouched_randomness
 
 
@@ -57,37 +57,6 @@ def stream_part():
     return reading.slot, reading.slots
 
 
-def library_split(dataset, rank, world):
-    """How a library's stream splits itself: (the stream, splits over processes, splits over
-    DataLoader workers), or None for a stream of no library that we know.
-
-    - HF `datasets.IterableDataset` splits over workers by itself (each worker reads its shards),
-      and over processes after `split_dataset_by_node`, which is applied here unless the recipe did
-      (then with this run's rank and number of processes, or the run is refused).
-    - webdataset (`WebDataset`, `DataPipeline`) splits where its pipeline has `split_by_node` and
-      `split_by_worker` (WebDataset's default `workersplitter`)."""
-    hf = sys.modules.get("datasets")
-    if hf is not None and isinstance(dataset, hf.IterableDataset):
-        split = dataset._distributed
-        if split is None and world > 1:
-            from datasets.distributed import split_dataset_by_node
-
-            dataset = split_dataset_by_node(dataset, rank=rank, world_size=world)
-        elif split is not None and (split.rank, split.world_size) != (rank, world):
-            raise UserError(f"an HF stream was split with split_dataset_by_node(rank={split.rank}, world_size="
-                            f"{split.world_size}), but this is process {rank} of {world}: return the stream unsplit "
-                            f"(the toolkit splits it), or split it with the run's rank and number of processes")
-        return dataset, True, True
-    wds = sys.modules.get("webdataset")
-    if wds is not None and isinstance(dataset, wds.DataPipeline):
-        stages = [getattr(stage, "__wrapped__", stage) for stage in dataset.pipeline]
-        if wds.shardlists.single_node_only in stages and world > 1:
-            raise UserError(f"a webdataset stream without a nodesplitter cannot be read by {world} processes: give "
-                            f"WebDataset(..., nodesplitter=wds.split_by_node), and each process reads its shards")
-        return dataset, wds.split_by_node in stages, wds.split_by_worker in stages
-    return None
-
-
 @contextlib.contextmanager
 def _no_worker():
     """The stream (and any library inside it) sees no DataLoader worker while the toolkit reads it:
@@ -100,30 +69,6 @@ def _no_worker():
         yield
     finally:
         worker._worker_info = info
-
-
-def resumes_from_state(dataset):
-    """Whether a resume can load the stream's own state instead of reading its pass again up to
-    the checkpoint: the stream has `state_dict()` and `load_state_dict()` (HF `datasets` streams
-    do), torchdata's StatefulDataLoader is installed (it collects the state of every DataLoader
-    worker), and no part of the stream holds samples that its state leaves out: an HF stream's
-    `.shuffle(buffer_size=...)` buffer is not in its state (resuming from it would lose them)."""
-    if not (callable(getattr(dataset, "state_dict", None)) and callable(getattr(dataset, "load_state_dict", None))):
-        return False
-    try:
-        import torchdata.stateful_dataloader  # noqa: F401
-    except ImportError:
-        return False
-    hf = sys.modules.get("datasets")
-    if hf is not None and isinstance(dataset, hf.IterableDataset):
-        nodes = [dataset._ex_iterable]
-        while nodes:
-            node = nodes.pop()
-            if type(node).__name__ == "BufferShuffledExamplesIterable":
-                return False
-            nodes += [getattr(node, "ex_iterable", None), *getattr(node, "ex_iterables", ())]
-            nodes = [n for n in nodes if n is not None]
-    return True
 
 
 class StreamPart(IterableDataset):
