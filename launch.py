@@ -302,7 +302,7 @@ def parser():
     """launch.py's parser, with one subparser per command. `python launch.py RECIPE` is `train`."""
     top = Parser(prog="launch.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    for name, (run, summary, arguments) in COMMANDS.items():
+    for name, (execute, summary, arguments) in COMMANDS.items():
         description, example = HELP[name]
         sub = commands.add_parser(name, help=summary, description=description,
                                   epilog=f"example: {example}", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -310,7 +310,7 @@ def parser():
         for add in arguments:
             add(sub)
         sub.add_argument("--debug", action="store_true", help="show tracebacks for configuration errors")
-        sub.set_defaults(run=run)
+        sub.set_defaults(execute=execute)
     return top, commands.choices
 
 
@@ -324,7 +324,7 @@ def main(argv=None):
     # Each command's own parser, intermixed: key=value overrides may come before and after options.
     args = commands[command].parse_intermixed_args(argv)
     try:
-        return args.run(args)
+        return args.execute(args)
     except RecipeError as e:
         if args.debug:
             raise

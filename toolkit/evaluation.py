@@ -32,12 +32,13 @@ def evaluate(accelerator, model, loader, recipe, cfg, split, beat=lambda: None, 
     net.train(training)
     totals = Totals(cfg.loss_per or "samples")
     with accelerator.autocast():  # the same precision for the EMA copy as for the prepared model
-        batch = None
+        batch, batches = None, 0
         for batch in loader:
             loss, counts = recipe.loss(net, batch, cfg)
             totals.add(loss, counts)
+            batches += 1
             beat()  # progress, for the watchdog
-        for _ in range(distributed.forwards_to_match(accelerator, len(loader))):
+        for _ in range(distributed.forwards_to_match(accelerator, batches)):
             recipe.loss(net, batch, cfg)
     net.train(was_training)
     sums = totals.reduce(accelerator)

@@ -77,7 +77,8 @@ def start(recipe, files, overrides, trials, parallel_runs, launcher, pruner, sta
     # The recipe as the search started: a search resumed later, or joined from another machine, runs
     # the same code (and the same config files: copy_configs).
     shutil.copy2(recipe.path, folder / Path(recipe.path).name)
-    settings = {"recipe": Path(recipe.path).name, "files": launching.copy_configs(folder, plain_files), "overrides": fixed,
+    settings = {"recipe": Path(recipe.path).name, "files": launching.copy_configs(folder, plain_files),
+                "overrides": fixed,
                 "space": searched,
                 "distributions": {key: distribution_to_json(d) for key, d in distributions.items()},
                 "trials": trials, "monitor": base.checkpoint.monitor,
@@ -245,8 +246,8 @@ class Driver:
         s = self.settings
         values = [f"{key}={space.text_of(value)}" for key, value in params.items()]
         return launching.command(s["launcher"], self.folder / s["recipe"], [self.folder / f for f in s["files"]],
-                            [*s["overrides"], *values, *s["grouping"]], self.folder, f"trial-{number:04d}",
-                            autoresume=True)
+                                 [*s["overrides"], *values, *s["grouping"]], self.folder, f"trial-{number:04d}",
+                                 autoresume=True)
 
     def finish(self, number, code):
         """Tell the study how trial `number` ended, from its run folder and exit status."""

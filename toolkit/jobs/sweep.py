@@ -28,7 +28,7 @@ def read_grid(files, overrides):
     """(the files, a file with a sweep block as (path, its other keys), fixed overrides,
     {key: [value texts]})."""
     plain_files, blocks, fixed, varying = launching.read_layers(files, overrides, "sweep",
-                                                           lambda raw: len(launching.values(raw)) > 1)
+                                                                lambda raw: len(launching.values(raw)) > 1)
     grid = {}
     for path, block in blocks:
         if not isinstance(block, dict) or not all(isinstance(v, list) and v for v in block.values()):
@@ -70,7 +70,8 @@ def sweep(recipe, files, overrides, launcher="", parallel_runs=1):
     while waiting or pool.running:
         while waiting and pool.free:
             i = waiting.pop(0)
-            command = launching.command(launcher, recipe.path, files_used, [*fixed, *points[i], *group], folder, names[i])
+            command = launching.command(launcher, recipe.path, files_used, [*fixed, *points[i], *group], folder,
+                                        names[i])
             slot = pool.start(i, command, name=names[i], fork=not launcher)  # see pool.forked
             print(f"\n[{i + 1}/{len(points)}] {' '.join(points[i])}" + (f" on {slot}" if parallel_runs > 1 else ""),
                   flush=True)

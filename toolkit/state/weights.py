@@ -106,7 +106,7 @@ def _place(tensor):
 def _unshared(weights):
     """`weights` (a state dict) as safetensors can write them, on the CPU: a tensor that an earlier
     name holds already (tied embeddings, a shared parameter) is written once, under that name
-    (`_load_into` gives it back to both); another view of a storage already written is a copy."""
+    (`load_into` gives it back to both); another view of a storage already written is a copy."""
     kept, places, storages = {}, set(), set()
     for name, tensor in weights.items():
         tensor = tensor.detach()
