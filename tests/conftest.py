@@ -115,7 +115,7 @@ def probe_run(tmp_path_factory):
 def recipes(tmp_path_factory):
     """The README's recipes as files, and tiny data for each: features.pt, images/, shards/, lines.txt."""
     root = tmp_path_factory.mktemp("own_data")
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "data.md").read_text()
     section = readme[readme.index("## Your own data"):]
     for name, code in re.findall(r"```python\n# (my_\w+\.py)\n(.*?)```", section, re.S):
         (root / name).write_text(code)
