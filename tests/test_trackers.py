@@ -1,7 +1,7 @@
 """The trackers that need a server or an account (aim, comet_ml, clearml, dvclive, swanlab, trackio),
-each through a stand-in module with the calls Accelerate's tracker and ours make: one run per
-training run, named after its folder, with the config; a resume continues the same run; every
-train metric at the step that metrics.jsonl gives it. (MLflow runs for real: test_research.py.)"""
+each through a stand-in module with the calls our trackers make: one run per training run, named
+after its folder, with the config; a resume continues the same run; every train metric at the step
+that metrics.jsonl gives it. (MLflow runs for real: test_research.py.)"""
 
 import importlib.machinery
 import sys
@@ -11,7 +11,8 @@ import uuid
 import pytest
 
 from helpers import LENET, launch, ok, only_run, records
-from toolkit.run.trackers import _drop_steps_after
+from toolkit.run import trackers
+from toolkit.run.trackers import BaseTracker, _drop_steps_after
 
 
 class Book:
@@ -183,3 +184,34 @@ def test_dvclive_files_are_cut_back_to_the_checkpoint_on_resume(tmp_path):
     (tmp_path / "train" / "loss.tsv").write_text("timestamp\tstep\tloss\n1\t5\t2.0\n2\t10\t1.5\n3\t15\t1.2\n")
     _drop_steps_after(tmp_path, 10)
     assert (tmp_path / "train" / "loss.tsv").read_text() == "timestamp\tstep\tloss\n1\t5\t2.0\n2\t10\t1.5\n"
+
+
+def test_the_base_starts_a_tracker_on_the_main_process_only(monkeypatch, tmp_path):
+    """A tracker built on BaseTracker, in a process that is not the main one, starts no run, logs
+    nothing, finishes nothing and keeps no id; in the main one it does each once."""
+    calls = []
+
+    class Probe(BaseTracker):
+        name = "probe"
+
+        def begin(self, resume):
+            calls.append("begin")
+            return object(), "probe-1"
+
+        def write(self, values, step):
+            calls.append(f"write {step}")
+
+        def end(self):
+            calls.append("end")
+
+    def session(main):
+        monkeypatch.setattr(trackers, "_main_process", lambda: main)
+        state = types.SimpleNamespace(tracker_ids={})
+        probe = Probe(None, tmp_path / "run", state)
+        probe.start()
+        probe.log({"train/loss": 1.0}, step=4)
+        probe.finish()
+        return state.tracker_ids
+
+    assert session(main=False) == {} and calls == []
+    assert session(main=True) == {"probe": "probe-1"} and calls == ["begin", "write 4", "end"]

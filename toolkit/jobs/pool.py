@@ -153,7 +153,8 @@ def _popen(command, env, cwd, cores, output):
 
 
 # What every run imports: the forkserver imports it once, before it forks any run.
-PRELOAD = ["torch", "torch._dynamo", "accelerate", "toolkit.loop", "toolkit.state.checkpoint", "toolkit.run.trackers"]
+PRELOAD = ["torch", "torch._dynamo", "accelerate", "toolkit.loop", "toolkit.state.checkpoint",
+           "toolkit.run.metrics_log"]
 
 
 class Forked:

@@ -14,7 +14,7 @@ import torch
 
 from toolkit import PeerFailure, config, distributed
 from toolkit.data import mapstyle
-from toolkit.run import logs, rundir, trackers, watchdog
+from toolkit.run import logs, metrics_log, rundir, watchdog
 from toolkit.run.logs import FILE_ONLY, format_metrics, log
 from toolkit.run.notify import notify
 from toolkit.run.summary import Status, Stop, Summary
@@ -44,7 +44,7 @@ class Run:
         with contextlib.ExitStack() as opening:  # a tracker that fails to start closes what opened before it
             opening.enter_context(logs.writing(self.dir, main))
             keep = self.state.metrics_lines if self.resumed_from else None
-            self.metrics = opening.enter_context(trackers.Metrics(self.accelerator, self.dir, keep))
+            self.metrics = opening.enter_context(metrics_log.Metrics(self.accelerator, self.dir, keep))
             self.closing = opening.pop_all()
         if main:
             self.summary.write(self.dir)  # `launch.py runs` shows it as running

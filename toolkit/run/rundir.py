@@ -5,7 +5,7 @@
         <recipe>.py      a copy of the recipe file
         git.txt, git.diff   the commit of the recipe's repository and its uncommitted changes, if any
         log.txt          what the console showed, plus every train-metric line (toolkit.run.logs)
-        metrics.jsonl    one JSON object per logged train window or evaluation (toolkit.run.trackers)
+        metrics.jsonl    one JSON object per logged train window or evaluation (toolkit.run.metrics_log)
         tensorboard/     event files (tracker "tensorboard")
         wandb/           the wandb run (tracker "wandb")
         summary.json     status, final metrics, steps and wall time

@@ -1,25 +1,21 @@
-"""Experiment tracking: metrics.jsonl and Accelerate's trackers (TRACKERS: tensorboard, wandb,
-mlflow, aim, comet_ml, clearml, dvclive, swanlab, trackio).
-
-Every logged train window and evaluation goes to both through `Metrics.log`, on the main process:
-one JSON object per line in <run>/metrics.jsonl, and the same numbers to each tracker. Each tracker
-is one entry of TRACKERS: its config block, and a subclass of Accelerate's tracker that starts on
-the main process only, names its run after the run folder, writes its local files into the run
-folder where it has any, and continues the same run on resume (its id is kept in the checkpoint's
-`tracker_ids`) where the tracker can.
+"""Accelerate's trackers for `trackers=[...]`, each one entry of TRACKERS: tensorboard (Accelerate's
+own), and wandb, mlflow, aim, comet_ml, clearml, dvclive, swanlab, trackio on `BaseTracker`, which
+starts a run on the main process only, named after the run folder, and continues it on resume (its
+id is kept in the checkpoint's `tracker_ids`) where the tracker can. A tracker writes its local files
+into the run folder where it has any. `toolkit.run.metrics_log.Metrics` logs to them.
 """
 
 import dataclasses
 import importlib.util
-import json
 import netrc
 import os
 import sys
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
+
+from accelerate.tracking import GeneralTracker
 
 from toolkit import UserError
 
@@ -34,15 +30,67 @@ class Tracker:
     extra: str = ""  # the extra of setup.cfg that installs it
 
 
-def _params(cfg):
-    """The config as a tracker's parameters: dotted keys, lists as text."""
-    return {k: str(v) if isinstance(v, list) else v for k, v in cfg.flat().items()}
-
-
 def _main_process():
     from accelerate import PartialState
 
     return PartialState().is_main_process
+
+
+class BaseTracker(GeneralTracker):
+    """What the trackers share, as torchtune's MetricLoggerInterface: the run begins on the main
+    process only (elsewhere `run` stays None, and nothing is logged or finished), and the id that
+    continues it on resume is kept in `state.tracker_ids[name]`. A tracker says the rest:
+
+        begin(resume) -> (run, id)  start its run, named after the run folder, with the config (`params`),
+                                    or continue the one `resume` names; `id`: what to keep (None: nothing)
+        write(values, step)         log one window (by default `run.log(values, step=step)`)
+        end()                       finish the run (by default `run.finish()`)
+    """
+
+    requires_logging_directory = False  # its config block says where it writes (the run folder by default)
+    main_process_only = True
+    tracker = property(lambda self: self.run)  # what `begin` gave
+
+    def __init__(self, cfg, run_dir, state):
+        super().__init__()
+        self.cfg, self.run_dir, self.state, self.run = cfg, run_dir, state, None
+
+    @property
+    def params(self):
+        """The config as a tracker's parameters: dotted keys, lists as text."""
+        return {k: str(v) if isinstance(v, list) else v for k, v in self.cfg.flat().items()}
+
+    def start(self):
+        if _main_process():
+            self.run, kept = self.begin(self.state.tracker_ids.get(self.name))
+            if kept is not None:
+                self.state.tracker_ids[self.name] = kept
+
+    def store_init_configuration(self, values):
+        """Nothing: the config goes in as the run begins (`params`)."""
+
+    def log(self, values, step=None, **kwargs):
+        if self.run is not None:
+            self.write(values, step)
+
+    def finish(self):
+        if self.run is not None:
+            self.end()
+            self.run = None
+
+    def begin(self, resume):
+        raise NotImplementedError
+
+    def write(self, values, step):
+        self.run.log(values, step=step)
+
+    def end(self):
+        self.run.finish()
+
+
+def _project(value, variable):
+    """The config's value, else $variable, else minloop."""
+    return value or os.environ.get(variable) or "minloop"
 
 
 def _tensorboard(cfg, run_dir, state):
@@ -53,19 +101,20 @@ def _tensorboard(cfg, run_dir, state):
     return TensorBoardTracker("tensorboard", run_dir, **purge)
 
 
-def _wandb(cfg, run_dir, state):
-    """The wandb run named after the run folder; a resume continues it (its id is in the checkpoint)."""
-    from accelerate.tracking import WandBTracker
+class _WandB(BaseTracker):
+    """The wandb run named after the run folder; a resume continues it (its id is in the checkpoint).
+    A key left empty is left to wandb, which reads its WANDB_* variable (entity, group), or given
+    the variable's value here, where the toolkit has a default of its own."""
+    name = "wandb"
 
-    state.tracker_ids.setdefault("wandb", uuid.uuid4().hex[:12])
-    w = cfg.wandb
-    # A key left empty is left to wandb, which reads its WANDB_* variable (entity, group), or given
-    # the variable's value here, where the toolkit has a default of its own.
-    return WandBTracker(
-        w.project or os.environ.get("WANDB_PROJECT") or "minloop", name=run_dir.name,
-        id=state.tracker_ids["wandb"], resume="allow", dir=w.dir or os.environ.get("WANDB_DIR") or str(run_dir),
-        mode=wandb_mode(cfg), entity=w.entity or None, group=w.group or None,
-        config=_params(cfg))
+    def begin(self, resume):
+        import wandb
+
+        w, run_id = self.cfg.wandb, resume or uuid.uuid4().hex[:12]
+        return wandb.init(
+            project=_project(w.project, "WANDB_PROJECT"), name=self.run_dir.name, id=run_id, resume="allow",
+            dir=w.dir or os.environ.get("WANDB_DIR") or str(self.run_dir), mode=wandb_mode(self.cfg),
+            entity=w.entity or None, group=w.group or None, config=self.params), run_id
 
 
 def wandb_mode(cfg):
@@ -81,129 +130,137 @@ def _check_wandb(cfg):
                     "set WANDB_API_KEY, or use wandb.mode=offline (or WANDB_MODE=offline) to log without an account")
 
 
-def _mlflow(cfg, run_dir, state):
+class _MLflow(BaseTracker):
     """An MLflow run named after the run folder, in the experiment mlflow.experiment; a resume
     continues it (its id, which MLflow gives when the run starts, is kept in the checkpoint). The
-    config goes in as the run's parameters once, when it starts: MLflow refuses to change one."""
-    from accelerate.tracking import MLflowTracker
+    config goes in as the run's parameters once, when it starts: MLflow refuses to change one.
+    Accelerate's MLflowTracker starts, logs and ends it."""
+    name = "mlflow"
 
-    m = cfg.mlflow
+    def begin(self, resume):
+        import mlflow
+        from accelerate.tracking import MLflowTracker
 
-    class Run(MLflowTracker):
-        def start(self):
-            if not _main_process():
-                return
-            import mlflow
-
-            if m.tracking_uri:
-                mlflow.set_tracking_uri(m.tracking_uri)
-            super().start()
-            if "mlflow" not in state.tracker_ids:
-                self.store_init_configuration(_params(cfg))
-            state.tracker_ids["mlflow"] = self.active_run.info.run_id
-
-    return Run(experiment_name=m.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "minloop",
-               run_id=state.tracker_ids.get("mlflow"), run_name=run_dir.name)
+        m = self.cfg.mlflow
+        if m.tracking_uri:
+            mlflow.set_tracking_uri(m.tracking_uri)
+        run = MLflowTracker(experiment_name=_project(m.experiment, "MLFLOW_EXPERIMENT_NAME"), run_id=resume,
+                            run_name=self.run_dir.name)
+        run.start()
+        if resume is None:
+            run.store_init_configuration(self.params)
+        return run, run.active_run.info.run_id
 
 
-def _aim(cfg, run_dir, state):
+class _Aim(BaseTracker):
     """An Aim run named after the run folder, in the repo aim.repo (by default output_dir, so that
     `aim up --repo runs` shows every run); a resume continues it (its hash is in the checkpoint),
     also after a crash that left it locked."""
-    from accelerate.tracking import AimTracker
+    name = "aim"
 
-    a = cfg.aim
+    def begin(self, resume):
+        import aim
+        from aim.sdk.errors import RunLockingError
 
-    class Run(AimTracker):
-        def start(self):
-            if not _main_process():
-                return
-            from aim import Run
-            from aim.sdk.errors import RunLockingError
+        where = {"repo": self.cfg.aim.repo or self.cfg.output_dir, "experiment": self.cfg.aim.experiment}
+        try:
+            run = aim.Run(resume, **where)
+        except RunLockingError:  # the run that crashed holds it still
+            run = aim.Run(resume, **where, force_resume=True)
+        run.name = self.run_dir.name
+        run["hparams"] = self.params
+        return run, run.hash
 
-            try:
-                self.writer = Run(state.tracker_ids.get("aim"), repo=self.aim_repo_path, experiment=a.experiment)
-            except RunLockingError:  # the run that crashed holds it still
-                self.writer = Run(state.tracker_ids["aim"], repo=self.aim_repo_path, experiment=a.experiment,
-                                  force_resume=True)
-            self.writer.name = run_dir.name
-            self.writer["hparams"] = _params(cfg)
-            state.tracker_ids["aim"] = self.writer.hash
+    def write(self, values, step):
+        for key, value in values.items():
+            self.run.track(value, name=key, step=step)
 
-    return Run(run_dir.name, a.repo or cfg.output_dir)
+    def end(self):
+        self.run.close()
 
 
-def _comet_ml(cfg, run_dir, state):
+class _CometML(BaseTracker):
     """A Comet experiment named after the run folder, whose key the toolkit chooses and keeps in the
     checkpoint, so that a resume continues it. Offline, its archive goes into <run>/comet_ml."""
-    from accelerate.tracking import CometMLTracker
+    name = "comet_ml"
 
-    c = cfg.comet_ml
-    key = state.tracker_ids.setdefault("comet_ml", uuid.uuid4().hex)  # 32 characters, as Comet asks
+    def begin(self, resume):
+        import comet_ml
 
-    class Run(CometMLTracker):
-        def start(self):
-            if not _main_process():
-                return
-            import comet_ml
+        c, key = self.cfg.comet_ml, resume or uuid.uuid4().hex  # 32 characters, as Comet asks
+        run = comet_ml.start(
+            project_name=_project(c.project, "COMET_PROJECT_NAME"), workspace=c.workspace or None,
+            experiment_key=key, mode="get_or_create",
+            online={"online": True, "offline": False}.get(c.mode),  # None: $COMET_START_ONLINE, else online
+            experiment_config=comet_ml.ExperimentConfig(
+                name=self.run_dir.name,
+                offline_directory=os.environ.get("COMET_OFFLINE_DIRECTORY") or str(self.run_dir / "comet_ml")))
+        run.log_parameters(self.params)
+        return run, key
 
-            self.writer = comet_ml.start(
-                project_name=c.project or os.environ.get("COMET_PROJECT_NAME") or "minloop",
-                workspace=c.workspace or None, experiment_key=key, mode="get_or_create",
-                online={"online": True, "offline": False}.get(c.mode),  # None: $COMET_START_ONLINE, else online
-                experiment_config=comet_ml.ExperimentConfig(
-                    name=run_dir.name, offline_directory=os.environ.get("COMET_OFFLINE_DIRECTORY") or str(
-                        run_dir / "comet_ml")))
-            self.writer.log_parameters(_params(cfg))
+    def write(self, values, step):
+        self.run.set_step(step)
+        for key, value in values.items():
+            self.run.log_metric(key, value, step=step)
 
-    return Run(run_dir.name)
+    def end(self):
+        self.run.end()
 
 
-def _clearml(cfg, run_dir, state):
+class _ClearML(BaseTracker):
     """A ClearML task named after the run folder (or $CLEARML_TASK), with the config as its
     hyperparameters; a resume continues it (its id is in the checkpoint). The toolkit logs the
     metrics itself, so ClearML does not also capture tensorboard's, nor register every torch.save of
     a checkpoint as a model."""
-    from accelerate.tracking import ClearMLTracker
+    name = "clearml"
 
-    c = cfg.clearml
+    def begin(self, resume):
+        from clearml import Task
 
-    class Run(ClearMLTracker):
-        def start(self):
-            if not _main_process():
-                return
-            from clearml import Task
+        task = Task.init(
+            project_name=_project(self.cfg.clearml.project, "CLEARML_PROJECT"),
+            task_name=os.environ.get("CLEARML_TASK") or self.run_dir.name, reuse_last_task_id=False,
+            continue_last_task=resume or False, auto_connect_arg_parser=False,
+            auto_connect_frameworks={"tensorboard": False, "pytorch": False})
+        task.connect(self.params, name="config")
+        return task, task.id
 
-            self.task = Task.init(
-                project_name=c.project or os.environ.get("CLEARML_PROJECT") or "minloop",
-                task_name=os.environ.get("CLEARML_TASK") or run_dir.name, reuse_last_task_id=False,
-                continue_last_task=state.tracker_ids.get("clearml", False), auto_connect_arg_parser=False,
-                auto_connect_frameworks={"tensorboard": False, "pytorch": False})
-            self.task.connect(_params(cfg), name="config")
-            state.tracker_ids["clearml"] = self.task.id
+    def write(self, values, step):  # as Accelerate's ClearMLTracker reports split/name keys: numbers, series "train"
+        scalars = self.run.get_logger()
+        for key, value in values.items():
+            if isinstance(value, (int, float)):
+                scalars.report_scalar(title=key, series="train", value=value, iteration=step)
 
-    return Run(run_dir.name)
+    def end(self):
+        self.run.close()
 
 
-def _dvclive(cfg, run_dir, state):
+class _DVCLive(BaseTracker):
     """DVCLive's files in <run>/dvclive (or dvclive.dir); a resume continues them, first dropping
     the steps logged after the checkpoint, so that none appears twice."""
-    from accelerate.tracking import DVCLiveTracker
+    name = "dvclive"
 
-    folder = Path(cfg.dvclive.dir or run_dir / "dvclive")
+    def begin(self, resume):
+        from dvclive import Live
 
-    class Run(DVCLiveTracker):
-        def start(self):
-            if not _main_process():
-                return
-            from dvclive import Live
+        folder, step = Path(self.cfg.dvclive.dir or self.run_dir / "dvclive"), self.state.step
+        if step:
+            _drop_steps_after(folder / "plots" / "metrics", step)
+        live = Live(dir=str(folder), resume=bool(step), dvcyaml=str(folder / "dvc.yaml"))
+        live.log_params(self.params)
+        return live, None  # its folder is the run
 
-            if state.step:
-                _drop_steps_after(folder / "plots" / "metrics", state.step)
-            self.live = Live(dir=str(folder), resume=bool(state.step), dvcyaml=str(folder / "dvc.yaml"))
-            self.live.log_params(_params(cfg))
+    def write(self, values, step):
+        from dvclive.plots import Metric
 
-    return Run(run_dir.name)
+        self.run.step = step
+        for key, value in values.items():
+            if Metric.could_log(value):
+                self.run.log_metric(key, value)
+        self.run.next_step()
+
+    def end(self):
+        self.run.end()
 
 
 def _drop_steps_after(folder, step):
@@ -215,67 +272,48 @@ def _drop_steps_after(folder, step):
                         encoding="utf-8")
 
 
-def _swanlab(cfg, run_dir, state):
+class _SwanLab(BaseTracker):
     """A SwanLab experiment named after the run folder, with an id the toolkit chooses and keeps in
-    the checkpoint, so that a resume continues it; local files in <run>/swanlog (or $SWANLAB_LOG_DIR).
-    Accelerate would start it on every process: here only the main one does."""
-    from accelerate.tracking import SwanLabTracker
+    the checkpoint, so that a resume continues it; local files in <run>/swanlog (or $SWANLAB_LOG_DIR)."""
+    name = "swanlab"
 
-    s = cfg.swanlab
-    run_id = state.tracker_ids.setdefault("swanlab", uuid.uuid4().hex[:21])
+    def begin(self, resume):
+        import swanlab
 
-    class Run(SwanLabTracker):
-        main_process_only = True  # its log and finish too
-
-        def start(self):
-            if not _main_process():
-                return
-            import swanlab
-
-            self.run = swanlab.init(
-                project=s.project or os.environ.get("SWANLAB_PROJ_NAME") or "minloop", workspace=s.workspace or None,
-                name=run_dir.name, group=s.group or None, mode=s.mode or None, id=run_id, resume="allow",
-                log_dir=os.environ.get("SWANLAB_LOG_DIR") or str(run_dir / "swanlog"), config=_params(cfg))
-
-    return Run(run_dir.name)
+        s, run_id = self.cfg.swanlab, resume or uuid.uuid4().hex[:21]
+        return swanlab.init(
+            project=_project(s.project, "SWANLAB_PROJ_NAME"), workspace=s.workspace or None,
+            name=self.run_dir.name, group=s.group or None, mode=s.mode or None, id=run_id, resume="allow",
+            log_dir=os.environ.get("SWANLAB_LOG_DIR") or str(self.run_dir / "swanlog"), config=self.params), run_id
 
 
-def _trackio(cfg, run_dir, state):
+class _Trackio(BaseTracker):
     """A Trackio run named after the run folder, in trackio.project, stored where Trackio stores
     them ($TRACKIO_DIR) or in a Space (trackio.space_id, else $TRACKIO_SPACE_ID); a resume continues
-    it by its name. Accelerate would start it on every process: here only the main one does."""
-    from accelerate.tracking import TrackioTracker
+    it by its name."""
+    name = "trackio"
 
-    t = cfg.trackio
+    def begin(self, resume):
+        import trackio
 
-    class Run(TrackioTracker):
-        main_process_only = True  # its log and finish too
-
-        def start(self):
-            if not _main_process():
-                return
-            import trackio
-
-            resuming = "trackio" in state.tracker_ids
-            self.run = trackio.init(project=t.project, name=state.tracker_ids.get("trackio", run_dir.name),
-                                    group=t.group or None, space_id=t.space_id or None, config=_params(cfg),
-                                    resume="allow" if resuming else "never")
-            state.tracker_ids["trackio"] = self.run.name
-
-    return Run(run_dir.name)
+        t = self.cfg.trackio
+        run = trackio.init(project=t.project, name=resume or self.run_dir.name, group=t.group or None,
+                           space_id=t.space_id or None, config=self.params,
+                           resume="never" if resume is None else "allow")
+        return run, run.name
 
 
 # Every tracker of `trackers=[...]`; its config block (wandb.*) is declared in toolkit/config/keys.py.
 TRACKERS = {
     "tensorboard": Tracker(_tensorboard),
-    "wandb": Tracker(_wandb, check=_check_wandb, group="group"),
-    "mlflow": Tracker(_mlflow, module="mlflow", extra="mlflow"),
-    "aim": Tracker(_aim, module="aim", extra="aim"),
-    "comet_ml": Tracker(_comet_ml, module="comet_ml", extra="comet"),
-    "clearml": Tracker(_clearml, module="clearml", extra="clearml"),
-    "dvclive": Tracker(_dvclive, module="dvclive", extra="dvclive"),
-    "swanlab": Tracker(_swanlab, group="group", module="swanlab", extra="swanlab"),
-    "trackio": Tracker(_trackio, group="group", module="trackio", extra="trackio"),
+    "wandb": Tracker(_WandB, check=_check_wandb, group="group"),
+    "mlflow": Tracker(_MLflow, module="mlflow", extra="mlflow"),
+    "aim": Tracker(_Aim, module="aim", extra="aim"),
+    "comet_ml": Tracker(_CometML, module="comet_ml", extra="comet"),
+    "clearml": Tracker(_ClearML, module="clearml", extra="clearml"),
+    "dvclive": Tracker(_DVCLive, module="dvclive", extra="dvclive"),
+    "swanlab": Tracker(_SwanLab, group="group", module="swanlab", extra="swanlab"),
+    "trackio": Tracker(_Trackio, group="group", module="trackio", extra="trackio"),
 }
 
 
@@ -317,49 +355,3 @@ def _wandb_credentials():
         return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
     except (OSError, netrc.NetrcParseError):
         return False
-
-
-class Metrics:
-    """metrics.jsonl plus Accelerate's trackers (TRACKERS): one call logs to all; as a
-    context manager, closes them all at its end.
-
-    On resume, `keep_lines` cuts metrics.jsonl back to what the checkpoint had seen, and tensorboard
-    drops its events from `first_step` on, so nothing logged after the checkpoint appears twice.
-    """
-
-    def __init__(self, accelerator, run_dir, keep_lines=None):
-        self.accelerator = accelerator
-        self.file, self.lines = None, 0
-        if accelerator.is_main_process:
-            path = run_dir / "metrics.jsonl"
-            if keep_lines is not None:
-                kept = path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep_lines] if path.exists() else []
-                path.write_text("".join(kept), encoding="utf-8")
-            self.file = open(path, "a", encoding="utf-8")
-            self.lines = keep_lines or 0
-        self.start = time.time()
-        accelerator.init_trackers("runs")  # starts the trackers made by make_trackers
-
-    def log(self, split, metrics, step, epoch):
-        if self.file is not None:
-            record = {"step": step, "epoch": epoch, "split": split, **metrics,
-                      "time": round(time.time() - self.start, 3)}
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-            self.lines += 1
-        self.accelerator.log({f"{split}/{k}": v for k, v in metrics.items()}, step=step)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self):
-        """Flush and close metrics.jsonl and every tracker (e.g. tensorboard's event files)."""
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-        for tracker in self.accelerator.trackers:
-            tracker.finish()
-        self.accelerator.trackers.clear()
