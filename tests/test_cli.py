@@ -185,3 +185,19 @@ def test_usage_errors_name_only_what_is_required(capsys, command, required):
         launch.main(command)
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: the following arguments are required: {required}")
+
+
+def test_help_lists_the_commands_and_each_has_its_own(capsys):
+    """`launch.py --help` lists every subcommand; `launch.py COMMAND --help` gives that command's
+    options; a recipe as the first argument is `train`, as is `train RECIPE`."""
+    assert launch.main(["--help"]) == 0
+    listed = capsys.readouterr().out
+    assert all(re.search(rf"^\s+{name}\s+\S", listed, re.M) for name in launch.COMMANDS)
+    for command, option in (["train", "--autoresume"], ["test", "--split"], ["search", "--pruner"],
+                            ["check", "--processes"]):
+        with pytest.raises(SystemExit) as exit_:
+            launch.main([command, "--help"])
+        assert exit_.value.code == 0 and option in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        launch.main(["train"])  # `train` with no recipe: the same usage error as without the word
+    assert capsys.readouterr().err.splitlines()[-1].endswith("the following arguments are required: recipe")
