@@ -78,7 +78,8 @@ def test_torchrun_without_accelerate_launch(one_process_eval, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_addr", "127.0.0.1", "--master_port", free_port()]
     ok(launch([*one_process_eval.args, f"output_dir={tmp_path}"], cwd=tmp_path, launcher=torchrun, timeout=300))
-    assert "2 process(es) on cpu" in (only_run(tmp_path) / "log.txt").read_text()  # gloo, no env needed
+    log = (only_run(tmp_path) / "log.txt").read_text()
+    assert "strategy: DDP, 2 processes (parameters copied) on cpu" in log  # gloo, no env needed
     same_evaluation(summary(only_run(tmp_path)), summary(one_process_eval.run))
 
 
@@ -100,7 +101,7 @@ def two_machines(args, tmp_path, processes_per_machine, cwds=None, succeed=True)
 def test_two_machines_of_two_processes_count_every_sample_once(one_process_eval, tmp_path):
     outputs = two_machines([*one_process_eval.args, f"output_dir={tmp_path}"], tmp_path, processes_per_machine=2)
     run = only_run(tmp_path)  # one run folder for both machines
-    assert "4 process(es) on cpu" in (run / "log.txt").read_text()
+    assert "strategy: DDP, 4 processes (parameters copied) on cpu" in (run / "log.txt").read_text()
     same_evaluation(summary(run), summary(one_process_eval.run))
     assert [out.count("test accuracy=") for out, _ in outputs] == [1, 0]  # printed once, by the main process
 
@@ -147,6 +148,41 @@ def test_accelerate_launch_cpu_with_several_processes_is_refused(tiny, tmp_path)
     result = launch([LENET, *tiny], cwd=tmp_path, launcher=launcher, timeout=120)
     assert result.returncode != 0
     assert "error: accelerate launch was asked for several CPU processes but started only this one" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_process_group_waits_longer_than_the_watchdog(probe_run):
+    """A collective that waits for a hung process fails after the group's timeout: 5 minutes past
+    watchdog_minutes (30 by default), so that the watchdog says first where each rank was."""
+    for rank in read_probe(probe_run.probe, 2):
+        assert {step["group_timeout_s"] for step in rank} == {35 * 60}
+
+
+def test_a_parameter_without_a_gradient_names_the_ddp_key(tmp_path):
+    """DDP's reducer error (a parameter that no loss used) ends the run in one line naming
+    ddp.find_unused_parameters, with which the same run trains."""
+    args = [PROBE, "batch_size=16", "max_steps=3", "trackers=[]", "checkpoint.monitor=", "unused=true",
+            f"output_dir={tmp_path / 'runs'}"]
+    result = launch_two(args, cwd=tmp_path, timeout=120, flags=True)
+    assert result.returncode != 0 and "Expected to have finished reduction" not in result.stderr  # not its traceback
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "set ddp.find_unused_parameters=true" in errors[0]
+    assert "ddp.find_unused_parameters" in summary(only_run(tmp_path / "runs"))["error"]
+    ok(launch_two([*args, "ddp.find_unused_parameters=true"], cwd=tmp_path, timeout=120, flags=True))
+
+
+@pytest.mark.parametrize("how", ["fsdp.yaml", "fsdp.yaml, ACCELERATE_USE_CPU=1"])
+def test_a_strategy_that_accelerate_would_drop_is_refused(tiny, tmp_path, how):
+    """FSDP asked for where Accelerate would train DDP instead, silently: on CPU processes, or with
+    ACCELERATE_USE_CPU=1. The run stops in one line before anything is written."""
+    if torch.cuda.is_available() and "ACCELERATE_USE_CPU" not in how:
+        pytest.skip("with GPUs, fsdp.yaml trains FSDP")
+    config = ["--config_file", str(REPO / "accelerate_configs" / "fsdp.yaml"), "--num_processes", "2"]
+    cpu = "ACCELERATE_USE_CPU" in how
+    result = launch([LENET, *tiny], cwd=tmp_path, timeout=120, env={"ACCELERATE_USE_CPU": "1"} if cpu else None,
+                    launcher=accelerate_launch(*config, "--main_process_port", free_port()))
+    says = "Accelerate drops FSDP and trains DDP" if cpu else "FSDP, which Accelerate runs on GPUs only"
+    assert result.returncode != 0 and says in result.stderr
     assert not (tmp_path / "runs").exists()
 
 

@@ -2,19 +2,22 @@
 
 - The processes: the process group and its device (CPU or GPU), what a failed peer looks like, the
   peak FLOP/s of the GPUs that a model FLOPs utilisation is measured against.
-- The strategy: Accelerate prepares the model for DDP or FSDP, and the loop asks here wherever
-  the two differ: which model an evaluation runs (`evaluation_model`), how many forwards a rank
-  runs to match the others (`forwards_to_match`), the recipe's own module (`recipe_model`), the
-  gradients' weighing (`scale_gradients`) and the EMA's update (`update_ema`). This is the one
-  module that names a strategy: a new one (DeepSpeed) is a branch in these functions.
+- The strategy: Accelerate prepares the model for DDP or FSDP, with DDP's options from the config
+  (`accelerator_handlers`), and the loop asks here wherever the strategies differ: what the log
+  says of it (`describe`), what its errors mean (`explain`), which model an evaluation runs
+  (`evaluation_model`), how many forwards a rank runs to match the others (`forwards_to_match`),
+  the recipe's own module (`recipe_model`), the gradients' weighing (`scale_gradients`) and the
+  EMA's update (`update_ema`). This is the one module that names a strategy: a new one
+  (DeepSpeed) is a branch in these functions.
 """
 
+import datetime
 import os
 import sys
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import DistributedType, broadcast, parse_flag_from_env
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, broadcast, parse_flag_from_env
 
 from toolkit import UserError
 
@@ -39,7 +42,8 @@ def start_processes(cfg):
     # collective as the interpreter exits, abort the process ("terminate called without an active
     # exception").
     from torch.distributed.nn import functional  # noqa: F401
-    processes = PartialState(cpu=cpu)
+    refuse_a_dropped_strategy(cpu)
+    processes = PartialState(cpu=cpu, **group_timeout(cfg))
     quiet_libraries(processes.is_main_process)
     precision = cfg.precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if precision == "fp16" and processes.device.type == "cpu":
@@ -48,6 +52,34 @@ def start_processes(cfg):
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
     return processes, cpu
+
+
+def group_timeout(cfg):
+    """The process group's timeout, after which a collective that waits for a hung process fails:
+    longer than watchdog_minutes, so that the watchdog says first where each process was (NCCL's
+    default, 10 minutes, would end the run before the default watchdog of 30 could). Off, the
+    backend's default."""
+    if not cfg.watchdog_minutes:
+        return {}
+    return {"timeout": datetime.timedelta(minutes=cfg.watchdog_minutes + WATCHDOG_REPORT_MINUTES)}
+
+
+WATCHDOG_REPORT_MINUTES = 5  # a hung process's watchdog writes its stacks and waits for the others' within this
+
+
+def refuse_a_dropped_strategy(cpu):
+    """A launch that asks for FSDP or DeepSpeed where Accelerate would train DDP instead, silently:
+    with ACCELERATE_USE_CPU=1 (`--cpu`), or on a machine without GPUs."""
+    strategy = next((name for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+                     if parse_flag_from_env(flag)), None)
+    if strategy is None or not (cpu or not torch.cuda.is_available()):
+        return
+    if parse_flag_from_env("ACCELERATE_USE_CPU"):
+        raise UserError(f"the launch asks for {strategy} and for the CPU (ACCELERATE_USE_CPU=1 or --cpu), with which "
+                        f"Accelerate drops {strategy} and trains DDP: leave out one of the two")
+    raise UserError(f"the launch asks for {strategy}, which Accelerate runs on GPUs only: on this machine's CPUs it "
+                    f"would train DDP instead; for DDP on CPUs launch without the {strategy} config, e.g. "
+                    f"ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N launch.py ...")
 
 
 def quiet_libraries(is_main):
@@ -107,6 +139,38 @@ def sharded(accelerator):
     """Whether the model's parameters are split over the processes (FSDP): then every forward
     gathers them, a collective that every rank must run."""
     return accelerator.distributed_type == DistributedType.FSDP
+
+
+def accelerator_handlers(cfg):
+    """The options of the strategy that the config sets, as Accelerate's kwargs handlers: DDP's
+    (ddp.*), which Accelerate uses only where it wraps the model in DDP."""
+    return [DistributedDataParallelKwargs(find_unused_parameters=cfg.ddp.find_unused_parameters,
+                                          static_graph=cfg.ddp.static_graph,
+                                          gradient_as_bucket_view=cfg.ddp.gradient_as_bucket_view)]
+
+
+def describe(accelerator):
+    """The strategy in the log's words: `1 process`, `DDP, 2 processes (parameters copied)` or
+    `FSDP, 2 processes (parameters sharded)`."""
+    n = accelerator.num_processes
+    if n == 1:
+        return "1 process"
+    if sharded(accelerator):
+        return f"FSDP, {n} processes (parameters sharded)"
+    return f"DDP, {n} processes (parameters copied)"
+
+
+# DDP's error when a parameter got no gradient in a step: its reducer waits for it forever.
+_UNUSED = "Expected to have finished reduction in the prior iteration before starting a new one"
+
+
+def explain(error):
+    """One line for an error that the strategy raised and that a key can fix, else None."""
+    if _UNUSED in str(error):
+        return ("some parameters of the model got no gradient in a step (not used by loss(), or only in some steps), "
+                "which DDP does not allow by default: set ddp.find_unused_parameters=true, or freeze them "
+                "(freeze=[...])")
+    return None
 
 
 def recipe_model(accelerator, model):

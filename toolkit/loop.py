@@ -67,6 +67,7 @@ def train(recipe, cfg, resume=None, autoresume=False, trial=None):
     run_dir = Path(resume) if resume else rundir.create(processes, cfg.output_dir, recipe.name, cfg.name, autoresume)
     accelerator = Accelerator(
         cpu=cpu, mixed_precision=cfg.precision, gradient_accumulation_steps=cfg.grad_accum,
+        kwargs_handlers=distributed.accelerator_handlers(cfg),  # DDP's options (ddp.*)
         log_with=trackers.make_trackers(cfg, run_dir, state) or None, project_dir=run_dir,
         # Every rank shuffles with one seed and takes its shard of each batch list: the data order is
         # a function of (seed, epoch). Batches in pinned memory go to the GPU without blocking.

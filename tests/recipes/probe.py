@@ -1,6 +1,6 @@
 """A test recipe that records, on every rank and step, which samples it trained on, the
-augmentation noise it drew and a draw of the training step's RNG, into <probe>.rank<RANK>
-(one JSON line per step)."""
+augmentation noise it drew, a draw of the training step's RNG and the process group's timeout,
+into <probe>.rank<RANK> (one JSON line per step)."""
 
 import json
 import os
@@ -17,6 +17,7 @@ config = {
     "nan_steps": [],    # ... the loss of these training steps (1-based, per process) is NaN
     "fail_rank": -1,    # on this rank ...
     "fail_step": 0,     # ... this training step raises, as a bad sample would
+    "unused": False,    # the model has a layer that loss() never uses
 }
 _record, _nan_steps, _fail_step, _steps = None, (), 0, 0
 
@@ -39,7 +40,10 @@ def datasets(cfg):
 
 
 def model(cfg):
-    return torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(4, 2))
+    net = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(4, 2))
+    if cfg.unused:
+        net.register_parameter("unused", torch.nn.Parameter(torch.zeros(1)))  # never gets a gradient
+    return net
 
 
 def loss(model, batch, cfg):
@@ -49,7 +53,8 @@ def loss(model, batch, cfg):
     if _record:
         with open(_record, "a") as f:
             f.write(json.dumps({"index": index.tolist(), "noise": noise.flatten().tolist(), "step_rng": dropped,
-                                "deterministic": torch.are_deterministic_algorithms_enabled()}) + "\n")
+                                "deterministic": torch.are_deterministic_algorithms_enabled(),
+                                "group_timeout_s": group_timeout_s()}) + "\n")
     value = F.cross_entropy(model(x), y)
     if model.training:
         _steps += 1
@@ -58,3 +63,11 @@ def loss(model, batch, cfg):
         if _steps in _nan_steps:
             value = value * float("nan")
     return value, {"samples": len(y)}
+
+
+def group_timeout_s():
+    """The default process group's timeout in seconds (None in one process)."""
+    if not torch.distributed.is_initialized():
+        return None
+    group = torch.distributed.distributed_c10d._get_default_group()
+    return group._get_backend(torch.device("cpu")).options._timeout.total_seconds()

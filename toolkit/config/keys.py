@@ -93,8 +93,15 @@ KEYS = {
     "channels_last": Key(False, "store conv weights NHWC: faster convolutions on GPUs, with bf16/fp16 above all"),
     "compile": Key(False, "torch.compile the model: faster GPU steps after a compile of seconds to minutes",
                    resumable=True),
+    "ddp": Group({
+        "find_unused_parameters": Key(False, "for a model whose loss() leaves some parameters without a gradient in "
+                                             "a step (slower: DDP looks for them every step)"),
+        "static_graph": Key(False, "the model uses the same parameters in every step: DDP can overlap more"),
+        "gradient_as_bucket_view": Key(False, "gradients share DDP's all-reduce buffers: less memory"),
+    }, "DDP's options, where several processes each hold the whole model", resumable=True),
     "watchdog_minutes": Key(30.0, "a process without a step, evaluation batch or save for this long is hung: its "
-                                  "stacks go to <run>/hang-rank<r>.txt and the run ends (0: off)", resumable=True),
+                                  "stacks go to <run>/hang-rank<r>.txt and the run ends (0: off); the process "
+                                  "group's timeout is 5 minutes longer", resumable=True),
     "log_every": Key(50, "optimizer steps between reads of the train metrics (host syncs)", minimum=1,
                      resumable=True),
     "profile": Group({

@@ -12,7 +12,7 @@ import traceback
 import accelerate
 import torch
 
-from toolkit import PeerFailure, config, distributed
+from toolkit import PeerFailure, UserError, config, distributed
 from toolkit.data import mapstyle
 from toolkit.run import logs, metrics_log, rundir, watchdog
 from toolkit.run.logs import FILE_ONLY, format_metrics, log
@@ -71,10 +71,12 @@ class Run:
 
     def failed(self, error):
         """Record `error` in the summary (and, for a rank of several, in error-rank<N>.txt); a
-        collective that broke because another process failed becomes a PeerFailure."""
+        collective that broke because another process failed becomes a PeerFailure, and an error of
+        the strategy that a key fixes a UserError that names the key."""
         accelerator, summary = self.accelerator, self.summary
         summary.status = Status.INTERRUPTED if isinstance(error, KeyboardInterrupt) else Status.FAILED
-        summary.error = f"{type(error).__name__}: {error}"
+        explained = distributed.explain(error)
+        summary.error = explained or f"{type(error).__name__}: {error}"
         if accelerator.num_processes > 1 and distributed.lost_a_peer(error):
             failure = self._peer_failure()
             print(f"error: {failure}", file=sys.stderr, flush=True)  # now, while a SIGTERM cannot end it
@@ -83,6 +85,8 @@ class Run:
             (self.dir / f"error-rank{accelerator.process_index}.txt").write_text(
                 "".join(traceback.format_exception(error)).rstrip() + f"\nrank {accelerator.process_index}: "
                 f"{distributed.first_line(error)}\n", encoding="utf-8")
+        if explained:
+            raise UserError(explained) from error
 
     def _peer_failure(self):
         """The summary and the PeerFailure of a process whose collective broke because another one
@@ -109,8 +113,8 @@ class Run:
         log.info(f"command: {shlex.join([sys.executable, *sys.argv])}", extra=FILE_ONLY)
         log.info(f"run {self.dir} | recipe {recipe.path} | changed from the recipe's config: "
                  f"{' '.join(changed) if changed else 'nothing'}")
-        log.info(f"{accelerator.num_processes} process(es) on {device} | precision {accelerator.mixed_precision} | "
-                 f"python {sys.version.split()[0]} | torch {torch.__version__} | "
+        log.info(f"strategy: {distributed.describe(accelerator)} on {device} | precision {accelerator.mixed_precision} "
+                 f"| python {sys.version.split()[0]} | torch {torch.__version__} | "
                  f"accelerate {accelerate.__version__}")
         sizes = ", ".join(f"{split} {len(ds) if mapstyle.has_length(ds) else 'stream'}" for split, ds in splits.items())
         log.info(f"data: {sizes} | "
