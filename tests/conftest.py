@@ -104,9 +104,11 @@ def ema_run(mnist_root, tmp_path_factory):
 @pytest.fixture(scope="session")
 def probe_run(tmp_path_factory):
     """The probe recipe on 2 processes (accelerate_configs/multi_gpu.yaml), 2 epochs of 8 steps:
-    each rank's samples, augmentation draws and step RNG are in `probe`.rank<RANK>."""
+    each rank's samples, augmentation draws and step RNG are in `probe`.rank<RANK>. Its model has a
+    parameter that gets no gradient, which DDP takes with ddp.find_unused_parameters=true."""
     shared = Shared(tmp_path_factory, "probe-run", [PROBE, "batch_size=16", "epochs=2", "log_every=4", "trackers=[]",
-                                                    "checkpoint.monitor=", "probe=probe"], processes=2)
+                                                    "checkpoint.monitor=", "probe=probe", "unused=true",
+                                                    "ddp.find_unused_parameters=true"], processes=2)
     shared.probe = shared.tmp / "probe"  # relative to the run's working directory
     return shared
 

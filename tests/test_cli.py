@@ -41,7 +41,7 @@ def test_run_folder_is_complete(lenet_run):
     assert f"run {run} | recipe" in console and "command: " not in console
     assert lines[1].startswith(f"run {run} | recipe {REPO / 'recipes' / 'lenet.py'} | changed from the recipe's "
                                f"config: ") and " epochs=3 " in lines[1] and " data.val_size=1001" in lines[1]
-    assert re.fullmatch(r"1 process\(es\) on cpu \| precision no \| python [\d.]+ \| torch \S+ \| accelerate \S+",
+    assert re.fullmatch(r"strategy: 1 process on cpu \| precision no \| python [\d.]+ \| torch \S+ \| accelerate \S+",
                         lines[2]), lines[2]
     assert lines[3] == ("data: train 1999, val 1001, test 1001 | model LeNet5: 61,706 parameters "
                         "(61,706 trainable, 0 frozen)")

@@ -158,17 +158,16 @@ def test_the_process_group_waits_longer_than_the_watchdog(probe_run):
         assert {step["group_timeout_s"] for step in rank} == {35 * 60}
 
 
-def test_a_parameter_without_a_gradient_names_the_ddp_key(tmp_path):
+def test_a_parameter_without_a_gradient_names_the_ddp_key(probe_run, tmp_path):
     """DDP's reducer error (a parameter that no loss used) ends the run in one line naming
-    ddp.find_unused_parameters, with which the same run trains."""
-    args = [PROBE, "batch_size=16", "max_steps=3", "trackers=[]", "checkpoint.monitor=", "unused=true",
-            f"output_dir={tmp_path / 'runs'}"]
+    ddp.find_unused_parameters, with which the same run trains (`probe_run`)."""
+    assert "unused=true" in probe_run.args and summary(probe_run.run)["status"] == "finished"
+    args = [*probe_run.args, "ddp.find_unused_parameters=false", "max_steps=2", f"output_dir={tmp_path / 'runs'}"]
     result = launch_two(args, cwd=tmp_path, timeout=120, flags=True)
     assert result.returncode != 0 and "Expected to have finished reduction" not in result.stderr  # not its traceback
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "set ddp.find_unused_parameters=true" in errors[0]
     assert "ddp.find_unused_parameters" in summary(only_run(tmp_path / "runs"))["error"]
-    ok(launch_two([*args, "ddp.find_unused_parameters=true"], cwd=tmp_path, timeout=120, flags=True))
 
 
 @pytest.mark.parametrize("how", ["fsdp.yaml", "fsdp.yaml, ACCELERATE_USE_CPU=1"])
@@ -177,10 +176,13 @@ def test_a_strategy_that_accelerate_would_drop_is_refused(tiny, tmp_path, how):
     ACCELERATE_USE_CPU=1. The run stops in one line before anything is written."""
     if torch.cuda.is_available() and "ACCELERATE_USE_CPU" not in how:
         pytest.skip("with GPUs, fsdp.yaml trains FSDP")
-    config = ["--config_file", str(REPO / "accelerate_configs" / "fsdp.yaml"), "--num_processes", "2"]
     cpu = "ACCELERATE_USE_CPU" in how
-    result = launch([LENET, *tiny], cwd=tmp_path, timeout=120, env={"ACCELERATE_USE_CPU": "1"} if cpu else None,
-                    launcher=accelerate_launch(*config, "--main_process_port", free_port()))
+    if cpu:  # in this process: the variables that `accelerate launch --config_file fsdp.yaml` sets, and --cpu's
+        result = launch([LENET, *tiny], cwd=tmp_path, env={"ACCELERATE_USE_FSDP": "true", "ACCELERATE_USE_CPU": "1"})
+    else:
+        config = ["--config_file", str(REPO / "accelerate_configs" / "fsdp.yaml"), "--num_processes", "2"]
+        result = launch([LENET, *tiny], cwd=tmp_path, timeout=120,
+                        launcher=accelerate_launch(*config, "--main_process_port", free_port()))
     says = "Accelerate drops FSDP and trains DDP" if cpu else "FSDP, which Accelerate runs on GPUs only"
     assert result.returncode != 0 and says in result.stderr
     assert not (tmp_path / "runs").exists()
