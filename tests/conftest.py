@@ -16,6 +16,12 @@ from pathlib import Path
 # starts: the tests run as one process per core (pytest-xdist), and two threads on a busy core
 # wait for each other at every parallel op (a 10 s training took minutes).
 os.environ["OMP_NUM_THREADS"] = "1"
+# The user's own tracker settings (WANDB_DIR, WANDB_MODE=online, MLFLOW_TRACKING_URI, ...) would
+# send the tests' runs to their folders and accounts, and a run writes where they say: each test
+# sets the variables it tests, in a clean environment.
+TRACKER_VARIABLES = ("WANDB_", "MLFLOW_", "COMET_", "CLEARML_", "SWANLAB_", "TRACKIO_", "AIM_", "DVCLIVE_")
+for name in [name for name in os.environ if name.startswith(TRACKER_VARIABLES)]:
+    del os.environ[name]
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
