@@ -54,6 +54,9 @@ def start_processes(cfg):
     return processes, cpu
 
 
+WATCHDOG_REPORT_MINUTES = 5  # a hung process's watchdog writes its stacks and waits for the others' within this
+
+
 def group_timeout(cfg):
     """The process group's timeout, after which a collective that waits for a hung process fails:
     longer than watchdog_minutes, so that the watchdog says first where each process was (NCCL's
@@ -64,15 +67,12 @@ def group_timeout(cfg):
     return {"timeout": datetime.timedelta(minutes=cfg.watchdog_minutes + WATCHDOG_REPORT_MINUTES)}
 
 
-WATCHDOG_REPORT_MINUTES = 5  # a hung process's watchdog writes its stacks and waits for the others' within this
-
-
 def refuse_a_dropped_strategy(cpu):
     """A launch that asks for FSDP or DeepSpeed where Accelerate would train DDP instead, silently:
     with ACCELERATE_USE_CPU=1 (`--cpu`), or on a machine without GPUs."""
     strategy = next((name for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
                      if parse_flag_from_env(flag)), None)
-    if strategy is None or not (cpu or not torch.cuda.is_available()):
+    if strategy is None or (torch.cuda.is_available() and not cpu):
         return
     if parse_flag_from_env("ACCELERATE_USE_CPU"):
         raise UserError(f"the launch asks for {strategy} and for the CPU (ACCELERATE_USE_CPU=1 or --cpu), with which "
