@@ -4,6 +4,7 @@ A shared run is trained once per session, through the real command line. Tests o
 work on a copy of it (`helpers.copy_run`) in their own tmp_path. When pytest-xdist runs the tests
 in several processes, the first one to need a shared folder makes it and the others wait for it."""
 
+import functools
 import json
 import os
 import re
@@ -74,9 +75,14 @@ class Shared:
     """A run trained once: `args` (what trained it, but output_dir), `output_dir`, `run` (its folder:
     read it, or copy it), `result` (the CompletedProcess) and `tmp` (its own folder, the cwd)."""
 
-    def __init__(self, tmp_path_factory, name, args, processes=1, env=None):
+    def __init__(self, tmp_path_factory, name, args, processes=1, env=None, launcher=None):
+        """`launcher()`: the command that starts the processes (see `launch`), else `processes`
+        CPU processes through accelerate_configs/multi_gpu.yaml, or this one."""
         def make(folder):
-            train = launch_two if processes == 2 else launch
+            if launcher:
+                train = functools.partial(launch, launcher=launcher(), timeout=600)
+            else:
+                train = launch_two if processes == 2 else launch
             result = ok(train([*args, f"output_dir={folder / 'runs'}"], cwd=folder, env=env))
             (folder / "result.json").write_text(json.dumps([result.returncode, result.stdout, result.stderr]))
 

@@ -15,6 +15,7 @@ EXPECTED = {  # file -> (distributed_type, num_machines, use_cpu)
     "multi_gpu.yaml": ("MULTI_GPU", 1, False),
     "multi_node.yaml": ("MULTI_GPU", 2, False),
     "fsdp.yaml": ("FSDP", 1, False),
+    "deepspeed.yaml": ("DEEPSPEED", 1, False),
 }
 
 
@@ -32,6 +33,8 @@ def test_accelerate_loads_it(path):
     assert "EDIT" in path.read_text() or path.name == "cpu.yaml"  # says what a user changes
     if path.name == "fsdp.yaml":
         assert config.fsdp_config["fsdp_version"] == 2
+    if path.name == "deepspeed.yaml":
+        assert config.deepspeed_config["zero_stage"] == 2
 
 
 def test_the_slurm_script_is_valid_bash():

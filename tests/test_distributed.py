@@ -170,21 +170,14 @@ def test_a_parameter_without_a_gradient_names_the_ddp_key(probe_run, tmp_path):
     assert "ddp.find_unused_parameters" in summary(only_run(tmp_path / "runs"))["error"]
 
 
-@pytest.mark.parametrize("how", ["fsdp.yaml", "fsdp.yaml, ACCELERATE_USE_CPU=1"])
-def test_a_strategy_that_accelerate_would_drop_is_refused(tiny, tmp_path, how):
-    """FSDP asked for where Accelerate would train DDP instead, silently: on CPU processes, or with
-    ACCELERATE_USE_CPU=1. The run stops in one line before anything is written."""
-    if torch.cuda.is_available() and "ACCELERATE_USE_CPU" not in how:
-        pytest.skip("with GPUs, fsdp.yaml trains FSDP")
-    cpu = "ACCELERATE_USE_CPU" in how
-    if cpu:  # in this process: the variables that `accelerate launch --config_file fsdp.yaml` sets, and --cpu's
-        result = launch([LENET, *tiny], cwd=tmp_path, env={"ACCELERATE_USE_FSDP": "true", "ACCELERATE_USE_CPU": "1"})
-    else:
-        config = ["--config_file", str(REPO / "accelerate_configs" / "fsdp.yaml"), "--num_processes", "2"]
-        result = launch([LENET, *tiny], cwd=tmp_path, timeout=120,
-                        launcher=accelerate_launch(*config, "--main_process_port", free_port()))
-    says = "Accelerate drops FSDP and trains DDP" if cpu else "FSDP, which Accelerate runs on GPUs only"
-    assert result.returncode != 0 and says in result.stderr
+@pytest.mark.parametrize("flag", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_a_strategy_that_accelerate_would_drop_is_refused(tiny, tmp_path, flag):
+    """FSDP or DeepSpeed asked for with ACCELERATE_USE_CPU=1 (`--cpu`), with which Accelerate trains
+    DDP instead, silently: the run stops in one line before anything is written. (Without it, the
+    same configs train on CPU processes: test_strategies.py.)"""
+    result = launch([LENET, *tiny], cwd=tmp_path, env={flag: "true", "ACCELERATE_USE_CPU": "1"})
+    strategy = "FSDP" if flag == "ACCELERATE_USE_FSDP" else "DeepSpeed"
+    assert result.returncode != 0 and f"Accelerate drops {strategy} and trains DDP" in result.stderr
     assert not (tmp_path / "runs").exists()
 
 

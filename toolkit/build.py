@@ -8,7 +8,7 @@ import torch
 from accelerate.utils import set_seed
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from toolkit import UserError
+from toolkit import UserError, distributed
 from toolkit.data import mapstyle
 from toolkit.optim import SCHEDULES
 from toolkit.state.weights import load_weights
@@ -33,7 +33,7 @@ def build(recipe, cfg, processes, weights="", training=True, strict=False, use_e
     same_everywhere(splits, processes)
     model = recipe.model(cfg)
     loaded = load_weights(model, weights, strict=strict) if weights else None
-    if cfg.channels_last:
+    if cfg.channels_last and distributed.keeps_memory_format():
         model = model.to(memory_format=torch.channels_last)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema.decay), use_buffers=True).to(
         processes.device) if training and cfg.ema.decay else None

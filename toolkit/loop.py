@@ -66,14 +66,15 @@ def train(recipe, cfg, resume=None, autoresume=False, trial=None):
 
     run_dir = Path(resume) if resume else rundir.create(processes, cfg.output_dir, recipe.name, cfg.name, autoresume)
     accelerator = Accelerator(
-        cpu=cpu, mixed_precision=cfg.precision, gradient_accumulation_steps=cfg.grad_accum,
-        kwargs_handlers=distributed.accelerator_handlers(cfg),  # DDP's options (ddp.*)
+        mixed_precision=cfg.precision, gradient_accumulation_steps=cfg.grad_accum,
+        **distributed.accelerator_options(cfg, cpu),  # the strategy's options (ddp.*, its plugin)
         log_with=trackers.make_trackers(cfg, run_dir, state) or None, project_dir=run_dir,
         # Every rank shuffles with one seed and takes its shard of each batch list: the data order is
         # a function of (seed, epoch). Batches in pinned memory go to the GPU without blocking.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed,
                                                   non_blocking=processes.device.type == "cuda"))
     model, optimizer = accelerator.prepare(model, optimizer)
+    distributed.finish_prepare(accelerator, model)
     train_loader = loaders.pop("train").prepare(accelerator, training=True)
     eval_loaders = {split: loader.prepare(accelerator, training=False) for split, loader in loaders.items()}
     base_lrs = [group["lr"] for group in optimizer.param_groups]
@@ -107,16 +108,16 @@ def train(recipe, cfg, resume=None, autoresume=False, trial=None):
             for batch in window.timed(batches):  # the time waited for each batch: data_wait
                 with accelerator.accumulate(model):  # no DDP all-reduce until the last micro-batch
                     loss, counts = recipe.loss(model, batch, cfg)
+                    set_lr(optimizer, base_lrs, lr_factor(state.step))  # before backward: some strategies step in it
                     accelerator.backward(units.weigh(loss, counts))  # exact weights: see StepUnits
                     finite.add(loss)
                     if accelerator.sync_gradients:
                         units.normalize(model)  # with loss_per: divide by the step's tokens
                         grad_norm = None  # measured when needed, and for the log on its steps
                         if cfg.clip_grad_norm or finite.on or (state.step + 1) % cfg.log_every == 0:
-                            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm or math.inf)
+                            grad_norm = distributed.clip_gradients(accelerator, model, cfg.clip_grad_norm or math.inf)
                         good = finite.step_is_good(grad_norm)  # the same answer on every rank: all skip, or none
                         if good:
-                            set_lr(optimizer, base_lrs, lr_factor(state.step))
                             optimizer.step()
                         updated = good and not optimizer.step_was_skipped  # fp16's scaler skips some
                         optimizer.zero_grad(set_to_none=True)

@@ -145,6 +145,9 @@ class StepUnits:
     step's gradient is the mean over the processes that had data.
 
     A step of one micro-batch on one process is its own big batch: its loss is used as it is.
+
+    Where the strategy steps inside backward (`distributed.steps_in_backward`), the step's count is
+    summed before backward instead (a step is one micro-batch there).
     """
 
     def __init__(self, per, accelerator, loader):
@@ -152,6 +155,7 @@ class StepUnits:
         self.per, self.accelerator, self.loader = per, accelerator, loader
         self.units = torch.zeros((), dtype=exact_dtype(accelerator.device), device=accelerator.device)
         self.alone = accelerator.num_processes == 1 and accelerator.gradient_accumulation_steps == 1
+        self.before_backward = distributed.steps_in_backward(accelerator)
 
     def weigh(self, loss, counts):
         """The loss to back-propagate for one micro-batch."""
@@ -162,6 +166,11 @@ class StepUnits:
                 return loss
             units = 0 if self.loader.padding else counts[self.per]
             self.units += units
+            if self.before_backward:  # the step's units, over the processes: factor as in `normalize`
+                total = self.accelerator.reduce(self.units, reduction="sum")
+                weight = torch.where(total > 0, self.units * self.accelerator.num_processes / total, 0.0)
+                self.units.zero_()
+                return loss * weight
             return loss * units
         if self.loader.padding:  # a repeat that must not count
             return loss * 0
@@ -172,7 +181,7 @@ class StepUnits:
 
     def normalize(self, model):
         """At an optimizer step, before clipping: divide the gradients by the step's units."""
-        if not self.per or self.alone:
+        if not self.per or self.alone or self.before_backward:
             return
         total = self.accelerator.reduce(self.units, reduction="sum") if self.accelerator.num_processes > 1 \
             else self.units

@@ -105,8 +105,8 @@ class Run:
         """The opening lines of log.txt: what runs, where, on what (the console shows the short ones)."""
         accelerator, cfg, recipe = self.accelerator, self.cfg, self.recipe
         changed = config.diff(cfg, config.resolve(recipe.config))
-        params = sum(p.numel() for p in model.parameters())
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        params = sum(distributed.numel(p) for p in model.parameters())
+        trainable = sum(distributed.numel(p) for p in model.parameters() if p.requires_grad)
         device = accelerator.device.type
         if device == "cuda":
             device = f"cuda ({torch.cuda.get_device_name(accelerator.device)}, CUDA {torch.version.cuda})"
@@ -121,7 +121,7 @@ class Run:
                  f"model {type(model).__name__}: {params:,} parameters ({trainable:,} trainable, "
                  f"{params - trainable:,} frozen)")
         for name, module in model.named_children():
-            counts = [p.numel() for p in module.parameters()]
+            counts = [distributed.numel(p) for p in module.parameters()]
             log.info(f"model {name}: {type(module).__name__}, {sum(counts):,} parameters in {len(counts)} tensors",
                      extra=FILE_ONLY)
         for line in groups:

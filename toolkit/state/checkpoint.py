@@ -27,7 +27,7 @@ from pathlib import Path
 
 from accelerate.utils import load as safe_torch_load
 
-from toolkit import UserError
+from toolkit import UserError, distributed
 from toolkit.run import rundir
 from toolkit.run.logs import FILE_ONLY, log
 from toolkit.state import weights
@@ -78,7 +78,7 @@ def save(accelerator, run_dir, state, keep, best, model, ema=None, loader_point=
             shutil.rmtree(leftover, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)  # the model and optimizer from the main process, RNG from every rank
+    accelerator.save_state(tmp)  # the model and optimizer (sharded: from every rank), RNG from every rank
     if loader_point is not None:
         _write_loader_point(tmp, accelerator.process_index, loader_point)
     best_weights = accelerator.get_state_dict(model) if best else None  # unwrapped keys; gathered if sharded
@@ -89,6 +89,8 @@ def save(accelerator, run_dir, state, keep, best, model, ema=None, loader_point=
             weights.write_safetensors(ema.module.state_dict(), tmp / "ema.safetensors")
         if best:
             state.best_checkpoint = name
+        for script in distributed.SCRIPTS:  # a checkpoint holds data, no code
+            (tmp / script).unlink(missing_ok=True)
         for written in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
             rundir.fsync(written)
         rundir.write_json(tmp / STATE_FILE, {"format": FORMAT, **dataclasses.asdict(state)})  # and fsyncs tmp
@@ -198,7 +200,9 @@ def verify(checkpoint, num_processes):
 
     Accelerate reads its files with weights_only=True, but it skips an RNG file it cannot read
     without a word (the run would silently differ), and it unpickles `custom_checkpoint_*.pkl`
-    with weights_only=False. So: the RNG files must load safely, and those pickles must not exist."""
+    with weights_only=False. So: the RNG files must load safely, and those pickles must not exist.
+    A sharded checkpoint's files that their loaders unpickle must hold
+    only what those files hold (`distributed.check_pickles`)."""
     checkpoint = Path(checkpoint)
     state = read_state(checkpoint)
     custom = sorted(p.name for p in checkpoint.glob("custom_checkpoint_*"))
@@ -209,12 +213,14 @@ def verify(checkpoint, num_processes):
         rng_file = checkpoint / f"random_states_{rank}.pkl"
         if rng_file.exists():
             _safe_load(rng_file)
+    distributed.check_pickles(checkpoint)
     return state
 
 
 def load(accelerator, checkpoint, ema=None):
     """Restore everything `save` wrote but the TrainState (`verify` returned it). Call on every
     rank, after `verify`."""
+    distributed.refuse_a_foreign_checkpoint(accelerator, checkpoint, read_state(checkpoint).num_processes)
     try:
         accelerator.load_state(checkpoint)
     except Exception as e:  # noqa: BLE001 - e.g. a file that is not a plain tensor pickle
@@ -222,9 +228,28 @@ def load(accelerator, checkpoint, ema=None):
     if ema is not None:
         if not (Path(checkpoint) / "ema.safetensors").is_file():
             raise UserError(f"{checkpoint} has no EMA weights (ema.decay was 0 when it was saved)")
-        average = weights.load_safetensors(Path(checkpoint) / "ema.safetensors", str(accelerator.device))
+        device = accelerator.device.type if accelerator.device.type == "cpu" else str(accelerator.device)  # not cpu:1
+        average = weights.load_safetensors(Path(checkpoint) / "ema.safetensors", device)
         weights.load_into(ema.module, average)
         ema.n_averaged.fill_(read_state(checkpoint).ema_updates)
+
+
+def model_weights(checkpoint, model, use_ema=False):
+    """The whole weights of the model (or of its EMA) that `checkpoint` holds, read in this one
+    process: model.safetensors, or gathered from the shards of a sharded checkpoint (into the
+    names of `model`, the recipe's module)."""
+    checkpoint = Path(checkpoint)
+    if use_ema or (checkpoint / "model.safetensors").is_file():
+        path = checkpoint / ("ema.safetensors" if use_ema else "model.safetensors")
+        if not path.is_file():
+            raise UserError(f"{checkpoint} has no {path.name}"
+                            + (" (the run had no EMA: ema.decay=0)" if use_ema else ""))
+        return weights.load_safetensors(path)
+    distributed.check_pickles(checkpoint)
+    whole = distributed.full_weights(checkpoint, model)
+    if whole is None:
+        raise UserError(f"{checkpoint} holds no model weights (model.safetensors or a sharded model)")
+    return whole
 
 
 def _unreadable(checkpoint):

@@ -13,7 +13,7 @@ from pathlib import Path
 from toolkit import UserError
 from toolkit.run import rundir
 from toolkit.state import checkpoint
-from toolkit.state.weights import load_weights, write_safetensors
+from toolkit.state.weights import fit, write_safetensors
 
 
 def export(recipe, cfg, run_dir, out, which="", use_ema=False):
@@ -24,11 +24,8 @@ def export(recipe, cfg, run_dir, out, which="", use_ema=False):
         raise UserError(f"{out} exists and is not an empty folder: export into a new one")
     which = which or ("best" if checkpoint.read_state(checkpoint.find(run_dir)).best_checkpoint else "latest")
     path = checkpoint.find(run_dir, which)
-    weights = path / ("ema.safetensors" if use_ema else "model.safetensors")
-    if not weights.is_file():
-        raise UserError(f"{path} has no {weights.name}" + (" (the run had no EMA: ema.decay=0)" if use_ema else ""))
     model = recipe.model(cfg)
-    load_weights(model, weights, strict=True)
+    fit(model, checkpoint.model_weights(path, model, use_ema), path, strict=True)  # gathered, if sharded
     out.parent.mkdir(parents=True, exist_ok=True)
     with rundir.replacing(out) as folder:
         folder.mkdir()

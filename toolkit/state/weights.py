@@ -34,6 +34,12 @@ def load_weights(model, source, strict=False):
             weights = weights.get("state_dict", weights.get("model"))
     else:
         raise UserError(f"{source}: expected a .safetensors, .pt, .pth or .bin file or a folder")
+    return fit(model, weights, source, strict)
+
+
+def fit(model, weights, source, strict=False):
+    """Load the state dict `weights` (read from `source`, for the error) into `model`; UserError
+    if it does not fit. Returns (missing, unexpected) key lists."""
     consume_prefix_in_state_dict_if_present(weights, "module.")  # saved from a DDP-wrapped model
     try:
         return load_into(model, weights, strict)

@@ -1,0 +1,88 @@
+"""FSDP2 and DeepSpeed ZeRO-2 and 3 through the launch configs a GPU job uses, on 2 CPU processes:
+the strategy really is the one configured (a silent fall-back to DDP fails here), every rank
+writes its shard, a resume from a mid-epoch checkpoint ends with the unbroken run's weights bit
+for bit, and `test` and `export` read the shards in one process."""
+
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import Shared, tiny_args
+from helpers import LENET, REPO, accelerate_launch, assert_same_weights, copy_run, free_port, launch, ok, summary
+from toolkit.state import checkpoint
+
+CONFIGS = REPO / "accelerate_configs"
+# name: (accelerate launch's arguments, the log's banner, files of rank 1 in a checkpoint)
+STRATEGIES = {
+    "fsdp": (["--config_file", CONFIGS / "fsdp.yaml"], "strategy: FSDP2, 2 processes (parameters sharded) on cpu",
+             ["pytorch_model_fsdp_0/__1_0.distcp", "optimizer_0/__1_0.distcp"]),
+    "zero2": (["--config_file", CONFIGS / "deepspeed.yaml", "--zero_stage", "2"],
+              "strategy: DeepSpeed ZeRO-2, 2 processes (optimizer state and gradients sharded) on cpu",
+              ["pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt"]),
+    "zero3": (["--config_file", CONFIGS / "deepspeed.yaml", "--zero_stage", "3"],
+              "strategy: DeepSpeed ZeRO-3, 2 processes (parameters, gradients and optimizer state sharded) on cpu",
+              ["pytorch_model/zero_pp_rank_1_mp_rank_00_model_states.pt",
+               "pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt"]),
+}
+
+
+def launcher(name):
+    """`accelerate launch` with the strategy's config, 2 processes and a free port: no
+    ACCELERATE_USE_CPU, as on a GPU machine."""
+    return lambda: accelerate_launch(*STRATEGIES[name][0], "--num_processes", "2", "--main_process_port", free_port())
+
+
+@pytest.fixture(scope="module", params=list(STRATEGIES))
+def strategy_run(request, mnist_root, tmp_path_factory):
+    """LeNet, 2 epochs of 16 steps on 2 processes under the strategy, with an EMA and a checkpoint
+    every 10 steps, all kept."""
+    shared = Shared(tmp_path_factory, f"strategy-{request.param}",
+                    [LENET, *tiny_args(mnist_root), "epochs=2", "trackers=[]", "ema.decay=0.9",
+                     "checkpoint.every_steps=10", "checkpoint.keep=0"], launcher=launcher(request.param))
+    shared.strategy = request.param
+    return shared
+
+
+def test_the_configured_strategy_trains_and_every_rank_writes_its_shard(strategy_run):
+    _, banner, shards = STRATEGIES[strategy_run.strategy]
+    assert banner in (strategy_run.run / "log.txt").read_text()  # not DDP
+    latest = checkpoint.find(strategy_run.run)
+    assert latest.name == "step-0000032" and not (latest / "model.safetensors").exists()
+    for shard in shards:
+        assert (latest / shard).is_file(), shard
+    assert not list(latest.glob("*.py"))  # DeepSpeed's conversion scripts are left out: a checkpoint holds no code
+    final = summary(strategy_run.run)
+    assert final["status"] == "finished" and final["test"]["samples"] == 1001 and final["test"]["accuracy"] > 0.9
+
+
+def test_a_resume_from_a_mid_epoch_checkpoint_ends_with_the_unbroken_run_s_weights(strategy_run, tmp_path):
+    """The run's checkpoint of step 10 (of 16 in epoch 1), resumed under the same launch config,
+    ends with the unbroken run's weights, EMA and test metrics, bit for bit."""
+    run = copy_run(strategy_run.run, tmp_path)
+    for later in checkpoint.complete(run)[1:]:
+        shutil.rmtree(later)
+    assert checkpoint.find(run).name == "step-0000010"
+    ok(launch(["resume", run], cwd=tmp_path, launcher=launcher(strategy_run.strategy)(), timeout=600))
+
+    exported = {}
+    for name, source in (("resumed", run), ("unbroken", strategy_run.run)):
+        for ema in ("", "--ema"):
+            out = tmp_path / f"{name}{ema}"
+            ok(launch(["export", source, out, "--checkpoint", "latest", *([ema] if ema else [])], cwd=tmp_path))
+            exported[name, ema] = load_file(out / "model.safetensors")
+    assert_same_weights(exported["resumed", ""], exported["unbroken", ""])
+    assert_same_weights(exported["resumed", "--ema"], exported["unbroken", "--ema"])
+    assert summary(run)["test"] == summary(strategy_run.run)["test"]
+
+
+def test_launch_test_in_one_process_reproduces_the_run_s_own_test_metrics(strategy_run, tmp_path):
+    """The sharded checkpoint's weights gathered in one process evaluate to the 2-process run's own test."""
+    run = copy_run(strategy_run.run, tmp_path)  # `test` writes its result into the run folder
+    out = ok(launch(["test", run, "--checkpoint", "latest"], cwd=tmp_path)).stdout
+    tested = summary(run)["test"]
+    assert f"test accuracy={tested['accuracy']:.4g} " in out and "samples=1001" in out
+    saved = json.loads((run / "test-step-0000032.json").read_text())["test"]
+    assert saved["samples"] == tested["samples"] and saved["accuracy"] == tested["accuracy"]
+    assert saved["loss"] == pytest.approx(tested["loss"], rel=1e-6)  # summed in another order

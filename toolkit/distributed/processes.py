@@ -1,0 +1,136 @@
+"""The run's processes: the process group and its device (CPU or GPU), the strategy that the
+launch asks for, what a failed peer looks like, and the peak FLOP/s of the GPUs that a model FLOPs
+utilisation is measured against."""
+
+import datetime
+import os
+import sys
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import DistributedType, parse_flag_from_env
+
+from toolkit import UserError
+
+
+def start_processes(cfg):
+    """The process group (Accelerate's PartialState) and whether it runs on the CPU.
+
+    Without a GPU, several processes talk over gloo; Accelerate alone does this only under
+    ACCELERATE_USE_CPU=1 and otherwise runs N unaware copies of the same training."""
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (
+        int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available())
+    mpi = any(key in os.environ for key in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
+    if cpu and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ and not mpi:
+        # What `accelerate launch --cpu --num_processes N` and MULTI_CPU configs do without mpirun.
+        raise UserError("accelerate launch was asked for several CPU processes but started only this one (with "
+                        "--cpu or a MULTI_CPU config it expects mpirun); for N processes on CPUs run "
+                        "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N launch.py ..., "
+                        "or torchrun --nproc_per_node N launch.py ...")
+    # Imported before the group starts: its functions take `group=group.WORLD` as a default, read at
+    # import (torch._dynamo imports it, e.g. from accelerator.prepare). Imported after, they would
+    # keep the group alive past destroy_process_group, and gloo's threads, still finishing the last
+    # collective as the interpreter exits, abort the process ("terminate called without an active
+    # exception").
+    from torch.distributed.nn import functional  # noqa: F401
+    strategy = asked_strategy()
+    refuse_a_dropped_strategy(strategy)
+    if strategy and not torch.cuda.is_available() and "WORLD_SIZE" in os.environ:
+        cpu = True  # gloo on the CPU, whatever the launch's config says of GPUs
+    processes = PartialState(cpu=cpu, **group_timeout(cfg))
+    if cpu and strategy == "FSDP":
+        # AcceleratorState picks FSDP for GPU-like process groups only; on CPUs it would wrap DDP.
+        processes.distributed_type = DistributedType.MULTI_GPU
+    quiet_libraries(processes.is_main_process)
+    precision = cfg.precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision == "fp16" and processes.device.type == "cpu":
+        raise UserError("precision=fp16 needs a GPU (on the CPU it would silently train in fp32); "
+                        "use precision=bf16 or precision=no")
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
+    return processes, cpu
+
+
+WATCHDOG_REPORT_MINUTES = 5  # a hung process's watchdog writes its stacks and waits for the others' within this
+
+
+def group_timeout(cfg):
+    """The process group's timeout, after which a collective that waits for a hung process fails:
+    longer than watchdog_minutes, so that the watchdog says first where each process was (NCCL's
+    default, 10 minutes, would end the run before the default watchdog of 30 could). Off, the
+    backend's default."""
+    if not cfg.watchdog_minutes:
+        return {}
+    return {"timeout": datetime.timedelta(minutes=cfg.watchdog_minutes + WATCHDOG_REPORT_MINUTES)}
+
+
+def asked_strategy():
+    """"FSDP" or "DeepSpeed" where the launch asks for one (`accelerate launch` with fsdp.yaml or
+    deepspeed.yaml sets ACCELERATE_USE_FSDP or ACCELERATE_USE_DEEPSPEED), else None."""
+    return next((name for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+                 if parse_flag_from_env(flag)), None)
+
+
+def keeps_memory_format():
+    """Whether the strategy takes parameters in any memory format (channels_last): FSDP2 shards,
+    and DeepSpeed flattens, contiguous parameters only, so under them channels_last is off."""
+    return asked_strategy() is None
+
+
+def refuse_a_dropped_strategy(strategy):
+    """FSDP or DeepSpeed asked for together with ACCELERATE_USE_CPU=1 (`--cpu`), with which
+    Accelerate trains DDP instead, silently."""
+    if strategy and parse_flag_from_env("ACCELERATE_USE_CPU"):
+        raise UserError(f"the launch asks for {strategy} and for the CPU (ACCELERATE_USE_CPU=1 or --cpu), with which "
+                        f"Accelerate drops {strategy} and trains DDP: leave out ACCELERATE_USE_CPU (on a machine "
+                        f"without GPUs the {strategy} config runs its processes on the CPU)")
+
+
+def quiet_libraries(is_main):
+    """On every process but the main one, HF `datasets`' progress bars (a recipe's `.map`) and
+    `transformers`' warnings and load reports are off: the main process shows them once. The
+    variables reach a library imported later; the calls, one imported already."""
+    if is_main:
+        return
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.set_verbosity_error()
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
+def lost_a_peer(error):
+    """Whether `error` is a collective that failed because another process went away."""
+    text = str(error)
+    return isinstance(error, torch.distributed.DistError) or any(
+        sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                  "NCCL communicator was aborted", "remote process exited"))
+
+
+def first_line(error):
+    """`Type: the first line of its message`: for an error raised in a DataLoader worker (which
+    torch raises again with the worker's traceback as its message), the original one's."""
+    lines = str(error).splitlines()
+    if "Original Traceback (most recent call last):" in lines:
+        after = lines[lines.index("Original Traceback (most recent call last):") + 1:]
+        raised = [line for line in after if line.strip() and not line.startswith(" ")]
+        if raised:
+            return raised[0]
+    lines = [line.strip() for line in lines if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+# Dense bf16/fp16 peak FLOP/s of the GPUs whose name contains the key (their data sheets).
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
+              "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def peak_flops_per_s(device):
+    """The device's peak FLOP/s in bf16/fp16 (the MFU denominator of PaLM and torchtitan), or 0
+    where unknown (any CPU, an unlisted GPU)."""
+    if device.type != "cuda":
+        return 0
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), 0)
