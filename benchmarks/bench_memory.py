@@ -1,9 +1,9 @@
 """What each process holds under DDP, FSDP2 and DeepSpeed ZeRO-3: recipes/gpt.py at a larger width
-(a few million parameters), a few AdamW steps on 2 CPU processes through the launch configs a GPU
+(a few million parameters), a few AdamW steps in bf16 (or fp32) on 2 CPU processes through the launch configs a GPU
 job uses, then the bytes of parameters, gradients and optimizer state in each process (distinct
 tensor storages, so a view is counted once) and its peak resident memory.
 
-    python benchmarks/bench_memory.py [--n_embd 384] [--n_layer 6] [--steps 3]
+    python benchmarks/bench_memory.py [--n_embd 384] [--n_layer 6] [--steps 3] [--precision bf16|no]
 
 The last line is `per-process state bytes, ZeRO-3 / DDP: R`, after the FSDP2 ratio. Each process
 runs `distributed.start_processes` and `accelerator_options`, as a training run does.
@@ -15,6 +15,8 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -26,7 +28,6 @@ STRATEGIES = {  # name: (accelerate launch's arguments, extra environment)
     "FSDP2": (["--config_file", CONFIGS / "fsdp.yaml"], {}),
     "ZeRO-3": (["--config_file", CONFIGS / "deepspeed.yaml", "--zero_stage", "3"], {}),
 }
-MARK = "MEMORY "  # a worker's line of results
 
 
 def main():
@@ -35,11 +36,12 @@ def main():
         return worker(args)
     rows, totals = [], {}
     for name, (launch_args, env) in STRATEGIES.items():
+        out = Path(tempfile.mkdtemp(prefix="bench-memory-"))
         command = [sys.executable, "-m", "accelerate.commands.launch", *map(str, launch_args), "--num_processes", "2",
-                   "--main_process_port", str(free_port()), __file__, "--worker", *sys.argv[1:]]
-        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env,
-                                                                             "PYTHONPATH": str(REPO)})
-        found = [json.loads(line[len(MARK):]) for line in done.stdout.splitlines() if line.startswith(MARK)]
+                   "--main_process_port", str(free_port()), __file__, "--worker", str(out), *sys.argv[1:]]
+        env = {**os.environ, **env, "PYTHONPATH": str(REPO)}
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        found = [json.loads(path.read_text()) for path in sorted(out.glob("rank*.json"))]
         if done.returncode or len(found) != 2:
             sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
         for rank in sorted(found, key=lambda r: r["rank"]):
@@ -49,7 +51,7 @@ def main():
         totals[name] = max(r["parameters"] + r["gradients"] + r["optimizer"] for r in found)
     print(machine())
     print(f"recipes/gpt.py n_layer={args.n_layer} n_embd={args.n_embd}, {found[0]['numel']:,} parameters, "
-          f"AdamW, fp32, {args.steps} steps, 2 processes")
+          f"AdamW, precision {args.precision}, {args.steps} steps, 2 processes")
     table(rows, ["strategy", "rank", "banner", "parameters MB", "gradients MB", "optimizer MB", "state MB",
                  "peak RSS GB"])
     print(f"per-process state bytes, FSDP2 / DDP: {totals['FSDP2'] / totals['DDP']:.2f}")
@@ -61,7 +63,8 @@ def parse():
     p.add_argument("--n_embd", type=int, default=384)
     p.add_argument("--n_layer", type=int, default=6)
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="bf16", choices=["no", "bf16"], help="as large models train: bf16")
+    p.add_argument("--worker", metavar="FOLDER", help=argparse.SUPPRESS)  # a process of a run: its results go there
     return p.parse_args()
 
 
@@ -72,14 +75,16 @@ def worker(args):
     from toolkit.optim import make_optimizer
 
     gpt = recipe.load(REPO / "recipes" / "gpt.py")
-    cfg = config.resolve(gpt.config, [], [f"n_embd={args.n_embd}", f"n_layer={args.n_layer}", "batch_size=8"])
+    overrides = [f"n_embd={args.n_embd}", f"n_layer={args.n_layer}", "batch_size=8", f"precision={args.precision}"]
+    cfg = config.resolve(gpt.config, [], overrides)
     processes, cpu = distributed.start_processes(cfg)
-    accelerator = Accelerator(**distributed.accelerator_options(cfg, cpu))
+    accelerator = Accelerator(mixed_precision=cfg.precision, **distributed.accelerator_options(cfg, cpu))
     torch.manual_seed(0)
     model = gpt.model(cfg)
     numel = sum(p.numel() for p in model.parameters())
     optimizer, _ = make_optimizer(cfg, model, gpt)
     model, optimizer = accelerator.prepare(model, optimizer)
+    distributed.finish_prepare(accelerator, model)
     tokens = torch.randint(0, 256, (cfg.batch_size, cfg.block_size + 1))
     for step in range(args.steps + 1):
         loss, _ = gpt.loss(model, (tokens[:, :-1], tokens[:, 1:]), cfg)
@@ -88,9 +93,9 @@ def worker(args):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     held = holdings(model, optimizer, distributed.kind(accelerator))
-    print(MARK + json.dumps({"rank": accelerator.process_index, "banner": distributed.describe(accelerator),
-                             "numel": numel, **held,
-                             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}), flush=True)
+    result = {"rank": accelerator.process_index, "banner": distributed.describe(accelerator), "numel": numel, **held,
+              "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    (Path(args.worker) / f"rank{accelerator.process_index}.json").write_text(json.dumps(result))
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
