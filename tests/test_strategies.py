@@ -5,6 +5,7 @@ for bit, and `test` and `export` read the shards in one process."""
 
 import json
 import shutil
+import sys
 
 import pytest
 from safetensors.torch import load_file
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 from conftest import Shared, tiny_args
 from helpers import LENET, REPO, accelerate_launch, assert_same_weights, copy_run, free_port, launch, ok, summary
 from toolkit.state import checkpoint
+from toolkit.state.weights import load_weights
 
 CONFIGS = REPO / "accelerate_configs"
 # name: (accelerate launch's arguments, the log's banner, files of rank 1 in a checkpoint)
@@ -86,3 +88,14 @@ def test_launch_test_in_one_process_reproduces_the_run_s_own_test_metrics(strate
     saved = json.loads((run / "test-step-0000032.json").read_text())["test"]
     assert saved["samples"] == tested["samples"] and saved["accuracy"] == tested["accuracy"]
     assert saved["loss"] == pytest.approx(tested["loss"], rel=1e-6)  # summed in another order
+
+
+def test_init_from_a_sharded_checkpoint_loads_its_whole_weights(strategy_run, tmp_path):
+    """init_from=<a sharded checkpoint> (load_weights) gives the model what export writes."""
+    sys.path.insert(0, str(REPO / "recipes"))
+    import lenet
+
+    ok(launch(["export", strategy_run.run, tmp_path / "out", "--checkpoint", "latest"], cwd=tmp_path))
+    net = lenet.model(None)
+    assert load_weights(net, checkpoint.find(strategy_run.run), strict=True) == ([], [])
+    assert_same_weights(net.state_dict(), load_file(tmp_path / "out" / "model.safetensors"))

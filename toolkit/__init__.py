@@ -6,8 +6,7 @@
     optim.py        optimizers, LR schedules, and the weighing of each step's gradients
     metrics.py      summable counts -> exact metrics over all ranks
     recipe.py       a recipe file, its contract and its hooks
-    distributed.py  the processes, and everything the distributed strategy changes
-    config/  data/  state/  run/  jobs/  check/   (each says what it holds in its __init__.py)
+    config/  data/  distributed/  state/  run/  jobs/  check/   (each says what it holds in its __init__.py)
 """
 
 import importlib

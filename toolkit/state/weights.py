@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from toolkit import UserError
+from toolkit import UserError, distributed
 from toolkit.run import rundir
 
 
@@ -17,6 +17,9 @@ def load_weights(model, source, strict=False):
     export), or, for a `transformers` model, anything its `from_pretrained` takes (a hub id, an HF
     folder). Non-strict unless `strict`; returns (missing, unexpected) key lists."""
     path = Path(source)
+    if path.is_dir() and not (path / "model.safetensors").is_file() and distributed.written_by(path):
+        distributed.check_pickles(path)  # a sharded checkpoint: its whole weights, read in this process
+        return fit(model, distributed.full_weights(path, model), source, strict)
     if path.is_dir():
         path = path / "model.safetensors"
     if not path.is_file() and callable(getattr(model, "from_pretrained", None)):
