@@ -38,12 +38,17 @@ def launcher(name):
 
 @pytest.fixture(scope="module", params=list(STRATEGIES))
 def strategy_run(request, mnist_root, tmp_path_factory):
+    """(A test may name fewer strategies: parametrize("strategy_run", [...], indirect=True).)"""
+    return trained(request.param, mnist_root, tmp_path_factory)
+
+
+def trained(name, mnist_root, tmp_path_factory):
     """LeNet, 2 epochs of 16 steps on 2 processes under the strategy, with an EMA and a checkpoint
     every 10 steps, all kept."""
-    shared = Shared(tmp_path_factory, f"strategy-{request.param}",
+    shared = Shared(tmp_path_factory, f"strategy-{name}",
                     [LENET, *tiny_args(mnist_root), "epochs=2", "trackers=[]", "ema.decay=0.9",
-                     "checkpoint.every_steps=10", "checkpoint.keep=0"], launcher=launcher(request.param))
-    shared.strategy = request.param
+                     "checkpoint.every_steps=10", "checkpoint.keep=0"], launcher=launcher(name))
+    shared.strategy = name
     return shared
 
 
@@ -59,6 +64,9 @@ def test_the_configured_strategy_trains_and_every_rank_writes_its_shard(strategy
     assert final["status"] == "finished" and final["test"]["samples"] == 1001 and final["test"]["accuracy"] > 0.9
 
 
+# ZeRO-2's resume (its files are ZeRO-3's, less the parameters' shards) was measured by hand, bit
+# for bit (docs/large_models.md); it is left out of the suite for time.
+@pytest.mark.parametrize("strategy_run", ["fsdp", "zero3"], indirect=True)
 def test_a_resume_from_a_mid_epoch_checkpoint_ends_with_the_unbroken_run_s_weights(strategy_run, tmp_path):
     """The run's checkpoint of step 10 (of 16 in epoch 1), resumed under the same launch config,
     ends with the unbroken run's weights, EMA and test metrics, bit for bit."""

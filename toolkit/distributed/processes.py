@@ -41,6 +41,12 @@ def start_processes(cfg):
     if cpu and strategy == "FSDP":
         # AcceleratorState picks FSDP for GPU-like process groups only; on CPUs it would wrap DDP.
         processes.distributed_type = DistributedType.MULTI_GPU
+    if cpu and strategy == "DeepSpeed":
+        import deepspeed.ops
+
+        # DeepSpeed's collectives stay on the group's gloo: its shared-memory op for CPUs would be
+        # compiled with a C++ compiler at the first run (a minute, and an error without one).
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     quiet_libraries(processes.is_main_process)
     precision = cfg.precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if precision == "fp16" and processes.device.type == "cpu":
