@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from common import REPO, machine, table
+from common import REPO, free_port, machine, table
 
 CONFIGS = REPO / "accelerate_configs"
 STRATEGIES = {  # name: (accelerate launch's arguments, extra environment)
@@ -138,14 +138,6 @@ def local(tensor):
 
 def mb(n):
     return f"{n / 2**20:.1f}"
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -4,20 +4,13 @@ processes are not much slower than one.     python benchmarks/bench_processes.py
 """
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import FASHION_MNIST, REPO, machine, records, table
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from common import FASHION_MNIST, REPO, free_port, machine, records, table
 
 
 def run(processes):

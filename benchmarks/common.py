@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -100,6 +101,13 @@ def table(rows, headers):
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
     for row in [headers, *rows]:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+
+
+def free_port():
+    """A free TCP port on the loopback address, for a launcher's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def machine():

@@ -15,7 +15,7 @@ from toolkit.metrics import Totals, summarize
 from toolkit.run import rundir
 from toolkit.run.logs import format_metrics, log
 from toolkit.run.summary import Stop
-from toolkit.state import checkpoint, weights
+from toolkit.state import checkpoint
 
 
 @torch.no_grad()
@@ -122,8 +122,8 @@ def test(recipe, cfg, run_dir, which="", split="", use_ema=False):
     processes, cpu = distributed.start_processes(cfg)
     which = which or ("best" if checkpoint.read_state(checkpoint.find(run_dir)).best_checkpoint else "latest")
     path = checkpoint.find(run_dir, which)
-    splits, model, _, _ = build.build(recipe, cfg, processes, training=False, use_ema=use_ema)
-    weights.fit(model, checkpoint.model_weights(path, model, use_ema), path, strict=True)  # gathered, if sharded
+    weights = checkpoint.weights_of(path, use_ema)
+    splits, model, _, _ = build.build(recipe, cfg, processes, weights, training=False, strict=True, use_ema=use_ema)
     split = split or ("test" if "test" in splits else "val")
     if split not in splits:
         raise UserError(f"the recipe has no {split!r} split; it has {', '.join(splits)}")

@@ -80,7 +80,6 @@ def finish_prepare(accelerator, model):
         net = accelerator.unwrap_model(model)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         net.forward = torch.autocast(accelerator.device.type, dtype=dtype)(net.forward)
-    return model
 
 
 def numel(parameter):

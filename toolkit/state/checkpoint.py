@@ -234,22 +234,18 @@ def load(accelerator, checkpoint, ema=None):
         ema.n_averaged.fill_(read_state(checkpoint).ema_updates)
 
 
-def model_weights(checkpoint, model, use_ema=False):
-    """The whole weights of the model (or of its EMA) that `checkpoint` holds, read in this one
-    process: model.safetensors, or gathered from the shards of a sharded checkpoint (into the
-    names of `model`, the recipe's module)."""
+def weights_of(checkpoint, use_ema=False):
+    """What `weights.load_weights` reads the model (or its EMA) of `checkpoint` from: ema.safetensors,
+    or the folder, with its model.safetensors or its sharded model (whole weights, gathered in this
+    one process); UserError if it holds neither."""
     checkpoint = Path(checkpoint)
-    if use_ema or (checkpoint / "model.safetensors").is_file():
-        path = checkpoint / ("ema.safetensors" if use_ema else "model.safetensors")
-        if not path.is_file():
-            raise UserError(f"{checkpoint} has no {path.name}"
-                            + (" (the run had no EMA: ema.decay=0)" if use_ema else ""))
-        return weights.load_safetensors(path)
-    distributed.check_pickles(checkpoint)
-    whole = distributed.full_weights(checkpoint, model)
-    if whole is None:
+    if use_ema:
+        if not (checkpoint / "ema.safetensors").is_file():
+            raise UserError(f"{checkpoint} has no ema.safetensors (the run had no EMA: ema.decay=0)")
+        return checkpoint / "ema.safetensors"
+    if not (checkpoint / "model.safetensors").is_file() and not distributed.written_by(checkpoint):
         raise UserError(f"{checkpoint} holds no model weights (model.safetensors or a sharded model)")
-    return whole
+    return checkpoint
 
 
 def _unreadable(checkpoint):

@@ -13,7 +13,7 @@ from pathlib import Path
 from toolkit import UserError
 from toolkit.run import rundir
 from toolkit.state import checkpoint
-from toolkit.state.weights import fit, write_safetensors
+from toolkit.state.weights import load_weights, write_safetensors
 
 
 def export(recipe, cfg, run_dir, out, which="", use_ema=False):
@@ -25,7 +25,7 @@ def export(recipe, cfg, run_dir, out, which="", use_ema=False):
     which = which or ("best" if checkpoint.read_state(checkpoint.find(run_dir)).best_checkpoint else "latest")
     path = checkpoint.find(run_dir, which)
     model = recipe.model(cfg)
-    fit(model, checkpoint.model_weights(path, model, use_ema), path, strict=True)  # gathered, if sharded
+    load_weights(model, checkpoint.weights_of(path, use_ema), strict=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     with rundir.replacing(out) as folder:
         folder.mkdir()
