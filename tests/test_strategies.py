@@ -4,14 +4,18 @@ writes its shard, a resume from a mid-epoch checkpoint ends with the unbroken ru
 for bit, and `test` and `export` read the shards in one process."""
 
 import json
+import os
+import pickle
 import shutil
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import Shared, tiny_args
 from helpers import LENET, REPO, accelerate_launch, assert_same_weights, copy_run, free_port, launch, ok, summary
+from toolkit import UserError
 from toolkit.state import checkpoint
 from toolkit.state.weights import load_weights
 
@@ -107,3 +111,70 @@ def test_init_from_a_sharded_checkpoint_loads_its_whole_weights(strategy_run, tm
     net = lenet.model(None)
     assert load_weights(net, checkpoint.find(strategy_run.run), strict=True) == ([], [])
     assert_same_weights(net.state_dict(), load_file(tmp_path / "out" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("strategy_run", ["fsdp"], indirect=True)
+def test_a_checkpoint_of_another_strategy_is_refused_in_one_line(strategy_run, tmp_path):
+    """FSDP's checkpoint resumed in one process (no strategy) stops before anything changes."""
+    run = copy_run(strategy_run.run, tmp_path)
+    result = launch(["resume", run], cwd=tmp_path)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and len(errors) == 1, result.stderr[-2000:]
+    assert "was written by FSDP, and this launch trains 1 process: resume it with the launch config" in errors[0]
+    assert summary(run) == summary(strategy_run.run)  # the run folder as it was
+
+
+@pytest.mark.parametrize("key", ["skip_nonfinite=true", "grad_accum=2"])
+def test_deepspeed_refuses_what_it_cannot_do_before_any_work(tiny, tmp_path, key):
+    """DeepSpeed takes the step inside backward: nothing can be skipped, and a token loss cannot be
+    weighed over micro-batches. (`accelerate launch` with deepspeed.yaml sets the variable.)"""
+    args = [LENET, *tiny, key, *(["loss_per=samples"] if key.startswith("grad_accum") else [])]
+    result = launch(args, cwd=tmp_path, env={"ACCELERATE_USE_DEEPSPEED": "true"})
+    says = "skip_nonfinite=true needs the step's gradients" if "skip" in key else \
+        "loss_per=samples with grad_accum=2: under DeepSpeed"
+    assert result.returncode != 0 and f"error: {says}" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+class RunsCode:
+    """A pickle that calls os.makedirs when loaded: what a crafted checkpoint file would hold."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.makedirs, (self.marker,)
+
+
+@pytest.mark.parametrize("crafted", ["pytorch_model_fsdp_0/.metadata", "pytorch_model/mp_rank_00_model_states.pt"])
+def test_a_sharded_checkpoint_whose_pickles_run_code_is_refused(tmp_path, crafted):
+    """DCP's .metadata (read with pickle.load) and DeepSpeed's files (torch.load(weights_only=False))
+    are read first with an unpickler that builds only what they hold: a crafted one is refused in
+    one line, and what it holds never runs."""
+    sys.path.insert(0, str(REPO / "recipes"))
+    import lenet
+
+    folder, marker = tmp_path / "step-0000010", tmp_path / "ran"
+    (folder / crafted).parent.mkdir(parents=True)
+    if crafted.endswith(".pt"):
+        torch.save({"module": lenet.model(None).state_dict(), "extra": RunsCode(marker)}, folder / crafted)
+    else:
+        (folder / crafted).write_bytes(pickle.dumps(RunsCode(marker)))
+    with pytest.raises(UserError) as refused:
+        load_weights(lenet.model(None), folder, strict=True)
+    assert str(folder / crafted) in str(refused.value) and "refusing to load it" in str(refused.value)
+    assert not marker.exists()
+
+
+def test_fsdp_s_full_state_dict_checkpoint_is_read_whole(tmp_path):
+    """fsdp_state_dict_type: FULL_STATE_DICT writes pytorch_model_fsdp.bin (torch.save of the whole
+    state dict): test, export and init_from read it, with weights_only=True."""
+    sys.path.insert(0, str(REPO / "recipes"))
+    import lenet
+
+    trained = lenet.model(None)
+    (tmp_path / "step-0000010").mkdir()
+    torch.save(trained.state_dict(), tmp_path / "step-0000010" / "pytorch_model_fsdp.bin")
+    fresh = lenet.model(None)
+    assert load_weights(fresh, tmp_path / "step-0000010", strict=True) == ([], [])
+    assert_same_weights(fresh.state_dict(), trained.state_dict())

@@ -16,10 +16,10 @@ DeepSpeed runs its CPU accelerator. Only there: a GPU machine takes Accelerate's
 
 from toolkit.distributed.processes import (WATCHDOG_REPORT_MINUTES, asked_strategy, first_line,  # noqa: F401
                                            group_timeout, keeps_memory_format, lost_a_peer, peak_flops_per_s,
-                                           quiet_libraries, refuse_a_dropped_strategy, start_processes)
+                                           quiet_libraries, refuse_a_dropped_strategy, refuse_for_deepspeed,
+                                           start_processes)
 from toolkit.distributed.shards import (SCRIPTS, check_pickles, full_weights, refuse_a_foreign_checkpoint,  # noqa: F401
                                         written_by)
 from toolkit.distributed.strategy import (accelerator_options, clip_gradients, describe, evaluation_model,  # noqa: F401
                                           explain, finish_prepare, forwards_to_match, kind, numel, recipe_model,
-                                          refuse_for_deepspeed, scale_gradients, sharded, steps_in_backward,
-                                          update_ema, zero_stage)
+                                          scale_gradients, sharded, steps_in_backward, update_ema, zero_stage)

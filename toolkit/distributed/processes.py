@@ -35,6 +35,8 @@ def start_processes(cfg):
     from torch.distributed.nn import functional  # noqa: F401
     strategy = asked_strategy()
     refuse_a_dropped_strategy(strategy)
+    if strategy == "DeepSpeed":
+        refuse_for_deepspeed(cfg)
     if strategy and not torch.cuda.is_available() and "WORLD_SIZE" in os.environ:
         cpu = True  # gloo on the CPU, whatever the launch's config says of GPUs
     processes = PartialState(cpu=cpu, **group_timeout(cfg))
@@ -81,6 +83,18 @@ def keeps_memory_format():
     """Whether the strategy takes parameters in any memory format (channels_last): FSDP2 shards,
     and DeepSpeed flattens, contiguous parameters only, so under them channels_last is off."""
     return asked_strategy() is None
+
+
+def refuse_for_deepspeed(cfg):
+    """What the loop cannot do where DeepSpeed takes the optimizer step inside backward."""
+    if cfg.skip_nonfinite:
+        raise UserError("skip_nonfinite=true needs the step's gradients before the optimizer step, which DeepSpeed "
+                        "takes inside backward: leave it out under DeepSpeed (fp16's loss scaler skips overflowing "
+                        "steps itself), or use FSDP")
+    if cfg.loss_per and cfg.grad_accum > 1:
+        raise UserError(f"loss_per={cfg.loss_per} with grad_accum={cfg.grad_accum}: under DeepSpeed the step's "
+                        f"gradients cannot be weighed by the units of all its micro-batches (DeepSpeed steps inside "
+                        f"backward); use grad_accum=1 with a larger batch_size, or FSDP")
 
 
 def refuse_a_dropped_strategy(strategy):

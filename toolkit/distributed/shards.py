@@ -14,7 +14,9 @@ from toolkit import UserError
 from toolkit.distributed.processes import first_line
 from toolkit.distributed.strategy import describe, kind
 
-FSDP_MODEL, DEEPSPEED_MODEL = "pytorch_model_fsdp_0", "pytorch_model"
+# The model's files: FSDP's sharded state dict (DCP), its full one (torch.save, read with
+# weights_only=True), DeepSpeed's folder.
+FSDP_MODEL, FSDP_FULL_MODEL, DEEPSPEED_MODEL = "pytorch_model_fsdp_0", "pytorch_model_fsdp.bin", "pytorch_model"
 SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")  # DeepSpeed's conversion scripts: code, left out of checkpoints
 
 
@@ -67,9 +69,11 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 def written_by(folder):
     """The strategy whose files hold the model in the checkpoint `folder`: "FSDP", "DeepSpeed", or
-    None (model.safetensors: one process, DDP, or FSDP's full state dict)."""
+    None (model.safetensors: one process or DDP)."""
     folder = Path(folder)
-    return "FSDP" if (folder / FSDP_MODEL).is_dir() else "DeepSpeed" if (folder / DEEPSPEED_MODEL).is_dir() else None
+    if (folder / FSDP_MODEL).is_dir() or (folder / FSDP_FULL_MODEL).is_file():
+        return "FSDP"
+    return "DeepSpeed" if (folder / DEEPSPEED_MODEL).is_dir() else None
 
 
 def refuse_a_foreign_checkpoint(accelerator, folder, num_processes):
@@ -77,8 +81,7 @@ def refuse_a_foreign_checkpoint(accelerator, folder, num_processes):
     DeepSpeed's for another number of processes (its files are per rank; FSDP's distributed
     checkpoint reshards to any number)."""
     strategy, mine = written_by(folder), kind(accelerator)
-    mine_writes = {"FSDP2": "FSDP", "FSDP": "FSDP", "DeepSpeed": "DeepSpeed"}.get(mine)
-    if strategy != mine_writes and not (strategy is None and mine in ("FSDP", "FSDP2")):
+    if strategy != {"FSDP2": "FSDP", "FSDP": "FSDP", "DeepSpeed": "DeepSpeed"}.get(mine):
         raise UserError(f"{folder} was written {f'by {strategy}' if strategy else 'without sharding'}, and this "
                         f"launch trains {describe(accelerator)}: resume it with the launch config that trained it")
     if strategy == "DeepSpeed" and num_processes != accelerator.num_processes:
@@ -90,6 +93,8 @@ def full_weights(folder, model):
     """The whole weights of the model in a sharded checkpoint `folder`, read in this one process
     (the names of `model`, the recipe's module), or None if the folder holds no sharded model."""
     folder = Path(folder)
+    if (folder / FSDP_FULL_MODEL).is_file():
+        return torch.load(folder / FSDP_FULL_MODEL, map_location="cpu", weights_only=True)
     if (folder / FSDP_MODEL).is_dir():
         import torch.distributed.checkpoint as dcp
 

@@ -49,7 +49,6 @@ def accelerator_options(cfg, cpu):
         find_unused_parameters=cfg.ddp.find_unused_parameters, static_graph=cfg.ddp.static_graph,
         gradient_as_bucket_view=cfg.ddp.gradient_as_bucket_view)]}
     if asked_strategy() == "DeepSpeed":
-        refuse_for_deepspeed(cfg)
         from accelerate.utils import DeepSpeedPlugin
 
         # The weights gathered whole for model.safetensors under ZeRO-3 (else get_state_dict refuses).
@@ -57,18 +56,6 @@ def accelerator_options(cfg, cpu):
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
         options.update(deepspeed_plugin=plugin, cpu=False)  # cpu=True would make Accelerate drop it
     return options
-
-
-def refuse_for_deepspeed(cfg):
-    """What the loop cannot do where DeepSpeed takes the optimizer step inside backward."""
-    if cfg.skip_nonfinite:
-        raise UserError("skip_nonfinite=true needs the step's gradients before the optimizer step, which DeepSpeed "
-                        "takes inside backward: leave it out under DeepSpeed (fp16's loss scaler skips overflowing "
-                        "steps itself), or use FSDP")
-    if cfg.loss_per and cfg.grad_accum > 1:
-        raise UserError(f"loss_per={cfg.loss_per} with grad_accum={cfg.grad_accum}: under DeepSpeed the step's "
-                        f"gradients cannot be weighed by the units of all its micro-batches (DeepSpeed steps inside "
-                        f"backward); use grad_accum=1 with a larger batch_size, or FSDP")
 
 
 def finish_prepare(accelerator, model):
