@@ -22,7 +22,10 @@ from toolkit.state.weights import load_weights
 CONFIGS = REPO / "accelerate_configs"
 # name: (accelerate launch's arguments, the log's banner, files of rank 1 in a checkpoint)
 STRATEGIES = {
-    "fsdp": (["--config_file", CONFIGS / "fsdp.yaml"], "strategy: FSDP2, 2 processes (parameters sharded) on cpu",
+    # Each layer of 1000 parameters or more its own unit, as transformer blocks are: their
+    # forwards gather and free their weights (the root's alone would stay gathered after one).
+    "fsdp": (["--config_file", CONFIGS / "fsdp.yaml", "--fsdp_auto_wrap_policy", "SIZE_BASED_WRAP",
+              "--fsdp_min_num_params", "1000"], "strategy: FSDP2, 2 processes (parameters sharded) on cpu",
              ["pytorch_model_fsdp_0/__1_0.distcp", "optimizer_0/__1_0.distcp"]),
     "zero2": (["--config_file", CONFIGS / "deepspeed.yaml", "--zero_stage", "2"],
               "strategy: DeepSpeed ZeRO-2, 2 processes (optimizer state and gradients sharded) on cpu",
@@ -48,10 +51,12 @@ def strategy_run(request, mnist_root, tmp_path_factory):
 
 def trained(name, mnist_root, tmp_path_factory):
     """LeNet, 2 epochs of 16 steps on 2 processes under the strategy, with an EMA and a checkpoint
-    every 10 steps, all kept."""
+    every 10 steps, all kept. eval_batch_size=400 gives val and test 3 batches, 2 on rank 0 and 1
+    on rank 1: under sharded parameters, where each forward is a collective, rank 1 repeats one."""
     shared = Shared(tmp_path_factory, f"strategy-{name}",
                     [LENET, *tiny_args(mnist_root), "epochs=2", "trackers=[]", "ema.decay=0.9",
-                     "checkpoint.every_steps=10", "checkpoint.keep=0"], launcher=launcher(name))
+                     "checkpoint.every_steps=10", "checkpoint.keep=0", "eval_batch_size=400"],
+                    launcher=launcher(name))
     shared.strategy = name
     return shared
 

@@ -348,3 +348,13 @@ def test_each_sample_draws_from_its_own_seed_on_any_worker_or_rank():
         loader = make_loader("val", Seeds(), cfg, recipe.load(LENET), processes)
         seeds.append([int(s) for batch in loader for s in batch])
     assert seeds[0] == seeds[1] and len(set(seeds[0])) == 8  # a function of the sample, not the worker
+
+
+def test_a_small_split_is_evaluated_in_batches_that_every_process_gets():
+    """8 samples at eval_batch_size=256 on 2 processes: 2 batches of 4 (Accelerate gives each
+    process whole batches), not one of 8 that would leave a process without any."""
+    processes = SimpleNamespace(process_index=0, num_processes=2, device=torch.device("cpu"))
+    loader = make_loader("val", Seeds(), lenet_cfg("eval_batch_size=256"), recipe.load(LENET), processes)
+    assert [len(batch) for batch in loader] == [4, 4]
+    alone = SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"))
+    assert [len(batch) for batch in make_loader("val", Seeds(), lenet_cfg(), recipe.load(LENET), alone)] == [8]

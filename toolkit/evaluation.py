@@ -24,22 +24,19 @@ def evaluate(accelerator, model, loader, recipe, cfg, split, beat=lambda: None, 
     mode (batch statistics, dropout) if `training`, as `launch.py check` measures what a few steps fit.
 
     Ranks may hold different numbers of batches (the split is not padded): the model is the one
-    `distributed.evaluation_model` gives, each rank runs the forwards that `forwards_to_match`
-    asks for, and the one collective of the counts is the final reduce.
+    `distributed.evaluation_model` gives, each rank runs the forwards that `lockstep` asks for,
+    and the counts' collective is the final reduce.
     """
     net = distributed.evaluation_model(accelerator, model)
     was_training = net.training
     net.train(training)
     totals = Totals(cfg.loss_per or "samples")
     with accelerator.autocast():  # the same precision for the EMA copy as for the prepared model
-        batch, batches = None, 0
-        for batch in loader:
+        for batch, counted in distributed.lockstep(accelerator, loader):
             loss, counts = recipe.loss(net, batch, cfg)
-            totals.add(loss, counts)
-            batches += 1
+            if counted:  # else a repeat, that sharded weights need from every rank
+                totals.add(loss, counts)
             beat()  # progress, for the watchdog
-        for _ in range(distributed.forwards_to_match(accelerator, batches)):
-            recipe.loss(net, batch, cfg)
     net.train(was_training)
     sums = totals.reduce(accelerator)
     if not sums.get("samples"):  # the same sums on every rank: all stop here together

@@ -42,8 +42,8 @@ KEYS = {
                       minimum=1),
     "loss_per": Key("", 'the loss is a mean over this count of loss() (e.g. tokens), normalised per step ("": '
                         'samples)'),
-    "eval_batch_size": Key(256, "per process, for val/test (no gradients, so larger is cheaper)", minimum=1,
-                           resumable=True),
+    "eval_batch_size": Key(256, "per process, for val/test (no gradients, so larger is cheaper); smaller where a "
+                           "split would leave a process without a batch", minimum=1, resumable=True),
     "num_workers": Key(0, "DataLoader workers; 0 is fastest for in-memory datasets", resumable=True),
     "optim": Group({
         "name": Key("adamw", choices=_registry("toolkit.optim", "OPTIMIZERS")),

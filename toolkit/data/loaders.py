@@ -101,6 +101,10 @@ def make_loader(split, dataset, cfg, recipe, processes, num_workers=None, limit=
             limit = cfg.limit_batches[split] * batch_size * processes.num_processes
         return streams.StreamLoader(dataset, batch_size, num_workers, collate, processes, cfg.seed,
                                     agree=training, limit=limit)
+    if not training and processes.num_processes > 1:
+        # Evaluation shards whole batches: smaller ones where the split is small, so that every
+        # process gets one (under sharded parameters each forward is a collective of them all).
+        batch_size = max(1, min(batch_size, math.ceil(len(dataset) / processes.num_processes)))
     samples = None
     if not isinstance(base, (mapstyle.TensorDataset, torch.utils.data.TensorDataset)):
         dataset = samples = mapstyle.SeededSamples(dataset, cfg.seed)

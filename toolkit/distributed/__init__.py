@@ -21,5 +21,5 @@ from toolkit.distributed.processes import (WATCHDOG_REPORT_MINUTES, asked_strate
 from toolkit.distributed.shards import (SCRIPTS, check_pickles, full_weights, refuse_a_foreign_checkpoint,  # noqa: F401
                                         written_by)
 from toolkit.distributed.strategy import (accelerator_options, clip_gradients, describe, evaluation_model,  # noqa: F401
-                                          explain, finish_prepare, forwards_to_match, kind, numel, recipe_model,
+                                          explain, finish_prepare, kind, lockstep, numel, recipe_model,
                                           scale_gradients, sharded, steps_in_backward, update_ema, zero_stage)

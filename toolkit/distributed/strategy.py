@@ -1,7 +1,7 @@
 """Where the strategies differ in the loop, as plain functions: Accelerator's options
 (`accelerator_options`), what the log says of the strategy (`describe`), what its errors mean
 (`explain`), which model an evaluation runs (`evaluation_model`), how many forwards a rank runs to
-match the others (`forwards_to_match`), the recipe's own module (`recipe_model`), the gradients'
+match the others (`lockstep`), the recipe's own module (`recipe_model`), the gradients'
 weighing (`scale_gradients`, `steps_in_backward`), their norm (`clip_gradients`) and the EMA's
 update (`update_ema`)."""
 
@@ -125,17 +125,32 @@ def evaluation_model(accelerator, model):
     return net
 
 
-def forwards_to_match(accelerator, batches):
-    """How many forwards this rank runs after its `batches` evaluation batches (repeating its last
-    one, whose result is ignored) so that every rank runs as many as the busiest one: none, unless
-    the weights are sharded, where each forward is a collective."""
+def lockstep(accelerator, batches):
+    """This rank's evaluation batches as (batch, counted) pairs. Copied, its own batches. Sharded,
+    where each forward gathers the weights (a collective of every rank), the ranks agree before
+    each forward whether any still has a batch (one all-reduce), and one that has run out repeats
+    its last batch, not counted, until none has one: ranks may hold different numbers of batches
+    (a stream, an odd number of batches)."""
     if not sharded(accelerator):
-        return 0
-    most = max(accelerator.gather(torch.tensor([batches], device=accelerator.device)).tolist())
-    if most > batches and not batches:
-        raise UserError("with sharded parameters every process needs at least one evaluation batch: lower "
-                        "eval_batch_size or use fewer processes")
-    return most - batches
+        yield from ((batch, True) for batch in batches)
+        return
+    batches, last = iter(batches), None
+    while True:
+        batch = next(batches, _END)
+        mine = [batch is not _END, batch is _END and last is None]  # has a batch; has none to repeat
+        has, lacks = accelerator.reduce(torch.tensor(mine, device=accelerator.device).int()).tolist()
+        if not has:
+            return
+        if lacks:  # on every rank alike, so that all stop here together
+            raise UserError("with sharded parameters every process needs at least one evaluation batch, and the "
+                            "split has fewer samples than processes (or a stream gave some none): use fewer "
+                            "processes")
+        if batch is not _END:
+            last = batch
+        yield last, batch is not _END
+
+
+_END = object()
 
 
 def scale_gradients(model, factor):
