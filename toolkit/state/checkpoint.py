@@ -201,8 +201,8 @@ def verify(checkpoint, num_processes):
     Accelerate reads its files with weights_only=True, but it skips an RNG file it cannot read
     without a word (the run would silently differ), and it unpickles `custom_checkpoint_*.pkl`
     with weights_only=False. So: the RNG files must load safely, and those pickles must not exist.
-    A sharded checkpoint's files that their loaders unpickle must hold
-    only what those files hold (`distributed.check_pickles`)."""
+    The files of a sharded checkpoint that their loaders unpickle must hold nothing else than such
+    files hold (`distributed.check_pickles`)."""
     checkpoint = Path(checkpoint)
     state = read_state(checkpoint)
     custom = sorted(p.name for p in checkpoint.glob("custom_checkpoint_*"))
@@ -228,8 +228,7 @@ def load(accelerator, checkpoint, ema=None):
     if ema is not None:
         if not (Path(checkpoint) / "ema.safetensors").is_file():
             raise UserError(f"{checkpoint} has no EMA weights (ema.decay was 0 when it was saved)")
-        device = accelerator.device.type if accelerator.device.type == "cpu" else str(accelerator.device)  # not cpu:1
-        average = weights.load_safetensors(Path(checkpoint) / "ema.safetensors", device)
+        average = weights.load_safetensors(Path(checkpoint) / "ema.safetensors", accelerator.device)
         weights.load_into(ema.module, average)
         ema.n_averaged.fill_(read_state(checkpoint).ema_updates)
 

@@ -76,11 +76,13 @@ def load_into(model, weights, strict=True):
 
 
 def load_safetensors(path, device="cpu"):
+    """A safetensors file's tensors on `device` (a torch.device or its name); UserError if damaged."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    try:
-        return load_file(path, device=device)
+    device = torch.device(device)
+    try:  # safetensors takes "cpu" but not "cpu:0", Accelerate's device for CPU processes
+        return load_file(path, device="cpu" if device.type == "cpu" else str(device))
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path} cannot be read as safetensors ({e}); the file is damaged") from None
 
