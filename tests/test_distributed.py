@@ -181,6 +181,16 @@ def test_a_strategy_that_accelerate_would_drop_is_refused(tiny, tmp_path, flag):
     assert not (tmp_path / "runs").exists()
 
 
+def test_fsdp_s_own_activation_checkpointing_is_refused_for_the_key(tiny, tmp_path):
+    """fsdp_activation_checkpointing (Accelerate's, which recomputes with new dropout masks) is
+    refused in one line that names the key that keeps them, before anything is written."""
+    result = launch([LENET, *tiny], cwd=tmp_path, env={"ACCELERATE_USE_FSDP": "true",
+                                                       "FSDP_ACTIVATION_CHECKPOINTING": "true"})
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and len(errors) == 1 and "use activation_checkpointing=true" in errors[0]
+    assert not (tmp_path / "runs").exists()
+
+
 class FailsInAWorker(torch.utils.data.IterableDataset):
     def __iter__(self):
         raise ValueError("No samples found in dataset; perhaps you have fewer shards than workers.\n"

@@ -50,12 +50,14 @@ def strategy_run(request, mnist_root, tmp_path_factory):
 
 
 def trained(name, mnist_root, tmp_path_factory):
-    """LeNet, 2 epochs of 16 steps on 2 processes under the strategy, with an EMA and a checkpoint
-    every 10 steps, all kept. eval_batch_size=400 gives val and test 3 batches, 2 on rank 0 and 1
-    on rank 1: under sharded parameters, where each forward is a collective, rank 1 repeats one."""
+    """LeNet, 2 epochs of 16 steps on 2 processes under the strategy, with an EMA, its layers'
+    activations recomputed in backward, and a checkpoint every 10 steps, all kept.
+    eval_batch_size=400 gives val and test 3 batches, 2 on rank 0 and 1 on rank 1: under sharded
+    parameters, where each forward is a collective, rank 1 repeats one."""
     shared = Shared(tmp_path_factory, f"strategy-{name}",
                     [LENET, *tiny_args(mnist_root), "epochs=2", "trackers=[]", "ema.decay=0.9",
-                     "checkpoint.every_steps=10", "checkpoint.keep=0", "eval_batch_size=400"],
+                     "activation_checkpointing=true", "checkpoint.every_steps=10", "checkpoint.keep=0",
+                     "eval_batch_size=400"],
                     launcher=launcher(name))
     shared.strategy = name
     return shared

@@ -1,6 +1,7 @@
 """Training features configured, not coded: accumulation, precision, clipping, the non-finite
 guard, optimizers, schedules, EMA, validation cadence, budgets, early stopping, debug modes."""
 
+import copy
 import json
 import math
 from types import SimpleNamespace
@@ -11,9 +12,9 @@ from accelerate.tracking import GeneralTracker
 from safetensors.torch import load_file
 
 import launch as launch_module
-from helpers import (FASHION_MNIST, LENET, PROBE, REPO, copy_run, launch, launch_two, ok, only_run, read_jsonl,
-                     records, summary)
-from toolkit import UserError, config, optim, recipe
+from helpers import (FASHION_MNIST, LENET, PROBE, REPO, assert_same_weights, copy_run, launch, launch_two, ok, only_run,
+                     read_jsonl, records, summary)
+from toolkit import UserError, build, config, optim, recipe
 from toolkit.data.loaders import make_loader
 from toolkit.optim import lr_schedule, make_optimizer
 from toolkit.run import trackers
@@ -309,6 +310,64 @@ def test_compile_runs_the_model_through_torch_compile_and_keeps_its_weight_names
     saved = load_file(checkpoint.find(run) / "model.safetensors")
     assert set(saved) == set(recipe.load(LENET).model(None).state_dict())  # no "_orig_mod." prefixes
     ok(launch(["test", run], cwd=tmp_path))  # loads the weights into a plain model, strictly
+
+
+GPT = str(REPO / "recipes" / "gpt.py")
+TINY_GPT = ["n_layer=2", "n_head=2", "n_embd=32", "block_size=32", "data.max_bytes=30000", "trackers=[]"]
+
+
+def saved_bytes(net, *inputs):
+    """The bytes of the tensors that autograd keeps from a training forward of `net` for backward."""
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.nbytes) or t, lambda t: t):
+        net(*inputs)
+    return sum(kept)
+
+
+def test_activation_checkpointing_keeps_less_and_gives_the_same_run_with_dropout(tmp_path):
+    """The GPT's blocks recomputed in backward: the forward keeps under half the activations, and a
+    run with dropout ends with the same losses and weights, bit for bit, as without."""
+    gpt = recipe.load(GPT)
+    cfg = config.resolve(gpt.config, [], [*TINY_GPT, "dropout=0.2"])
+    net, inputs = gpt.model(cfg), torch.randint(0, 256, (4, 32))
+    plain = saved_bytes(net, inputs)
+    build.checkpoint_activations(net)
+    assert saved_bytes(net, inputs) < plain / 2
+
+    for on in ("false", "true"):
+        ok(launch([GPT, *TINY_GPT, "dropout=0.2", "log_every=1", f"activation_checkpointing={on}",
+                   f"output_dir={tmp_path / on}"], cwd=tmp_path))
+    runs = {on: only_run(tmp_path / on) for on in ("false", "true")}
+    assert [r["loss"] for r in records(runs["true"], "train")] == [r["loss"] for r in records(runs["false"], "train")]
+    assert_same_weights(*(load_file(checkpoint.find(run) / "model.safetensors") for run in runs.values()))
+
+
+def test_activation_checkpointing_updates_batchnorm_statistics_once(tmp_path):
+    """A checkpointed block's BatchNorm updates its running statistics in forward only, not again
+    in the recompute: after a step they, and the gradients, equal the plain model's."""
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU()),
+                                torch.nn.Dropout(0.5), torch.nn.Linear(8, 2))
+    checkpointed = copy.deepcopy(plain)
+    build.checkpoint_activations(checkpointed)
+    x = torch.randn(16, 8)
+    for net in (plain, checkpointed):
+        torch.manual_seed(1)
+        net(x).square().sum().backward()
+    assert_same_weights(checkpointed.state_dict(), plain.state_dict())
+    assert plain[0][1].num_batches_tracked == 1
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(plain.parameters(), checkpointed.parameters()))
+
+
+def test_activation_checkpointing_uses_a_transformers_model_s_own_and_refuses_a_model_without_blocks():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=2))
+    hf = torch.nn.ModuleDict({"lm": lm})
+    build.checkpoint_activations(hf)
+    assert hf["lm"].is_gradient_checkpointing
+    with pytest.raises(UserError, match="activation_checkpointing=true found no blocks in Linear"):
+        build.checkpoint_activations(torch.nn.Linear(2, 2))
 
 
 def test_limit_batches(tiny, tmp_path):

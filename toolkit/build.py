@@ -1,7 +1,9 @@
 """What a run is made of, built alike by training and by testing a checkpoint (so that the same
 weights give the same numbers): the recipe's splits, checked and cut to the config, and its model,
-with its weights, EMA copy and compilation."""
+with its weights, EMA copy, activation checkpointing and compilation."""
 
+import contextlib
+import functools
 import itertools
 
 import torch
@@ -22,8 +24,10 @@ def build(recipe, cfg, processes, weights="", training=True, strict=False, use_e
 
     The model: the recipe's, with `weights` loaded (init_from, or a checkpoint's for `test`),
     channels_last, then, for training with ema.decay, its average, then compiled (except for
-    `use_ema`: training validates its EMA weights uncompiled). For training, the splits are checked
-    and cut (limit_batches, overfit_batches)."""
+    `use_ema`: training validates its EMA weights uncompiled), its blocks' activations recomputed
+    in backward for training with activation_checkpointing (the EMA is a copy from before: its
+    forward saves nothing). For training, the splits are checked and cut (limit_batches,
+    overfit_batches)."""
     set_seed(cfg.seed, deterministic=cfg.deterministic)
     with processes.main_process_first():  # the main process downloads; the others then read its files
         splits = recipe.datasets(cfg)
@@ -37,9 +41,63 @@ def build(recipe, cfg, processes, weights="", training=True, strict=False, use_e
         model = model.to(memory_format=torch.channels_last)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema.decay), use_buffers=True).to(
         processes.device) if training and cfg.ema.decay else None
+    if training and cfg.activation_checkpointing:
+        checkpoint_activations(model)
     if cfg.compile and not use_ema:
         model.compile()  # in place, so the weights keep their names: checkpoints do not depend on it
     return splits, model, ema, loaded
+
+
+def checkpoint_activations(model):
+    """Recompute the activations of each of the model's blocks in backward instead of keeping them
+    from forward: less memory for one more forward. A transformers or diffusers model (found
+    outermost first) is told to, with its own `gradient_checkpointing_enable` or
+    `enable_gradient_checkpointing`; any other model has each module of its outermost
+    `nn.ModuleList`s and `nn.Sequential`s (its layers, stages or blocks) run through
+    torch.utils.checkpoint. Both keep the RNG state of forward for the recompute, so dropout draws
+    the same masks and the run gives the same numbers as without; BatchNorm's running statistics
+    are updated once, in forward. The weights keep their names (checkpoints do not depend on it)."""
+    def walk(module):
+        if getattr(module, "supports_gradient_checkpointing", False):  # transformers (and peft's base)
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            return 1
+        if getattr(module, "_supports_gradient_checkpointing", False):  # diffusers
+            module.enable_gradient_checkpointing()
+            return 1
+        if isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)):
+            for block in module:
+                block.forward = functools.partial(_checkpointed, block, block.forward)
+            return len(module)
+        return sum(walk(child) for child in module.children())
+
+    if not walk(model):
+        raise UserError(f"activation_checkpointing=true found no blocks in {type(model).__name__}: it recomputes each "
+                        f"module of the model's nn.ModuleList or nn.Sequential layers, or calls a transformers or "
+                        f"diffusers model's own gradient checkpointing; hold the layers in one of those, or set "
+                        f"activation_checkpointing=false")
+
+
+def _checkpointed(block, forward, *args, **kwargs):
+    """`forward` of `block`, its activations recomputed in backward (non-reentrant, with forward's
+    RNG state). Without gradients (evaluation), a plain forward."""
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs,
+                                             context_fn=lambda: (contextlib.nullcontext(), _same_statistics(block)))
+
+
+@contextlib.contextmanager
+def _same_statistics(block):
+    """The recompute leaves the running statistics of the block's BatchNorm layers as forward left
+    them (a training-mode BatchNorm would otherwise update them twice a step)."""
+    norms = [m for m in block.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.training]
+    saved = [[buffer.clone() for buffer in norm.buffers()] for norm in norms]
+    try:
+        yield
+    finally:
+        for norm, buffers in zip(norms, saved):
+            for buffer, value in zip(norm.buffers(), buffers):
+                buffer.copy_(value)
 
 
 def check_splits(splits, cfg):

@@ -93,6 +93,9 @@ KEYS = {
     "channels_last": Key(False, "store conv weights NHWC: faster convolutions on GPUs, with bf16/fp16 above all"),
     "compile": Key(False, "torch.compile the model: faster GPU steps after a compile of seconds to minutes",
                    resumable=True),
+    "activation_checkpointing": Key(False, "recompute each block's activations in backward instead of keeping them: "
+                                           "less memory for a third more compute, the same numbers (dropout too)",
+                                    resumable=True),
     "ddp": Group({
         "find_unused_parameters": Key(False, "for a model whose loss() leaves some parameters without a gradient in "
                                              "a step (slower: DDP looks for them every step)"),

@@ -35,6 +35,7 @@ def start_processes(cfg):
     from torch.distributed.nn import functional  # noqa: F401
     strategy = asked_strategy()
     refuse_a_dropped_strategy(strategy)
+    refuse_fsdp_activation_checkpointing(strategy)
     if strategy == "DeepSpeed":
         refuse_for_deepspeed(cfg)
     if strategy and not torch.cuda.is_available() and "WORLD_SIZE" in os.environ:
@@ -104,6 +105,14 @@ def refuse_a_dropped_strategy(strategy):
         raise UserError(f"the launch asks for {strategy} and for the CPU (ACCELERATE_USE_CPU=1 or --cpu), with which "
                         f"Accelerate drops {strategy} and trains DDP: leave out ACCELERATE_USE_CPU (on a machine "
                         f"without GPUs the {strategy} config runs its processes on the CPU)")
+
+
+def refuse_fsdp_activation_checkpointing(strategy):
+    """The FSDP config's own activation checkpointing, which recomputes with new random draws."""
+    if strategy == "FSDP" and parse_flag_from_env("FSDP_ACTIVATION_CHECKPOINTING"):
+        raise UserError("the FSDP config sets fsdp_activation_checkpointing, whose recompute draws new dropout masks "
+                        "(Accelerate passes preserve_rng_state=False), so gradients would not be those of the loss: "
+                        "set it to false and use activation_checkpointing=true, which recomputes the same draws")
 
 
 def quiet_libraries(is_main):

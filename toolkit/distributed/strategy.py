@@ -1,15 +1,16 @@
 """Where the strategies differ in the loop, as plain functions: Accelerator's options
 (`accelerator_options`), what the log says of the strategy (`describe`), what its errors mean
 (`explain`), which model an evaluation runs (`evaluation_model`), how many forwards a rank runs to
-match the others (`lockstep`), the recipe's own module (`recipe_model`), the gradients'
-weighing (`scale_gradients`, `steps_in_backward`), their norm (`clip_gradients`) and the EMA's
-update (`update_ema`)."""
+match the others (`lockstep`), the recipe's own module and its whole state dict (`recipe_model`,
+`whole_state_dict`), the gradients' weighing (`scale_gradients`, `steps_in_backward`), their norm
+(`clip_gradients`) and the EMA's update (`update_ema`)."""
 
 import math
 
 import torch
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, broadcast
 from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from toolkit import UserError
 from toolkit.distributed.processes import asked_strategy
@@ -64,7 +65,7 @@ def finish_prepare(accelerator, model):
     (as Accelerate's mixed precision runs it under DDP and FSDP)."""
     precision = accelerator.mixed_precision
     if steps_in_backward(accelerator) and precision in ("bf16", "fp16"):
-        net = accelerator.unwrap_model(model)
+        net = recipe_model(accelerator, model)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         net.forward = torch.autocast(accelerator.device.type, dtype=dtype)(net.forward)
 
@@ -105,10 +106,24 @@ def explain(error):
 
 
 def recipe_model(accelerator, model):
-    """The module the recipe built, inside what `prepare` wrapped it in (DDP, DeepSpeed's engine,
-    torch.compile): for reading it (its parameters, its FLOPs), not for a forward that must be
-    distributed. Under FSDP2 it is the prepared model itself, whose parameters are shards."""
-    return accelerator.unwrap_model(model)
+    """The module the recipe built, inside what `prepare` wrapped it in (DDP, DeepSpeed's engine):
+    for reading it (its parameters, its FLOPs), not for a forward that must be distributed. Under
+    FSDP2 it is the prepared model itself, whose parameters are shards."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.unwrap_model(model)
+    # Accelerate's unwrap_model imports deepspeed wherever it is installed, to test for its engine:
+    # a second of start-up (it imports mlflow) in every process of every run.
+    while isinstance(model, (DistributedDataParallel, DataParallel)):
+        model = model.module
+    return model
+
+
+def whole_state_dict(accelerator, model):
+    """The recipe's module's state dict, with its own keys, gathered where it is sharded (on every
+    rank: call it on all)."""
+    if sharded(accelerator) or kind(accelerator) == "DeepSpeed":
+        return accelerator.get_state_dict(model)
+    return recipe_model(accelerator, model).state_dict()  # as Accelerate, without its import of deepspeed
 
 
 def evaluation_model(accelerator, model):
@@ -118,7 +133,7 @@ def evaluation_model(accelerator, model):
     evaluates the same model. Sharded, the prepared model itself: its forward gathers the weights."""
     if sharded(accelerator):
         return model
-    net = accelerator.unwrap_model(model)
+    net = recipe_model(accelerator, model)
     if accelerator.num_processes > 1:
         for buffer in net.buffers():
             broadcast(buffer, from_process=0)
@@ -181,7 +196,7 @@ def update_ema(accelerator, ema, model):
     recipe's module, built before `prepare`, whole and in its dtypes on every rank): from the
     unwrapped module, whose parameters are whole under DDP and ZeRO-1 and 2 and gathered where
     they are sharded (DTensors, ZeRO-3), cast where DeepSpeed keeps them in bf16 or fp16."""
-    net = accelerator.unwrap_model(model)
+    net = recipe_model(accelerator, model)
     if kind(accelerator) == "DeepSpeed" and zero_stage(accelerator) == 3:
         import deepspeed
 

@@ -81,7 +81,7 @@ def save(accelerator, run_dir, state, keep, best, model, ema=None, loader_point=
     accelerator.save_state(tmp)  # the model and optimizer (sharded: from every rank), RNG from every rank
     if loader_point is not None:
         _write_loader_point(tmp, accelerator.process_index, loader_point)
-    best_weights = accelerator.get_state_dict(model) if best else None  # unwrapped keys; gathered if sharded
+    best_weights = distributed.whole_state_dict(accelerator, model) if best else None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if ema is not None:
