@@ -191,6 +191,15 @@ def test_fsdp_s_own_activation_checkpointing_is_refused_for_the_key(tiny, tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
+def test_tensor_parallel_is_refused_in_one_line(tiny, tmp_path):
+    """accelerate launch --parallelism_config_tp_size 2 sets these variables: refused before anything is written."""
+    result = launch([LENET, *tiny], cwd=tmp_path, env={"ACCELERATE_USE_PARALLELISM_CONFIG": "true",
+                                                       "PARALLELISM_CONFIG_TP_SIZE": "2"})
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and len(errors) == 1 and "tensor parallel (parallelism_config_tp_size: 2)" in errors[0]
+    assert not (tmp_path / "runs").exists()
+
+
 class FailsInAWorker(torch.utils.data.IterableDataset):
     def __iter__(self):
         raise ValueError("No samples found in dataset; perhaps you have fewer shards than workers.\n"

@@ -9,9 +9,7 @@ barrier in the hot loop; gradients freed with set_to_none.
 """
 
 import functools
-import importlib
 import math
-import threading
 from pathlib import Path
 from typing import NamedTuple
 
@@ -46,9 +44,6 @@ def train(recipe, cfg, resume=None, autoresume=False, trial=None):
     the new run's folder is <output_dir>/<recipe>/<name> (launch.py --autoresume). `trial`: a
     hook told each validation's monitored value, `trial.report(value, number) -> True` to stop
     (a search's trial that its pruner stops: `toolkit.jobs.trial.Trial`)."""
-    # Creating the first optimizer imports torch._dynamo (0.8 s on 2 CPU cores): let that happen
-    # while the data loads, which mostly waits in zlib and torch, outside the GIL.
-    threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True).start()
     # The process group first, so that ranks can agree on things (the run folder) before any work.
     processes, cpu = distributed.start_processes(cfg)
     trackers.check_trackers(cfg)

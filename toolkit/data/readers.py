@@ -30,7 +30,7 @@ def read_idx(path):
     data = path.read_bytes()
     if path.suffix == ".gz":
         # In one call, which releases the GIL once: reading a GzipFile takes it back for every
-        # chunk, and each time waits for whatever else runs (the torch._dynamo import in train).
+        # chunk, and each time waits for whatever other thread runs.
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError, zlib.error) as e:

@@ -36,6 +36,7 @@ def start_processes(cfg):
     strategy = asked_strategy()
     refuse_a_dropped_strategy(strategy)
     refuse_fsdp_activation_checkpointing(strategy)
+    refuse_model_parallelism()
     if strategy == "DeepSpeed":
         refuse_for_deepspeed(cfg)
     if strategy and not torch.cuda.is_available() and "WORLD_SIZE" in os.environ:
@@ -113,6 +114,25 @@ def refuse_fsdp_activation_checkpointing(strategy):
         raise UserError("the FSDP config sets fsdp_activation_checkpointing, whose recompute draws new dropout masks "
                         "(Accelerate passes preserve_rng_state=False), so gradients would not be those of the loss: "
                         "set it to false and use activation_checkpointing=true, which recomputes the same draws")
+
+
+# Accelerate's ParallelismConfig sizes (accelerate launch --parallelism_config_*) that split each
+# layer's computation over processes: what they are called in the launch's variables.
+MODEL_PARALLEL = {"TP_SIZE": "tensor parallel", "CP_SIZE": "context parallel", "SP_SIZE": "sequence parallel"}
+
+
+def refuse_model_parallelism():
+    """Tensor, context or sequence parallelism from the launch's parallelism config, refused: a
+    tensor-parallel model's save_state resumes every rank with rank 0's shard of each split layer
+    (Accelerate 1.16), and context and sequence parallelism are untested."""
+    if not parse_flag_from_env("ACCELERATE_USE_PARALLELISM_CONFIG"):
+        return
+    for size, name in MODEL_PARALLEL.items():
+        value = os.environ.get(f"PARALLELISM_CONFIG_{size}", "1")
+        if value not in ("", "1"):
+            raise UserError(f"the launch asks for {name} (parallelism_config_{size.lower()}: {value}), which the toolkit "
+                            f"does not run (its resume and exact metrics hold for DDP, FSDP2 and DeepSpeed ZeRO): "
+                            f"shard the model with accelerate_configs/fsdp.yaml or deepspeed.yaml instead")
 
 
 def quiet_libraries(is_main):
