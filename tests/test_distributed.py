@@ -196,7 +196,8 @@ def test_tensor_parallel_is_refused_in_one_line(tiny, tmp_path):
     result = launch([LENET, *tiny], cwd=tmp_path, env={"ACCELERATE_USE_PARALLELISM_CONFIG": "true",
                                                        "PARALLELISM_CONFIG_TP_SIZE": "2"})
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert result.returncode != 0 and len(errors) == 1 and "tensor parallel (parallelism_config_tp_size: 2)" in errors[0]
+    assert result.returncode != 0 and len(errors) == 1
+    assert "tensor parallel (parallelism_config_tp_size: 2)" in errors[0]
     assert not (tmp_path / "runs").exists()
 
 

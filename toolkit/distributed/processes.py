@@ -130,9 +130,9 @@ def refuse_model_parallelism():
     for size, name in MODEL_PARALLEL.items():
         value = os.environ.get(f"PARALLELISM_CONFIG_{size}", "1")
         if value not in ("", "1"):
-            raise UserError(f"the launch asks for {name} (parallelism_config_{size.lower()}: {value}), which the toolkit "
-                            f"does not run (its resume and exact metrics hold for DDP, FSDP2 and DeepSpeed ZeRO): "
-                            f"shard the model with accelerate_configs/fsdp.yaml or deepspeed.yaml instead")
+            raise UserError(f"the launch asks for {name} (parallelism_config_{size.lower()}: {value}), which the "
+                            f"toolkit does not run (its resume and exact metrics hold for DDP, FSDP2 and DeepSpeed "
+                            f"ZeRO): shard the model with accelerate_configs/fsdp.yaml or deepspeed.yaml instead")
 
 
 def quiet_libraries(is_main):
