@@ -8,13 +8,15 @@ import os
 import pickle
 import shutil
 import sys
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import Shared, tiny_args
-from helpers import LENET, REPO, accelerate_launch, assert_same_weights, copy_run, free_port, launch, ok, summary
+from helpers import (LENET, PROBE, REPO, accelerate_launch, assert_same_weights, copy_run, free_port, launch, ok,
+                     only_run, records, summary)
 from toolkit import UserError
 from toolkit.state import checkpoint
 from toolkit.state.weights import load_weights
@@ -185,3 +187,49 @@ def test_fsdp_s_full_state_dict_checkpoint_is_read_whole(tmp_path):
     fresh = lenet.model(None)
     assert load_weights(fresh, tmp_path / "step-0000010", strict=True) == ([], [])
     assert_same_weights(fresh.state_dict(), trained.state_dict())
+
+
+def test_token_losses_and_clipping_take_the_steps_of_one_process_under_fsdp2_and_zero3(recipes, tmp_path):
+    """The README's my_lm.py (padded lines, loss_per=tokens), plain SGD clipped at a norm of 0.05
+    (the gradients' norms are larger), 20 steps: 2 processes x batch 32 under FSDP2 and ZeRO-3 train
+    the weights that one process trains with batch 64, to 1e-5 (the sums run in another order).
+    So the gradients are weighed by the tokens of both ranks' micro-batches, and clipped by the
+    norm of the whole gradient, not of one shard."""
+    common = [recipes / "my_lm.py", "optim.name=sgd", "optim.momentum=0", "optim.lr=0.5", "max_steps=20", "epochs=10",
+              "clip_grad_norm=0.05", "loss_per=tokens", "log_every=1", "val_every=0", "checkpoint.monitor=",
+              "checkpoint.every_epochs=0", "trackers=[]"]
+    ok(launch([*common, "batch_size=64", f"output_dir={tmp_path / 'one'}"], cwd=recipes))
+    one = only_run(tmp_path / "one")
+    assert all(r["grad_norm"] > 0.1 for r in records(one, "train"))  # every step is clipped
+    expected = load_file(checkpoint.find(one) / "model.safetensors")
+    for name in ("fsdp", "zero3"):
+        ok(launch([*common, "batch_size=32", f"output_dir={tmp_path / name}"], cwd=recipes,
+                  launcher=launcher(name)(), timeout=600))
+        out = tmp_path / f"{name}-weights"
+        ok(launch(["export", only_run(tmp_path / name), out], cwd=tmp_path))
+        trained = load_file(out / "model.safetensors")
+        assert max(((trained[k] - expected[k]).abs().max() / expected[k].abs().max()).item() for k in expected) <= 1e-5
+
+
+def test_a_rank_killed_under_fsdp2_ends_every_process(tmp_path):
+    """Rank 1 killed (SIGKILL, as by the OOM killer) in its third step, while rank 0 waits for it in
+    a collective of FSDP2: the launch ends, non-zero, within a minute."""
+    args = [PROBE, "batch_size=8", "epochs=2", "trackers=[]", "fail_rank=1", "kill_step=3", f"output_dir={tmp_path}"]
+    started = time.monotonic()
+    result = launch(args, cwd=tmp_path, launcher=launcher("fsdp")(), timeout=120)
+    assert result.returncode != 0 and time.monotonic() - started < 60
+    assert "Signal 9 (SIGKILL)" in result.stderr  # torch's launcher names how rank 1 ended
+
+
+@pytest.mark.parametrize("strategy_run", ["zero3"], indirect=True)
+def test_deepspeed_s_checkpoint_resumed_by_another_number_of_processes_is_refused_in_one_line(strategy_run, tmp_path):
+    """DeepSpeed's files are per rank: the 2-process checkpoint resumed by 1 process under the same
+    config stops before anything changes, and names the number that loads it."""
+    run = copy_run(strategy_run.run, tmp_path)
+    one = accelerate_launch(*STRATEGIES["zero3"][0], "--num_processes", "1", "--main_process_port", free_port())
+    result = launch(["resume", run], cwd=tmp_path, launcher=one, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and len(errors) == 1, result.stderr[-2000:]
+    assert "holds DeepSpeed's files of 2 processes, which load into as many only: resume it with --num_processes 2" \
+        in errors[0]
+    assert summary(run) == summary(strategy_run.run)

@@ -4,6 +4,7 @@ into <probe>.rank<RANK> (one JSON line per step)."""
 
 import json
 import os
+import signal
 
 import torch
 import torch.nn.functional as F
@@ -17,17 +18,19 @@ config = {
     "nan_steps": [],    # ... the loss of these training steps (1-based, per process) is NaN
     "fail_rank": -1,    # on this rank ...
     "fail_step": 0,     # ... this training step raises, as a bad sample would
+    "kill_step": 0,     # ... this training step kills its process (SIGKILL), as the kernel's OOM killer would
     "unused": False,    # the model has a layer that loss() never uses
 }
-_record, _nan_steps, _fail_step, _steps = None, (), 0, 0
+_record, _nan_steps, _fail_step, _kill_step, _steps = None, (), 0, 0, 0
 
 
 def datasets(cfg):
-    global _record, _nan_steps, _fail_step
+    global _record, _nan_steps, _fail_step, _kill_step
     rank = int(os.environ.get("RANK", "0"))
     _record = f"{cfg.probe}.rank{rank}" if cfg.probe else None
     _nan_steps = cfg.nan_steps if rank == cfg.nan_rank else ()
     _fail_step = cfg.fail_step if rank == cfg.fail_rank else 0
+    _kill_step = cfg.kill_step if rank == cfg.fail_rank else 0
     x = torch.randn(cfg.samples, 4, generator=torch.Generator().manual_seed(0))
     y = (x.sum(1) > 0).long()
 
@@ -60,6 +63,8 @@ def loss(model, batch, cfg):
         _steps += 1
         if _steps == _fail_step:
             raise ValueError(f"sample {index[0].item()} is corrupt")
+        if _steps == _kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
         if _steps in _nan_steps:
             value = value * float("nan")
     return value, {"samples": len(y)}
