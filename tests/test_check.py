@@ -193,3 +193,17 @@ def test_the_readme_recipes_pass(name, recipes):
     assert found[SPEED] in (("SKIP",) if name == "my_images.py" else ("PASS", "FAIL")), result.stdout
     assert [verdict for row, verdict in found.items() if row != SPEED] == ["PASS"] * 6
     ends(result, found)
+
+
+def test_metrics_are_compared_at_1e_4_in_float32_by_default(monkeypatch):
+    """precision is null by default: float32 unless `accelerate launch` sets a mixed precision."""
+    from toolkit.check.data_properties import tolerance_of
+    from toolkit.config import resolve
+    from toolkit.recipe import load
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    default = resolve(load(LENET).config, [], [])
+    assert default.precision is None and tolerance_of(default) == 1e-4
+    assert tolerance_of(resolve(load(LENET).config, [], ["precision=bf16"])) == 2e-2
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert tolerance_of(default) == 2e-2

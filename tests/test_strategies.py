@@ -6,7 +6,6 @@ for bit, and `test` and `export` read the shards in one process."""
 import json
 import os
 import pickle
-import shutil
 import sys
 import time
 
@@ -22,6 +21,7 @@ from toolkit.state import checkpoint
 from toolkit.state.weights import load_weights
 
 CONFIGS = REPO / "accelerate_configs"
+LENET_SIGTERM = REPO / "tests" / "recipes" / "lenet_sigterm.py"  # rank 0 SIGTERMs its launcher
 # name: (accelerate launch's arguments, the log's banner, files of rank 1 in a checkpoint)
 STRATEGIES = {
     # Each layer of 1000 parameters or more its own unit, as transformer blocks are: their
@@ -77,16 +77,21 @@ def test_the_configured_strategy_trains_and_every_rank_writes_its_shard(strategy
     assert final["status"] == "finished" and final["test"]["samples"] == 1001 and final["test"]["accuracy"] > 0.9
 
 
-# ZeRO-2's resume (its files are ZeRO-3's, less the parameters' shards) was measured by hand, bit
-# for bit (docs/large_models.md); it is left out of the suite for time.
+# ZeRO-2's (its files are ZeRO-3's, less the parameters' shards) passes too, run by hand; it is
+# left out of the suite for time.
 @pytest.mark.parametrize("strategy_run", ["fsdp", "zero3"], indirect=True)
-def test_a_resume_from_a_mid_epoch_checkpoint_ends_with_the_unbroken_run_s_weights(strategy_run, tmp_path):
-    """The run's checkpoint of step 10 (of 16 in epoch 1), resumed under the same launch config,
-    ends with the unbroken run's weights, EMA and test metrics, bit for bit."""
-    run = copy_run(strategy_run.run, tmp_path)
-    for later in checkpoint.complete(run)[1:]:
-        shutil.rmtree(later)
-    assert checkpoint.find(run).name == "step-0000010"
+def test_a_run_sigterm_ed_mid_epoch_resumes_to_the_unbroken_run_s_weights(strategy_run, tmp_path):
+    """The shared run again, its launcher SIGTERMed in step 12 of 16 in epoch 1 (after the
+    checkpoint of step 10): every rank stops at one step and saves its shard; resumed under the
+    same launch config, it ends with the unbroken run's weights, EMA and test metrics, bit for bit."""
+    args = [LENET_SIGTERM, *strategy_run.args[1:], f"output_dir={tmp_path / 'runs'}"]
+    stopped = launch(args, cwd=tmp_path, launcher=launcher(strategy_run.strategy)(), env={"SIGTERM_AT_STEP": "12"},
+                     timeout=600)
+    run = only_run(tmp_path / "runs")
+    assert stopped.returncode != 0 and summary(run)["status"] == "interrupted", stopped.stderr[-2000:]
+    latest = checkpoint.find(run)
+    assert 10 < checkpoint.read_state(latest).step < 16  # a checkpoint of the stop, mid-epoch
+    assert all((latest / shard).is_file() for shard in STRATEGIES[strategy_run.strategy][2])
     ok(launch(["resume", run], cwd=tmp_path, launcher=launcher(strategy_run.strategy)(), timeout=600))
 
     exported = {}

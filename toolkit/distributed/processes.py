@@ -52,13 +52,17 @@ def start_processes(cfg):
         # compiled with a C++ compiler at the first run (a minute, and an error without one).
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     quiet_libraries(processes.is_main_process)
-    precision = cfg.precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if precision == "fp16" and processes.device.type == "cpu":
+    if precision_of(cfg) == "fp16" and processes.device.type == "cpu":
         raise UserError("precision=fp16 needs a GPU (on the CPU it would silently train in fp32); "
                         "use precision=bf16 or precision=no")
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
     return processes, cpu
+
+
+def precision_of(cfg):
+    """The run's mixed precision: the key, or what `accelerate launch` / `accelerate config` set."""
+    return cfg.precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
 
 
 WATCHDOG_REPORT_MINUTES = 5  # a hung process's watchdog writes its stacks and waits for the others' within this
