@@ -4,6 +4,7 @@ A shared run is trained once per session, through the real command line. Tests o
 work on a copy of it (`helpers.copy_run`) in their own tmp_path. When pytest-xdist runs the tests
 in several processes, the first one to need a shared folder makes it and the others wait for it."""
 
+import atexit
 import functools
 import json
 import os
@@ -11,18 +12,26 @@ import re
 import shutil
 import subprocess
 import sysconfig
+import tempfile
 from pathlib import Path
 
 # One torch thread in this process (read when torch is imported, just below) and in every one it
 # starts: the tests run as one process per core (pytest-xdist), and two threads on a busy core
 # wait for each other at every parallel op (a 10 s training took minutes).
 os.environ["OMP_NUM_THREADS"] = "1"
-# The user's own tracker settings (WANDB_DIR, WANDB_MODE=online, MLFLOW_TRACKING_URI, ...) would
-# send the tests' runs to their folders and accounts, and a run writes where they say: each test
-# sets the variables it tests, in a clean environment.
-TRACKER_VARIABLES = ("WANDB_", "MLFLOW_", "COMET_", "CLEARML_", "SWANLAB_", "TRACKIO_", "AIM_", "DVCLIVE_")
-for name in [name for name in os.environ if name.startswith(TRACKER_VARIABLES)]:
+# The suite runs whatever the user's shell holds. Their tracker settings (WANDB_DIR, WANDB_MODE=online,
+# MLFLOW_TRACKING_URI, ...) would send the tests' runs to their folders and accounts; Accelerate's
+# (ACCELERATE_MIXED_PRECISION, and `accelerate config`'s file under HF_HOME) would change how the
+# tests' runs train; a launcher's or a scheduler's (RANK, SLURM_JOB_ID, CUDA_VISIBLE_DEVICES) what
+# they take themselves to be. Each test sets the variables it tests, in a clean environment, and
+# HF_HOME is the session's own empty folder.
+USER_VARIABLES = ("WANDB_", "MLFLOW_", "COMET_", "CLEARML_", "SWANLAB_", "TRACKIO_", "AIM_", "DVCLIVE_", "ACCELERATE_",
+                  "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "SLURM_", "CUDA_VISIBLE_DEVICES", "MASTER_ADDR",
+                  "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "TORCHELASTIC_")
+for name in [name for name in os.environ if name.startswith(USER_VARIABLES)]:
     del os.environ[name]
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hf-home-")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

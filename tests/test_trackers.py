@@ -4,13 +4,15 @@ after its folder, with the config; a resume continues the same run; every train 
 that metrics.jsonl gives it. (MLflow runs for real: test_research.py.)"""
 
 import importlib.machinery
+import os
+import subprocess
 import sys
 import types
 import uuid
 
 import pytest
 
-from helpers import LENET, launch, ok, only_run, records
+from helpers import LENET, REPO, launch, ok, only_run, records
 from toolkit.run import trackers
 from toolkit.run.trackers import BaseTracker, _drop_steps_after
 
@@ -215,3 +217,21 @@ def test_the_base_starts_a_tracker_on_the_main_process_only(monkeypatch, tmp_pat
 
     assert session(main=False) == {} and calls == []
     assert session(main=True) == {"probe": "probe-1"} and calls == ["begin", "write 4", "end"]
+
+
+def test_the_suite_passes_whatever_the_user_s_shell_sets(tmp_path):
+    """A wandb test in a shell that sets wandb, MLflow, Hugging Face and Accelerate variables to
+    values that would break it (its run logging into the user's WANDB_DIR, or training in fp16 on
+    the CPU): the suite's conftest clears them, and nothing is written where they point."""
+    user = {"WANDB_DIR": tmp_path / "user-wandb", "WANDB_MODE": "online", "WANDB_PROJECT": "theirs",
+            "MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "HF_HOME": tmp_path / "user-hf", "HF_DATASETS_OFFLINE": "0",
+            "ACCELERATE_MIXED_PRECISION": "fp16", "CUDA_VISIBLE_DEVICES": "0"}
+    for folder in (user["WANDB_DIR"], user["HF_HOME"] / "accelerate"):
+        folder.mkdir(parents=True)
+    (user["HF_HOME"] / "accelerate" / "default_config.yaml").write_text("mixed_precision: fp16\n")
+    test = f"{REPO / 'tests' / 'test_research.py'}::test_wandb_follows_its_environment_and_an_explicit_key_wins"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
+                             f"--basetemp={tmp_path / 'inner'}", test], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, **{key: str(value) for key, value in user.items()}}, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert not list(user["WANDB_DIR"].iterdir())
