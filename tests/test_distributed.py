@@ -48,13 +48,16 @@ def read_probe(path, processes):
 
 
 def test_each_rank_gets_its_own_data_and_randomness_reproducibly(probe_run, tmp_path):
-    """`probe_run` (2 processes, seed 0) is run "a"; this test runs it again ("b"), on 1 process
-    ("one") and with seed 1 ("seed1")."""
+    """`probe_run` (2 processes, seed 0) is run "a"; this test runs it again ("b", its model warning
+    as a library would), on 1 process ("one") and with seed 1 ("seed1")."""
     probes = {"a": read_probe(probe_run.probe, 2)}
     for name, processes, seed in (("b", 2, 0), ("one", 1, 0), ("seed1", 2, 1)):
-        args = [*probe_run.args, f"probe={tmp_path / name}", f"seed={seed}", f"output_dir={tmp_path / 'runs'}"]
-        ok(launch_two(args, cwd=tmp_path, flags=True) if processes == 2 else launch(args, cwd=tmp_path))
+        args = [*probe_run.args, f"probe={tmp_path / name}", f"seed={seed}", f"output_dir={tmp_path / 'runs'}",
+                f"warn={name == 'b'}"]
+        result = ok(launch_two(args, cwd=tmp_path, flags=True) if processes == 2 else launch(args, cwd=tmp_path))
         probes[name] = read_probe(tmp_path / name, processes)
+        if name == "b":  # a library's warning, shown by the main process alone
+            assert result.stderr.count("FutureWarning: probe.model: this argument is deprecated") == 1, result.stderr
 
     rank0, rank1 = probes["a"]
     assert len(rank0) == len(rank1) == 2 * 8  # 256 samples / (16 x 2 ranks) = 8 steps per epoch

@@ -5,6 +5,7 @@ into <probe>.rank<RANK> (one JSON line per step)."""
 import json
 import os
 import signal
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ config = {
     "fail_step": 0,     # ... this training step raises, as a bad sample would
     "kill_step": 0,     # ... this training step kills its process (SIGKILL), as the kernel's OOM killer would
     "unused": False,    # the model has a layer that loss() never uses
+    "warn": False,      # model() warns, as a library would (a FutureWarning)
 }
 _record, _nan_steps, _fail_step, _kill_step, _steps = None, (), 0, 0, 0
 
@@ -43,6 +45,8 @@ def datasets(cfg):
 
 
 def model(cfg):
+    if cfg.warn:
+        warnings.warn("probe.model: this argument is deprecated", FutureWarning)
     net = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(4, 2))
     if cfg.unused:
         net.register_parameter("unused", torch.nn.Parameter(torch.zeros(1)))  # never gets a gradient

@@ -5,6 +5,7 @@ utilisation is measured against."""
 import datetime
 import os
 import sys
+import warnings
 
 import torch
 from accelerate import PartialState
@@ -140,15 +141,22 @@ def refuse_model_parallelism():
 
 
 def quiet_libraries(is_main):
-    """On every process but the main one, HF `datasets`' progress bars (a recipe's `.map`) and
-    `transformers`' warnings and load reports are off: the main process shows them once. The
-    variables reach a library imported later; the calls, one imported already."""
+    """On every process but the main one, Python's warnings (a library's FutureWarning), the
+    progress bars of HF `datasets` (a recipe's `.map`) and of the hub (transformers' "Loading
+    weights"), and `transformers`' warnings and load reports are off: the main process shows each
+    once. The variables reach a library imported later; the calls, one imported already. Errors
+    still show on every process."""
     if is_main:
         return
+    warnings.simplefilter("ignore")
+    os.environ["PYTHONWARNINGS"] = "ignore"  # and in the DataLoader's workers
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     os.environ["TRANSFORMERS_VERBOSITY"] = "error"
     if "datasets" in sys.modules:
         sys.modules["datasets"].disable_progress_bars()
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
     if "transformers" in sys.modules:
         sys.modules["transformers"].utils.logging.set_verbosity_error()
         sys.modules["transformers"].utils.logging.disable_progress_bar()
