@@ -92,7 +92,7 @@ def test_best_latest_keep_and_export(ema_run, tmp_path):
 
     # `test` evaluates a checkpoint and saves the result
     out = ok(launch(["test", run, "--checkpoint", "latest"], cwd=tmp_path)).stdout.strip()
-    assert out.startswith(f"test accuracy={final['test']['accuracy']:.4g} ")
+    assert out.startswith(f"test accuracy={final['test']['accuracy']:.6g} ")
     saved = json.loads((run / "test-step-0000096.json").read_text())
     assert saved["test"] == final["test"] and saved["step"] == 96
     assert "val accuracy=" in ok(launch(["test", run, "--split", "val"], cwd=tmp_path)).stdout
@@ -139,7 +139,7 @@ def test_init_from_a_run(lenet_run, tiny, tmp_path):
     best = ok(launch(["test", source], cwd=tmp_path)).stdout.split(" | ")[0]
     ok(launch([LENET, *tiny, "epochs=0", f"init_from={source}", f"output_dir={tmp_path / 'b'}"], cwd=tmp_path))
     run = only_run(tmp_path / "b")
-    assert f"test {' '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in summary(run)['test'].items())}" == best
+    assert f"test {' '.join(f'{k}={v:.6g}' if isinstance(v, float) else f'{k}={v}' for k, v in summary(run)['test'].items())}" == best
     assert "init_from" in (run / "log.txt").read_text() and "missing keys none" in (run / "log.txt").read_text()
 
 

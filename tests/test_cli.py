@@ -25,7 +25,7 @@ def test_training_learns_and_reports(lenet_run):
     assert final["test"]["accuracy"] > 0.9
     # One final line on stdout: test accuracy and the run folder.
     last = result.stdout.strip().splitlines()[-1]
-    assert re.match(rf"test accuracy={final['test']['accuracy']:.4g} .*\| run {re.escape(str(run))}$", last), last
+    assert re.match(rf"test accuracy={final['test']['accuracy']:.6g} .*\| run {re.escape(str(run))}$", last), last
 
 
 def test_run_folder_is_complete(lenet_run):

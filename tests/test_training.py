@@ -263,7 +263,7 @@ def test_ema_is_validated_monitored_saved_and_tested(ema_run, tmp_path):
     assert (run / "model_ema.safetensors").is_file()
 
     out = ok(launch(["test", run, "--ema", "--checkpoint", "latest", "--split", "val"], cwd=tmp_path)).stdout
-    assert out.startswith(f"val_ema accuracy={summary(run)['val_ema']['accuracy']:.4g} ")
+    assert out.startswith(f"val_ema accuracy={summary(run)['val_ema']['accuracy']:.6g} ")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -133,7 +133,7 @@ def test(recipe, cfg, run_dir, which="", split="", use_ema=False):
               "split": name, name: metrics}
     if accelerator.is_main_process:
         rundir.write_json(Path(run_dir) / f"{name}-{path.name}.json", result)
-        print(f"{name} {format_metrics(metrics)} | checkpoint {which} ({path.name}) | run {run_dir}")
+        print(f"{name} {format_metrics(metrics, digits=6)} | checkpoint {which} ({path.name}) | run {run_dir}")
     del model
     accelerator.free_memory()
     accelerator.end_training()

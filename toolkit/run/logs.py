@@ -52,7 +52,8 @@ def result_line(summary):
         result = f"{summary.status} at epoch {summary.epochs} step {summary.steps}" + (
             f" ({summary.error})" if summary.error else "")
     else:
-        result = f"{split} {format_metrics(summary.metrics[split])}" if split else f"trained {summary.steps} steps"
+        result = f"{split} {format_metrics(summary.metrics[split], digits=6)}" if split else \
+            f"trained {summary.steps} steps"
     return f"{result} | {summary.wall_time_s:.1f}s | run {summary.run_dir}"
 
 
@@ -62,11 +63,13 @@ def text_table(rows, headers):
     return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in [headers, *rows])
 
 
-def format_metrics(metrics):
-    return " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+def format_metrics(metrics, digits=4):
+    """`name=value ...`, floats to `digits` significant digits: 4 in the log's lines, 6 in a result
+    line (enough to tell two runs apart)."""
+    return " ".join(f"{k}={_fmt(v, digits)}" for k, v in metrics.items())
 
 
-def _fmt(value):
+def _fmt(value, digits):
     if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+        return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
     return str(value)
