@@ -79,8 +79,8 @@ def export(args):
 
     run, recipe = resume.load_run(args.run)
     cfg = config.resolve(recipe.config, [run / "config.yaml"])
-    path = exports.export(recipe, cfg, run, args.out, args.checkpoint, args.ema)
-    print(f"exported {path}{' (EMA weights)' if args.ema else ''} to {args.out}")
+    path, written = exports.export(recipe, cfg, run, args.out, args.checkpoint, args.ema)
+    print(f"exported {path}{' (EMA weights)' if args.ema else ''} to {args.out}: {written}")
     return 0
 
 

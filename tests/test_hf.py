@@ -42,7 +42,7 @@ def test_a_tied_gpt2_exports_for_from_pretrained(tied_run, tmp_path):
 
     # 1. Export the best checkpoint; 2. from_pretrained gives the run's model: tied, the same logits.
     result = ok(launch(["export", tied_run, tmp_path / "hf"], cwd=tmp_path))
-    assert f"to {tmp_path / 'hf'}" in result.stdout
+    assert f"to {tmp_path / 'hf'}: GPT2LMHeadModel.save_pretrained (its from_pretrained(OUT) loads it)" in result.stdout
     assert {"config.json", "model.safetensors"} <= {p.name for p in (tmp_path / "hf").iterdir()}
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()

@@ -1,7 +1,7 @@
 """`launch.py export RUN OUT`: a run's weights as a folder that code without the toolkit loads.
 
-A `transformers` model (anything with `save_pretrained`) is written with `save_pretrained`, so that
-`AutoModel*.from_pretrained(OUT)` loads it (config.json, model.safetensors, tied weights once);
+A model with `save_pretrained` (transformers, diffusers, peft) is written with it, so that its
+`from_pretrained(OUT)` loads it (for transformers: config.json, model.safetensors, tied weights once);
 any other model as OUT/model.safetensors beside the run's config.yaml, which `recipe.model(cfg)`
 and `load_state_dict` read back. A recipe's optional `export(cfg, folder)` hook adds the rest
 (a tokenizer's files, say) before the folder appears.
@@ -18,7 +18,7 @@ from toolkit.state.weights import load_weights, write_safetensors
 
 def export(recipe, cfg, run_dir, out, which="", use_ema=False):
     """Write checkpoint `which` of the run (default: best, else latest), or its EMA weights, into
-    the new folder `out`, whole or not at all. Returns the checkpoint's path."""
+    the new folder `out`, whole or not at all. Returns the checkpoint's path and what was written."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an empty folder: export into a new one")
@@ -31,8 +31,10 @@ def export(recipe, cfg, run_dir, out, which="", use_ema=False):
         folder.mkdir()
         if callable(getattr(model, "save_pretrained", None)):
             model.save_pretrained(folder)
+            written = f"{type(model).__name__}.save_pretrained (its from_pretrained(OUT) loads it)"
         else:
             write_safetensors(model.state_dict(), folder / "model.safetensors")
             shutil.copy2(Path(run_dir) / "config.yaml", folder / "config.yaml")
+            written = "model.safetensors and config.yaml (the recipe's model(cfg) and load_state_dict read them)"
         recipe.export(cfg, folder)
-    return path
+    return path, written
