@@ -89,7 +89,7 @@ def wds_shards(tmp_path_factory):
 
 
 @pytest.mark.parametrize("recipe, args, counted", [
-    (STREAM, ["split_itself=true", "eval_batch_size=32", "--processes", "1"], "train 203 samples"),  # stream_part()
+    (STREAM, ["split_itself=true", "noise=false", "eval_batch_size=32", "--processes", "1"], "train 203 samples"),
     (WDS, [], "val 66 samples"),  # webdataset: 2 val shards, split by node and by worker
 ], ids=["stream_part", "webdataset"])
 def test_a_short_stream_that_splits_itself_is_counted_whole(recipe, args, counted, wds_shards, tmp_path):

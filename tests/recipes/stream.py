@@ -1,6 +1,7 @@
 """A test recipe over a stream (an IterableDataset without a length) of `samples` numbered
 samples in shards of uneven sizes. Each sample draws a noise value from torch's RNG as it is
-read, as an augmentation would. The loss records, per rank, the numbers and noise of every batch
+read, as an augmentation would (noise=false: evaluation reads the same values with any number of
+workers). The loss records, per rank, the numbers and noise of every batch
 it trains on into <probe>.rank<RANK> (one JSON line per batch, padding repeats included)."""
 
 import json
@@ -17,6 +18,7 @@ config = {
     "shards": 7,
     "split_itself": False,   # read only this slot's shards through stream_part(), or leave it to the toolkit
     "empty": False,          # a stream that yields nothing
+    "noise": True,           # each sample draws its noise (false: 0.0), in evaluation too
     "sched": {"name": "constant"},
     "checkpoint": {"monitor": ""},
 }
@@ -32,7 +34,7 @@ class Numbers(torch.utils.data.IterableDataset):
         index, count = stream_part() if self.cfg.split_itself else (0, 1)
         for shard in self.shards[index::count]:
             for i in shard:
-                yield torch.tensor([float(i), torch.rand(()).item()])
+                yield torch.tensor([float(i), torch.rand(()).item() if self.cfg.noise else 0.0])
 
 
 def datasets(cfg):
