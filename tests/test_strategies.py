@@ -8,6 +8,7 @@ import os
 import pickle
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -229,14 +230,19 @@ def test_a_rank_killed_under_fsdp2_ends_every_process(tmp_path):
 
 
 @pytest.mark.parametrize("strategy_run", ["zero3"], indirect=True)
-def test_deepspeed_s_checkpoint_resumed_by_another_number_of_processes_is_refused_in_one_line(strategy_run, tmp_path):
-    """DeepSpeed's files are per rank: the 2-process checkpoint resumed by 1 process under the same
-    config stops before anything changes, and names the number that loads it."""
-    run = copy_run(strategy_run.run, tmp_path)
-    one = accelerate_launch(*STRATEGIES["zero3"][0], "--num_processes", "1", "--main_process_port", free_port())
-    result = launch(["resume", run], cwd=tmp_path, launcher=one, timeout=300)
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert result.returncode != 0 and len(errors) == 1, result.stderr[-2000:]
-    assert "holds DeepSpeed's files of 2 processes, which load into as many only: resume it with --num_processes 2" \
-        in errors[0]
-    assert summary(run) == summary(strategy_run.run)
+def test_deepspeed_s_checkpoint_resumed_by_another_number_of_processes_is_refused_in_one_line(strategy_run):
+    """DeepSpeed's files are per rank: the 2-process checkpoint, resumed by 1 process under the same
+    config, is refused with the number that loads it (the check a resume makes before it loads
+    anything; test_a_checkpoint_of_another_strategy_is_refused_in_one_line runs one)."""
+    from accelerate.utils import DistributedType
+
+    from toolkit.distributed.shards import refuse_a_foreign_checkpoint
+
+    one = types.SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=1,
+                                state=types.SimpleNamespace(deepspeed_plugin=types.SimpleNamespace(zero_stage=3)))
+    latest = checkpoint.find(strategy_run.run)
+    with pytest.raises(UserError) as refused:
+        refuse_a_foreign_checkpoint(one, latest, checkpoint.read_state(latest).num_processes)
+    assert str(refused.value) == (f"{latest} holds DeepSpeed's files of 2 processes, which load into as many only: "
+                                  f"resume it with --num_processes 2")
+    refuse_a_foreign_checkpoint(types.SimpleNamespace(**{**vars(one), "num_processes": 2}), latest, 2)
