@@ -207,3 +207,16 @@ def test_metrics_are_compared_at_1e_4_in_float32_by_default(monkeypatch):
     assert tolerance_of(resolve(load(LENET).config, [], ["precision=bf16"])) == 2e-2
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     assert tolerance_of(default) == 2e-2
+
+
+def test_a_loss_that_draws_in_evaluation_fails_with_that_cause(tmp_path):
+    """loss() adds noise from the global generator in evaluation too: its metrics move with the
+    generators' state, and the samples and summable rows say so, not that it reads other samples
+    or sums a per-batch mean."""
+    result = launch(["check", BROKEN, "draws=true", "--processes", "1"], cwd=tmp_path)
+    found = verdicts(result)
+    assert failed(found) == ["samples", "summable"], result.stdout
+    rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.split()[1:2] == ["FAIL"]}
+    for row in ("samples", "summable"):
+        assert rows[row].endswith("loss() or collate draws random numbers in evaluation"), rows[row]
+    assert "samples: draw only in training (if model.training: ...)" in result.stdout

@@ -18,6 +18,7 @@ config = {
     "stream": False,
     "per_process": False,  # datasets() draws the held-out points with the process's RANK
     "per_worker": False,   # a val sample depends on the DataLoader worker that reads it
+    "draws": False,        # loss() adds noise to the inputs in evaluation too, from the global generator
     "points": 300,   # train; val and test have 100 each
     "batch_size": 16,
     "eval_batch_size": 12,
@@ -107,6 +108,8 @@ def loss(model, batch, cfg):
     if cfg.breaks == "samples" and not cfg.stream:  # far points are dropped: their samples go uncounted
         keep = x.norm(dim=1) < 2.0
         x, y = x[keep], y[keep]
+    if cfg.draws:
+        x = x + 0.1 * torch.randn_like(x)
     logits = model(x)
     correct = (logits.argmax(1) == y).sum()
     counts = {"samples": len(x), "correct": correct / len(y) if cfg.breaks == "summable" else correct}

@@ -165,6 +165,7 @@ def samples(check):
                 for workers in (0, WORKERS)}
         what = (f"the {split} stream, whole" if expected < limit else f"the first {limit} samples of the {split} "
                 f"stream") if stream else f"{expected} samples of the {split} split"
+        no_draws(check, split, dataset, limit, ways["1 process and 0 workers"], what)
         if any(metrics["samples"] != expected for metrics in ways.values()):
             raise Failed(f"an evaluation of {what} counted "
                          + " and ".join(f"{metrics['samples']:g} with {way}" for way, metrics in ways.items())
@@ -193,6 +194,24 @@ def samples(check):
         f"; {not_counted}" if not_counted else "")
 
 
+_DRAWS_FIX = ("draw only in training (if model.training: ...), or, where evaluation must draw (a diffusion loss's "
+              "noise, an MLM collate's mask), from a torch.Generator seeded with cfg.seed and the sample itself (its "
+              "index or its content), so that a sample's draws do not depend on its batch, worker or process")
+
+
+def no_draws(check, split, dataset, limit, metrics, what):
+    """Fail, naming the cause, if `metrics` (an evaluation with 0 workers) move when the same
+    evaluation runs again from other states of the global generators: loss() or collate draws."""
+    cfg = check.cfg
+    again = evaluation(check.recipe, cfg, split, dataset, limit, 0, draws_from=cfg.seed + 1)
+    differ = differences(metrics, again, tolerance_of(cfg))
+    if differ:
+        name, value, other = differ[0]
+        raise Failed(f"two evaluations of {what}, the same way but from other states of the global random "
+                     f"generators, give {name}={value:.6g} and {name}={other:.6g}: loss() or collate draws random "
+                     f"numbers in evaluation", _DRAWS_FIX)
+
+
 def tolerance_of(cfg):
     """How far two evaluations of the same samples may differ (their sums are taken in other orders):
     1e-4 in float32 (the default, precision null without a launcher's setting), 2e-2 in bf16/fp16."""
@@ -213,6 +232,7 @@ def summable(check):
     limit = check.eval_samples(cfg)
     results = {size: evaluation(check.recipe, check.resolve(f"eval_batch_size={size}"), split,
                                 check.splits[split], limit, num_workers=0) for size in (big, small)}
+    no_draws(check, split, check.splits[split], limit, results[big], f"the first {limit} samples of {split}")
     differ = differences(results[big], results[small], tolerance_of(cfg))
     if differ:
         name, value, other = differ[0]

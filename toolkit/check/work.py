@@ -89,10 +89,11 @@ def finished(summary):
     return summary
 
 
-def evaluation(recipe, cfg, split, dataset, limit, num_workers, model=None, training=False):
+def evaluation(recipe, cfg, split, dataset, limit, num_workers, model=None, training=False, draws_from=None):
     """The metrics (with `samples`) of `model` (default: a fresh model of the recipe) over the first
     `limit` samples of `dataset`, in this process's part when there are several, as a run's
-    evaluation takes them (in training mode if `training`)."""
+    evaluation takes them (in training mode if `training`). `draws_from`: a seed for the global
+    generators once the model is built, where a loss() or collate that draws would draw from."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -106,6 +107,8 @@ def evaluation(recipe, cfg, split, dataset, limit, num_workers, model=None, trai
         set_seed(cfg.seed)  # the same initial weights for every evaluation
         model = recipe.model(cfg)
     model.to(accelerator.device)
+    if draws_from is not None:
+        set_seed(draws_from)
     if not mapstyle.is_stream(dataset):
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
     # A train split is read as evaluation reads val: in order, eval_batch_size at a time.
