@@ -420,3 +420,17 @@ def test_a_small_split_is_evaluated_in_batches_that_every_process_gets():
     assert [len(batch) for batch in loader] == [4, 4]
     alone = SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"))
     assert [len(batch) for batch in make_loader("val", Seeds(), lenet_cfg(), recipe.load(LENET), alone)] == [8]
+
+
+def test_a_step_out_of_memory_is_one_line_that_says_what_fits(tmp_path):
+    """The probe's batches of more than 16 samples run out of memory, as a GPU's would: the run
+    ends in one line that names the step and its batch, and what trains the same global batch in
+    less memory; the summary keeps it."""
+    result = launch([PROBE, "batch_size=32", "grad_accum=2", "memory=16", "trackers=[]", f"output_dir={tmp_path}"],
+                    cwd=tmp_path)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and len(errors) == 1, result.stderr[-2000:]
+    assert errors[0] == ("error: step 1 ran out of memory with batch_size=32 per process (eval_batch_size=256): try "
+                         "batch_size=16 grad_accum=4 (the same global batch), activation_checkpointing=true, "
+                         "precision=bf16 (CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total))")
+    assert summary(only_run(tmp_path))["error"] == errors[0][len("error: "):]

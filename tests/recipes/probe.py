@@ -22,6 +22,7 @@ config = {
     "kill_step": 0,     # ... this training step kills its process (SIGKILL), as the kernel's OOM killer would
     "unused": False,    # the model has a layer that loss() never uses
     "warn": False,      # model() warns, as a library would (a FutureWarning)
+    "memory": 0,        # a batch of more samples than this runs out of memory, as on a GPU (0: none does)
 }
 _record, _nan_steps, _fail_step, _kill_step, _steps = None, (), 0, 0, 0
 
@@ -56,6 +57,8 @@ def model(cfg):
 def loss(model, batch, cfg):
     global _steps
     x, y, index, noise = batch
+    if cfg.memory and len(x) > cfg.memory:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
     dropped = torch.rand(1).item() if model.training else None  # the training step's own randomness
     if _record:
         with open(_record, "a") as f:

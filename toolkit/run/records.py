@@ -75,7 +75,7 @@ class Run:
         the strategy that a key fixes a UserError that names the key."""
         accelerator, summary = self.accelerator, self.summary
         summary.status = Status.INTERRUPTED if isinstance(error, KeyboardInterrupt) else Status.FAILED
-        explained = distributed.explain(error)
+        explained = distributed.explain(error) or out_of_memory(error, self.cfg, self.state.step + 1)
         summary.error = explained or f"{type(error).__name__}: {error}"
         if accelerator.num_processes > 1 and distributed.lost_a_peer(error):
             failure = self._peer_failure()
@@ -175,3 +175,20 @@ class Run:
         elif stopping:
             log.info(f"stopped at step {state.step}: {stopping}")
         return stopping is None or stopping.tests
+
+
+_OUT_OF_MEMORY = (" out of memory", "DefaultCPUAllocator: can't allocate memory", "MPS backend out of memory")
+
+
+def out_of_memory(error, cfg, step):
+    """One line for a step that ran out of the device's memory (torch's OutOfMemoryError, or the
+    errors Accelerate's find_executable_batch_size takes for it), that says what fits more; else None."""
+    if not isinstance(error, torch.OutOfMemoryError) and not (
+            isinstance(error, RuntimeError) and any(sign in str(error) for sign in _OUT_OF_MEMORY)):
+        return None
+    smaller = (f"batch_size={cfg.batch_size // 2} grad_accum={cfg.grad_accum * 2} (the same global batch), "
+               if cfg.batch_size > 1 else "")
+    return (f"step {step} ran out of memory with batch_size={cfg.batch_size} per process (eval_batch_size="
+            f"{cfg.eval_batch_size}): try {smaller}activation_checkpointing=true"
+            + (", precision=bf16" if not cfg.precision or cfg.precision == "no" else "")
+            + f" ({str(error).splitlines()[0][:160]})")
