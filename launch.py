@@ -7,6 +7,7 @@
     python launch.py sweep recipes/lenet.py optim.lr=1e-3,3e-3 [...]               a grid of runs
     python launch.py search recipes/lenet.py "optim.lr=loguniform(1e-4,1e-1)" [...]  a search (Optuna)
     python launch.py check recipes/lenet.py [key=value ...]                          prove a recipe, in minutes
+    python launch.py lr-find recipes/lenet.py [key=value ...]                        suggest a learning rate
     python launch.py runs [runs/lenet]                                              list runs
     python launch.py plot runs/lenet/<run> [...]                                    draw their curves
     accelerate launch [launcher options] launch.py ...                              distributed
@@ -144,6 +145,14 @@ def check(args):
     return 1 if any(row.ok is False for row in rows) else 0
 
 
+def lr_find(args):
+    from toolkit import recipe as recipes
+    from toolkit.jobs.lr_find import lr_find as range_test
+
+    range_test(recipes.load(args.recipe), args.config, args.overrides, args.steps, args.start, args.end)
+    return 0
+
+
 def runs(args):
     from toolkit.jobs import runs as tables
 
@@ -191,6 +200,11 @@ HELP = {  # command -> (description, example)
               "depend on eval_batch_size, a loss that falls on a few batches, a resume bit for bit, and how much of a "
               "step waits for data. One row per property, PASS or FAIL with the fix; the exit status is 1 on a FAIL.",
               "python launch.py check recipes/lenet.py data.root=/usr/share/datasets/fashion-mnist"),
+    "lr-find": ("The learning-rate range test: a run of the recipe as it trains, from a fresh model, whose LR grows "
+                "exponentially from --start to --end over --steps steps; prints the LR where the smoothed loss falls "
+                "fastest (suggested optim.lr=...) and draws the curve into the run's lr_find.png (needs matplotlib: "
+                "pip install -e '.[plot]'). Under any launcher, as a run.",
+                "python launch.py lr-find recipes/lenet.py data.root=/usr/share/datasets/fashion-mnist"),
     "runs": ("List the run folders under FOLDER with their status, epochs, best metric and time.",
              "python launch.py runs runs/lenet"),
     "plot": ("Draw the loss and metric curves of runs into a PNG, or a search folder's history (needs matplotlib: "
@@ -269,6 +283,12 @@ def checking(p):
     p.add_argument("--counts-to", help=argparse.SUPPRESS)
 
 
+def lr_range(p):
+    p.add_argument("--steps", type=int, default=100, metavar="N", help="optimizer steps of the test (default 100)")
+    p.add_argument("--start", type=float, default=1e-7, metavar="LR", help="the first step's LR (default 1e-7)")
+    p.add_argument("--end", type=float, default=10.0, metavar="LR", help="the last step's LR (default 10)")
+
+
 def runs_folder(p):
     p.add_argument("folder", nargs="?", default="runs", help="where to look (default: runs)")
 
@@ -287,6 +307,7 @@ COMMANDS = {  # name -> (what runs it, what it does, the arguments it takes)
     "sweep": (sweep, "a grid of runs", [a_recipe, overrides, many_runs("")]),
     "search": (search, "a search (Optuna)", [searching, overrides, many_runs(None)]),
     "check": (check, "prove a recipe, in minutes", [a_recipe, overrides, checking]),
+    "lr-find": (lr_find, "suggest a learning rate", [a_recipe, overrides, lr_range]),
     "runs": (runs, "list runs", [runs_folder]),
     "plot": (plot, "draw their curves", [plotted]),
 }

@@ -149,6 +149,19 @@ def test_plot_writes_a_png(lenet_run, tmp_path):
     assert out == str(run / "curves.png") and png.startswith(b"\x89PNG") and len(png) > 10_000
 
 
+def test_lr_find_suggests_an_lr_from_a_range_test_and_draws_its_curve(tiny, tmp_path):
+    """LeNet on the tiny data: 100 steps whose LR grows exponentially from 1e-7 to 10; the line
+    suggests an LR in [1e-4, 1e-1], and the curve is in the run's folder."""
+    out = ok(launch(["lr-find", LENET, *tiny, "trackers=[]"], cwd=tmp_path)).stdout.strip().splitlines()[-1]
+    run = only_run(tmp_path / "runs")
+    assert out.startswith("suggested optim.lr=") and out.endswith(f" | the curve: {run / 'lr_find.png'} | run {run}")
+    assert 1e-4 <= float(out.split()[1].split("=")[1]) <= 1e-1
+    lrs = [r["lr"] for r in records(run, "train")]
+    assert len(lrs) == 100 and lrs[0] == pytest.approx(1e-7) and lrs[-1] == pytest.approx(10 * 10 ** (-8 / 100))
+    assert all(b / a == pytest.approx(10 ** (8 / 100)) for a, b in zip(lrs, lrs[1:]))  # one factor every step
+    assert (run / "lr_find.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_code_snapshot_records_the_git_commit_and_changes(tmp_path):
     repo = tmp_path / "project"
     repo.mkdir()

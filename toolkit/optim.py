@@ -51,6 +51,8 @@ SCHEDULES = {
                      per_epoch=True),
     # Warms up for 30% of training unless told otherwise, from LR/25, then anneals by a cosine to about 0.
     "onecycle": Schedule(_cosine, over_training=True, warmup=0.3, start=1 / 25),
+    # From LR to gamma x LR, by the same factor every step: a decay (gamma < 1), or lr-find's range.
+    "exponential": Schedule(lambda step, progress, s, per_epoch: s.gamma ** progress, over_training=True),
 }
 
 

@@ -60,7 +60,7 @@ KEYS = {
         "warmup_epochs": Key(0.0, "the same in epochs, when warmup_steps is 0"),
         "min_lr": Key(0.0, "cosine and linear end at min_lr x lr"),
         "step_epochs": Key(1.0, "step: multiply the LR by gamma every step_epochs epochs"),
-        "gamma": Key(0.1, "step: the factor"),
+        "gamma": Key(0.1, "step: the factor; exponential: the LR's factor at the end of training"),
     }),
     "clip_grad_norm": Key(0.0, "clip the global gradient norm to this (0: off); the norm is logged either way"),
     "skip_nonfinite": Key(False, "skip steps whose loss or gradient norm is NaN/inf on any rank (1 host sync per "
