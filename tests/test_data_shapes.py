@@ -196,8 +196,8 @@ def test_a_stream_without_max_steps_refuses_a_schedule_that_needs_its_length(tmp
     result = launch([STREAM, "sched.name=cosine", "trackers=[]", f"output_dir={tmp_path}"], cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr == ("error: sched.name=cosine needs the length of an epoch, but the train split (Numbers) "
-                             "is a stream without one: set max_steps (with cosine, linear or onecycle), use "
-                             "sched.warmup_steps, or give the dataset a __len__\n")
+                             "is a stream without one: set max_steps (with cosine, linear, onecycle or exponential), "
+                             "use sched.warmup_steps, or give the dataset a __len__\n")
     assert not (tmp_path / "stream").exists()
 
 
