@@ -67,6 +67,8 @@ def test_each_rank_gets_its_own_data_and_randomness_reproducibly(probe_run, tmp_
         assert sorted(seen[0] + seen[1]) == list(range(256))   # ... and every sample once per epoch
     assert rank0[0]["index"] != rank0[8]["index"]               # reshuffled each epoch
     assert rank0[0]["noise"] != rank1[0]["noise"]               # different augmentation per rank
+    # HF datasets, a second's import (pandas too), is not imported where the recipe does not use it.
+    assert not any(step["datasets_imported"] for step in rank0 + rank1)
 
     assert probes["b"] == probes["a"]                           # reproducible for a fixed seed
     assert probes["seed1"][0][0]["index"] != rank0[0]["index"]  # and the seed matters

@@ -5,6 +5,7 @@ into <probe>.rank<RANK> (one JSON line per step)."""
 import json
 import os
 import signal
+import sys
 import warnings
 
 import torch
@@ -64,7 +65,8 @@ def loss(model, batch, cfg):
         with open(_record, "a") as f:
             f.write(json.dumps({"index": index.tolist(), "noise": noise.flatten().tolist(), "step_rng": dropped,
                                 "deterministic": torch.are_deterministic_algorithms_enabled(),
-                                "group_timeout_s": group_timeout_s()}) + "\n")
+                                "group_timeout_s": group_timeout_s(),
+                                "datasets_imported": "datasets" in sys.modules}) + "\n")
     value = F.cross_entropy(model(x), y)
     if model.training:
         _steps += 1

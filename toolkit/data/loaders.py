@@ -2,7 +2,9 @@
 use (`Loader`), whatever the data: `MapLoader` for a map-style dataset (Accelerate shards it over
 the processes), `toolkit.data.streams.StreamLoader` for a stream (it shards itself)."""
 
+import contextlib
 import math
+import sys
 from typing import Iterable, Protocol
 
 import accelerate
@@ -38,6 +40,24 @@ class Loader(Protocol):
         """A whole pass."""
 
 
+@contextlib.contextmanager
+def datasets_unless_imported():
+    """Accelerate's prepare_data_loader imports HF `datasets` with several processes, to ask whether
+    the split is one of its IterableDatasets: a second of start-up in every process (it imports
+    pandas), in every run of a recipe that never imported `datasets`. A split can only be one if
+    the recipe imported it; until then, Accelerate is told that it is not installed."""
+    if "datasets" in sys.modules:
+        yield
+        return
+    import accelerate.data_loader as module
+
+    available, module.is_datasets_available = module.is_datasets_available, lambda: False
+    try:
+        yield
+    finally:
+        module.is_datasets_available = available
+
+
 class MapLoader:
     """A map-style split's torch DataLoader; `prepare` makes it Accelerate's, which shards each
     batch list over the processes (with the seedable sampler, so the order is a function of
@@ -60,7 +80,8 @@ class MapLoader:
         counted exactly once; ranks may then run different numbers of batches, which `evaluate`
         allows. Training shards are: every rank takes the same steps."""
         accelerator.even_batches = training
-        self.loader = accelerator.prepare(self.loader)
+        with datasets_unless_imported():
+            self.loader = accelerator.prepare(self.loader)
         accelerator.even_batches = True
         return self
 
