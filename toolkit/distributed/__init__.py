@@ -16,8 +16,8 @@ DeepSpeed runs its CPU accelerator. Only there: a GPU machine takes Accelerate's
 
 from toolkit.distributed.processes import (WATCHDOG_REPORT_MINUTES, asked_strategy, first_line,  # noqa: F401
                                            group_timeout, keeps_memory_format, lost_a_peer, peak_flops_per_s,
-                                           quiet_libraries, refuse_a_dropped_strategy, refuse_for_deepspeed,
-                                           start_processes)
+                                           precision_of, quiet_libraries, refuse_a_dropped_strategy,
+                                           refuse_for_deepspeed, start_processes)
 from toolkit.distributed.shards import (SCRIPTS, check_pickles, full_weights, refuse_a_foreign_checkpoint,  # noqa: F401
                                         written_by)
 from toolkit.distributed.strategy import (accelerator_options, clip_gradients, describe, evaluation_model,  # noqa: F401

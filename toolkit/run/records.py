@@ -177,18 +177,16 @@ class Run:
         return stopping is None or stopping.tests
 
 
-_OUT_OF_MEMORY = (" out of memory", "DefaultCPUAllocator: can't allocate memory", "MPS backend out of memory")
-
-
 def out_of_memory(error, cfg, step):
     """One line for a step that ran out of the device's memory (torch's OutOfMemoryError, or the
     errors Accelerate's find_executable_batch_size takes for it), that says what fits more; else None."""
-    if not isinstance(error, torch.OutOfMemoryError) and not (
-            isinstance(error, RuntimeError) and any(sign in str(error) for sign in _OUT_OF_MEMORY)):
+    from accelerate.utils.memory import should_reduce_batch_size
+
+    if not isinstance(error, torch.OutOfMemoryError) and not should_reduce_batch_size(error):
         return None
     smaller = (f"batch_size={cfg.batch_size // 2} grad_accum={cfg.grad_accum * 2} (the same global batch), "
                if cfg.batch_size > 1 else "")
     return (f"step {step} ran out of memory with batch_size={cfg.batch_size} per process (eval_batch_size="
             f"{cfg.eval_batch_size}): try {smaller}activation_checkpointing=true"
-            + (", precision=bf16" if not cfg.precision or cfg.precision == "no" else "")
+            + (", precision=bf16" if distributed.precision_of(cfg) == "no" else "")
             + f" ({str(error).splitlines()[0][:160]})")
