@@ -5,8 +5,8 @@ whose LR grows exponentially from `start` to `end` over `steps` optimizer steps 
 exponential), every step's loss logged. The curve is smoothed (a bias-corrected exponential moving
 average over about a tenth of the steps), cut where it diverges (above 4 x its lowest point, or not
 finite), and the suggestion is the LR where it falls fastest: the steepest descent of the smoothed
-loss against log10(LR), between the first tenth of the steps and its lowest point. The run's folder keeps its
-metrics.jsonl and the curve, lr_find.png.
+loss against log10(LR), between the first tenth of the steps and its lowest point. The run's
+folder keeps its metrics.jsonl and the curve, lr_find.png.
 """
 
 import json
@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 from toolkit import UserError
+from toolkit.jobs.runs import pyplot
 
 DIVERGED = 4.0  # the smoothed loss above this x its lowest: the LR is past what trains
 
@@ -29,7 +30,7 @@ def lr_find(recipe, files, overrides, steps, start, end):
         raise UserError(f"lr-find needs 0 < --start < --end; got --start {start:g} --end {end:g}")
     if steps < 10:
         raise UserError(f"lr-find needs --steps of 10 or more to draw a curve; got {steps}")
-    plt = pyplot()
+    plt = pyplot("lr-find's curve")
     # epochs=steps: every epoch holds a step at least, so max_steps ends the run (and the schedule).
     fixed = [f"optim.lr={start!r}", "sched.name=exponential", f"sched.gamma={end / start!r}", "sched.warmup_steps=0",
              "sched.warmup_epochs=0", f"max_steps={steps}", f"epochs={steps}", "log_every=1", "val_every=0",
@@ -72,17 +73,6 @@ def suggest(points):
               for i in range(first + 1, bottom)]
     steepest = first + 1 + min(range(len(slopes)), key=slopes.__getitem__)
     return lrs, smoothed, lrs[steepest]
-
-
-def pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("lr-find draws its curve with matplotlib: pip install -e '.[plot]'") from None
-    return plt
 
 
 def draw(plt, points, lrs, smoothed, suggested, out):

@@ -37,15 +37,21 @@ def status(summary):
     return str(summary.status)
 
 
-def plot(runs, out=None):
-    """Loss and metric curves of one or more runs (from metrics.jsonl) in one PNG; returns its path."""
+def pyplot(what="plotting"):
+    """matplotlib's pyplot, drawing into files (imported only by the commands that draw)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserError("plotting needs matplotlib: pip install -e '.[plot]'") from None
+        raise UserError(f"{what} needs matplotlib: pip install -e '.[plot]'") from None
+    return plt
+
+
+def plot(runs, out=None):
+    """Loss and metric curves of one or more runs (from metrics.jsonl) in one PNG; returns its path."""
+    plt = pyplot()
     if len(runs) == 1 and (Path(runs[0]) / "settings.json").is_file() and (Path(runs[0]) / "search.json").is_file():
         return plot_search(Path(runs[0]), out, plt)
     records = {}
