@@ -151,8 +151,8 @@ def test_choices_are_the_registries_names():
     for name in optim.SCHEDULES:
         factor = optim.lr_schedule(resolve(RECIPE, [], [f"sched.name={name}"]), steps_per_epoch=10)
         assert all(0 <= factor(step) <= 1 for step in range(30))
-    assert problems("sched.name=nope") == ["sched.name: 'nope' is not one of constant, cosine, linear, step, onecycle, "
-                                          "exponential"]
+    assert problems("sched.name=nope") == [
+        "sched.name: 'nope' is not one of constant, cosine, linear, step, onecycle, exponential"]
     assert problems("trackers=[nope]") == [f"trackers: 'nope' is not one of {', '.join(trackers.TRACKERS)}"]
     assert "| `optim.name` | `adamw` | adamw \\| adam \\| sgd |" in config.markdown_table()
 
