@@ -141,14 +141,16 @@ def test_a_checkpoint_of_another_strategy_is_refused_in_one_line(strategy_run, t
     assert summary(run) == summary(strategy_run.run)  # the run folder as it was
 
 
-@pytest.mark.parametrize("key", ["skip_nonfinite=true", "grad_accum=2"])
-def test_deepspeed_refuses_what_it_cannot_do_before_any_work(tiny, tmp_path, key):
+@pytest.mark.parametrize("key, says", [
+    ("skip_nonfinite=true", "skip_nonfinite=true needs the step's gradients"),
+    ("grad_accum=2", "loss_per=samples with grad_accum=2: under DeepSpeed"),
+    ("auto_batch_size=true", "auto_batch_size=true: DeepSpeed fixes its engine's micro-batch size")])
+def test_deepspeed_refuses_what_it_cannot_do_before_any_work(tiny, tmp_path, key, says):
     """DeepSpeed takes the step inside backward: nothing can be skipped, and a token loss cannot be
-    weighed over micro-batches. (`accelerate launch` with deepspeed.yaml sets the variable.)"""
+    weighed over micro-batches; it fixes its micro-batch once, so no size can be tried.
+    (`accelerate launch` with deepspeed.yaml sets the variable.)"""
     args = [LENET, *tiny, key, *(["loss_per=samples"] if key.startswith("grad_accum") else [])]
     result = launch(args, cwd=tmp_path, env={"ACCELERATE_USE_DEEPSPEED": "true"})
-    says = "skip_nonfinite=true needs the step's gradients" if "skip" in key else \
-        "loss_per=samples with grad_accum=2: under DeepSpeed"
     assert result.returncode != 0 and f"error: {says}" in result.stderr
     assert not (tmp_path / "runs").exists()
 

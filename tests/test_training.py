@@ -431,6 +431,38 @@ def test_a_step_out_of_memory_is_one_line_that_says_what_fits(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode != 0 and len(errors) == 1, result.stderr[-2000:]
     assert errors[0] == ("error: step 1 ran out of memory with batch_size=32 per process (eval_batch_size=256): try "
-                         "batch_size=16 grad_accum=4 (the same global batch), activation_checkpointing=true, "
-                         "precision=bf16 (CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total))")
+                         "batch_size=16 grad_accum=4 (the same global batch), auto_batch_size=true (which finds it), "
+                         "activation_checkpointing=true, precision=bf16 (CUDA out of memory. Tried to allocate "
+                         "2.00 GiB (GPU 0; 79.1 GiB total))")
     assert summary(only_run(tmp_path))["error"] == errors[0][len("error: "):]
+
+
+def test_auto_batch_size_settles_where_the_step_fits_and_trains_as_that_size(tmp_path):
+    """auto_batch_size=true: the probe runs out of memory above 16 samples a batch; from batch_size
+    64 the run settles on 16 x 4 micro-batches (the same global batch) and an eval_batch_size of
+    16, says so, and records them in config.yaml. Stopped after an epoch and continued by the same
+    command (--autoresume), it trains to the weights of a run configured with those sizes, bit for
+    bit: the sizes it tried left nothing behind, and the resume kept the sizes it found."""
+    common = [PROBE, "memory=16", "val=100", "trackers=[]"]
+    auto = ["--autoresume", *common, "name=auto", "batch_size=64", "auto_batch_size=true", f"output_dir={tmp_path}"]
+    ok(launch([*auto, "epochs=1"], cwd=tmp_path))
+    run = tmp_path / "probe" / "auto"
+    assert ("auto_batch_size: batch_size=64 grad_accum=1 eval_batch_size=256 ran out of memory; the run takes "
+            "batch_size=16 grad_accum=4 eval_batch_size=16") in (run / "log.txt").read_text()
+    ok(launch([*auto, "epochs=2"], cwd=tmp_path))
+    saved = config.resolve(recipe.load(PROBE).config, [run / "config.yaml"])
+    assert (saved.batch_size, saved.grad_accum, saved.eval_batch_size, saved.epochs) == (16, 4, 16, 2)
+    ok(launch([*common, "epochs=2", "batch_size=16", "grad_accum=4", "eval_batch_size=16",
+               f"output_dir={tmp_path / 'set'}"], cwd=tmp_path))
+    assert_same_weights(load_file(run / "model.safetensors"),
+                        load_file(only_run(tmp_path / "set") / "model.safetensors"))
+
+
+def test_auto_batch_size_agrees_on_one_size_in_every_process(tmp_path):
+    """Only rank 1 runs out of memory above 16 samples: both processes take its size (a process
+    that trained at another size would hang the gradients' all-reduce, or train another batch)."""
+    ok(launch_two([PROBE, "memory=16", "memory_rank=1", "batch_size=48", "auto_batch_size=true", "epochs=1",
+                   "trackers=[]", f"output_dir={tmp_path}"], cwd=tmp_path))
+    saved = config.resolve(recipe.load(PROBE).config, [only_run(tmp_path) / "config.yaml"])
+    assert (saved.batch_size, saved.grad_accum) == (12, 4)  # 48 -> 24 -> 12: 12 x 4 is 48 samples again
+    assert summary(only_run(tmp_path))["steps"] == 3  # 256 samples over 2 processes: 128 per process

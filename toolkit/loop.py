@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 
-from toolkit import UserError, distributed
+from toolkit import UserError, distributed, memory
 from toolkit.build import build, sizes
 from toolkit.data.loaders import make_loader, steps_per_epoch
 from toolkit.evaluation import Validator, evaluate, monitor_for
@@ -49,6 +49,9 @@ def train(recipe, cfg, resume=None, autoresume=False, trial=None):
     trackers.check_trackers(cfg)
     resume_from = checkpoint.find(resume) if resume else None
     state = checkpoint.verify(resume_from, processes.num_processes) if resume else checkpoint.TrainState()
+    fitted = None  # auto_batch_size's sizes, found once: a resumed run has them in its config.yaml
+    if cfg.auto_batch_size and not resume:
+        cfg, fitted = memory.fit_batch_sizes(recipe, cfg, processes, cpu)
 
     splits, model, ema, initialized = build(recipe, cfg, processes, weights="" if resume else cfg.init_from)
     if resume and state.split_sizes and state.split_sizes != sizes(splits):
@@ -86,7 +89,7 @@ def train(recipe, cfg, resume=None, autoresume=False, trial=None):
     # while this process records that another one failed must not kill it before it says why.
     with StopRequest(accelerator.num_processes) as stop, run, watchdog, \
             profiling.window(cfg, run_dir, accelerator) as profiler:
-        run.log_start(splits, distributed.recipe_model(accelerator, model), groups, initialized)
+        run.log_start(splits, distributed.recipe_model(accelerator, model), groups, initialized, fitted)
         saver = checkpoint.Saver(accelerator, run_dir, model, ema, cfg.checkpoint.keep, monitor, run, train_loader)
         validate = Validator(accelerator, recipe, cfg, eval_loaders.get("val"), {"val": model, "val_ema": ema}, run,
                              trial, watchdog.beat)

@@ -24,17 +24,20 @@ config = {
     "unused": False,    # the model has a layer that loss() never uses
     "warn": False,      # model() warns, as a library would (a FutureWarning)
     "memory": 0,        # a batch of more samples than this runs out of memory, as on a GPU (0: none does)
+    "memory_rank": -1,  # ... on this rank only (-1: on every rank)
+    "val": 0,           # a val split of this many samples (0: none)
 }
-_record, _nan_steps, _fail_step, _kill_step, _steps = None, (), 0, 0, 0
+_record, _nan_steps, _fail_step, _kill_step, _memory, _steps = None, (), 0, 0, 0, 0
 
 
 def datasets(cfg):
-    global _record, _nan_steps, _fail_step, _kill_step
+    global _record, _nan_steps, _fail_step, _kill_step, _memory
     rank = int(os.environ.get("RANK", "0"))
     _record = f"{cfg.probe}.rank{rank}" if cfg.probe else None
     _nan_steps = cfg.nan_steps if rank == cfg.nan_rank else ()
     _fail_step = cfg.fail_step if rank == cfg.fail_rank else 0
     _kill_step = cfg.kill_step if rank == cfg.fail_rank else 0
+    _memory = cfg.memory if cfg.memory_rank in (-1, rank) else 0
     x = torch.randn(cfg.samples, 4, generator=torch.Generator().manual_seed(0))
     y = (x.sum(1) > 0).long()
 
@@ -43,7 +46,10 @@ def datasets(cfg):
         noise = torch.rand(len(x), 1)  # the global RNG, as augmentation would draw it
         return x + 0.01 * noise, y, index, noise
 
-    return {"train": TensorDataset(x, y, torch.arange(cfg.samples), transform=augment, seed=cfg.seed)}
+    splits = {"train": TensorDataset(x, y, torch.arange(cfg.samples), transform=augment, seed=cfg.seed)}
+    if cfg.val:
+        splits["val"] = TensorDataset(x[:cfg.val], y[:cfg.val], torch.arange(cfg.val), transform=augment, seed=cfg.seed)
+    return splits
 
 
 def model(cfg):
@@ -58,7 +64,7 @@ def model(cfg):
 def loss(model, batch, cfg):
     global _steps
     x, y, index, noise = batch
-    if cfg.memory and len(x) > cfg.memory:
+    if _memory and len(x) > _memory:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
     dropped = torch.rand(1).item() if model.training else None  # the training step's own randomness
     if _record:

@@ -44,6 +44,9 @@ KEYS = {
                         'samples)'),
     "eval_batch_size": Key(256, "per process, for val/test (no gradients, so larger is cheaper); smaller where a "
                            "split would leave a process without a batch", minimum=1, resumable=True),
+    "auto_batch_size": Key(False, "before training, halve batch_size and double grad_accum (the same global batch) "
+                           "while the first step runs out of memory, and halve eval_batch_size likewise; "
+                           "config.yaml records the sizes found", resumable=True),
     "num_workers": Key(0, "DataLoader workers; 0 is fastest for in-memory datasets", resumable=True),
     "optim": Group({
         "name": Key("adamw", choices=_registry("toolkit.optim", "OPTIMIZERS")),

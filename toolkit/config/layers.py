@@ -52,6 +52,11 @@ class Config(Mapping):
     def __repr__(self):
         return f"Config({self.to_dict()!r})"
 
+    def replace(self, **values):
+        """A copy with these top-level keys set to `values` (already typed and checked), e.g. the
+        batch sizes that auto_batch_size settled on."""
+        return Config({**self._values, **values})
+
     def to_dict(self):
         """Plain nested dicts and lists, e.g. for YAML or trackers."""
         return {k: v.to_dict() if isinstance(v, Config) else list(v) if isinstance(v, tuple) else v

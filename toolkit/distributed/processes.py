@@ -98,6 +98,10 @@ def refuse_for_deepspeed(cfg):
         raise UserError("skip_nonfinite=true needs the step's gradients before the optimizer step, which DeepSpeed "
                         "takes inside backward: leave it out under DeepSpeed (fp16's loss scaler skips overflowing "
                         "steps itself), or use FSDP")
+    if cfg.auto_batch_size:
+        raise UserError("auto_batch_size=true: DeepSpeed fixes its engine's micro-batch size once per process, when "
+                        "the first engine starts, so the sizes cannot be tried; set batch_size and grad_accum (an "
+                        "out-of-memory step's error says which), or use FSDP")
     if cfg.loss_per and cfg.grad_accum > 1:
         raise UserError(f"loss_per={cfg.loss_per} with grad_accum={cfg.grad_accum}: under DeepSpeed the step's "
                         f"gradients cannot be weighed by the units of all its micro-batches (DeepSpeed steps inside "

@@ -101,8 +101,9 @@ class Run:
         return PeerFailure(f"rank {rank} stopped: another process failed "
                            f"({'; '.join(causes) or 'see its error above'})")
 
-    def log_start(self, splits, model, groups, initialized):
-        """The opening lines of log.txt: what runs, where, on what (the console shows the short ones)."""
+    def log_start(self, splits, model, groups, initialized, fitted=None):
+        """The opening lines of log.txt: what runs, where, on what (the console shows the short ones);
+        `fitted`: auto_batch_size's line, where it changed the sizes."""
         accelerator, cfg, recipe = self.accelerator, self.cfg, self.recipe
         changed = config.diff(cfg, config.resolve(recipe.config))
         params = sum(distributed.numel(p) for p in model.parameters())
@@ -134,6 +135,8 @@ class Run:
                         f"{os.environ.get('OMP_NUM_THREADS')}), which is what `accelerate launch` without a config "
                         f"sets; for all of them, use --num_cpu_threads_per_process {cores}, --config_file "
                         f"accelerate_configs/cpu.yaml or python launch.py")
+        if fitted:
+            log.info(fitted)
         if initialized:
             log.info(f"init_from {cfg.init_from}: missing keys {initialized[0] or 'none'}, "
                      f"unexpected keys {initialized[1] or 'none'}")
@@ -178,15 +181,28 @@ class Run:
 
 
 def out_of_memory(error, cfg, step):
-    """One line for a step that ran out of the device's memory (torch's OutOfMemoryError, or the
-    errors Accelerate's find_executable_batch_size takes for it), that says what fits more; else None."""
-    from accelerate.utils.memory import should_reduce_batch_size
-
-    if not isinstance(error, torch.OutOfMemoryError) and not should_reduce_batch_size(error):
+    """One line for a step that ran out of the device's memory, that says what fits more; else None."""
+    if not is_out_of_memory(error):
         return None
-    smaller = (f"batch_size={cfg.batch_size // 2} grad_accum={cfg.grad_accum * 2} (the same global batch), "
-               if cfg.batch_size > 1 else "")
+    size = smaller_batch(cfg.batch_size) if cfg.batch_size > 1 else None
+    smaller = f"batch_size={size} grad_accum={cfg.grad_accum * cfg.batch_size // size} (the same global batch), " \
+        if size else ""
+    auto = "" if cfg.auto_batch_size else "auto_batch_size=true (which finds it), "
     return (f"step {step} ran out of memory with batch_size={cfg.batch_size} per process (eval_batch_size="
-            f"{cfg.eval_batch_size}): try {smaller}activation_checkpointing=true"
+            f"{cfg.eval_batch_size}): try {smaller}{auto}activation_checkpointing=true"
             + (", precision=bf16" if distributed.precision_of(cfg) == "no" else "")
             + f" ({str(error).splitlines()[0][:160]})")
+
+
+def is_out_of_memory(error):
+    """torch's OutOfMemoryError, or one of the errors that Accelerate's find_executable_batch_size
+    takes for running out of memory (cuDNN's, a CPU allocator's, XPU's and NPU's)."""
+    from accelerate.utils.memory import should_reduce_batch_size
+
+    return isinstance(error, torch.OutOfMemoryError) or should_reduce_batch_size(error)
+
+
+def smaller_batch(size):
+    """The next micro-batch size to try: half of an even size, else its largest divisor (so that
+    grad_accum can make up the same global batch exactly)."""
+    return next(d for d in range(size // 2, 0, -1) if size % d == 0)

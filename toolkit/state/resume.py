@@ -31,6 +31,8 @@ def resumed_config(run, recipe, files=(), overrides=(), force=False):
     """The config of a resumed run: its config.yaml, then `files` and `overrides`, within the policy."""
     saved = config.resolve(recipe.config, [run / "config.yaml"])
     cfg = config.resolve(recipe.config, [run / "config.yaml", *files], overrides)
+    if saved.auto_batch_size and cfg.auto_batch_size:  # the sizes it found stand (--autoresume repeats the command)
+        cfg = cfg.replace(batch_size=saved.batch_size, grad_accum=saved.grad_accum)
     changed = [f"{key} ({old} -> {new})" for key, old, new in config.changes(cfg, saved) if not keys.resumable(key)]
     if changed and not force:
         raise UserError(f"resuming {run} with a different {', '.join(changed)} would change the model or the "
