@@ -3,7 +3,7 @@
     python launch.py recipes/lenet.py [--config a.yaml ...] [key.sub=value ...]    train a new run
     python launch.py resume runs/lenet/<run> [key=value ...]                        continue a run
     python launch.py test runs/lenet/<run> [--checkpoint best|latest|step-N]        evaluate a run
-    python launch.py export runs/lenet/<run> OUT [--checkpoint ...] [--ema]          weights for other code
+    python launch.py export runs/lenet/<run> OUT [--checkpoint ...] [--ema] [--merge] weights for other code
     python launch.py sweep recipes/lenet.py optim.lr=1e-3,3e-3 [...]               a grid of runs
     python launch.py search recipes/lenet.py "optim.lr=loguniform(1e-4,1e-1)" [...]  a search (Optuna)
     python launch.py check recipes/lenet.py [key=value ...]                          prove a recipe, in minutes
@@ -80,7 +80,7 @@ def export(args):
 
     run, recipe = resume.load_run(args.run)
     cfg = config.resolve(recipe.config, [run / "config.yaml"])
-    path, written = exports.export(recipe, cfg, run, args.out, args.checkpoint, args.ema)
+    path, written = exports.export(recipe, cfg, run, args.out, args.checkpoint, args.ema, args.merge)
     print(f"exported {path}{' (EMA weights)' if args.ema else ''} to {args.out}: {written}")
     return 0
 
@@ -251,6 +251,8 @@ def test_split(p):
 
 def export_out(p):
     p.add_argument("out", help="the folder to write; it must not exist, or be empty")
+    p.add_argument("--merge", action="store_true",
+                   help="a peft model: its adapter merged into the base, as a plain transformers folder")
 
 
 def many_runs(default_launcher):

@@ -36,7 +36,7 @@ def build(recipe, cfg, processes, weights="", training=True, strict=False, use_e
         splits = limit_splits(splits, cfg, processes.num_processes)
     same_everywhere(splits, processes)
     model = recipe.model(cfg)
-    loaded = load_weights(model, weights, strict=strict) if weights else None
+    loaded = load_weights(model, weights, strict=strict, base=cfg.init_from) if weights else None
     if cfg.channels_last and distributed.keeps_memory_format():
         model = model.to(memory_format=torch.channels_last)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema.decay), use_buffers=True).to(

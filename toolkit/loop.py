@@ -53,7 +53,9 @@ def train(recipe, cfg, resume=None, autoresume=False, trial=None):
     if cfg.auto_batch_size and not resume:
         cfg, fitted = memory.fit_batch_sizes(recipe, cfg, processes, cpu)
 
-    splits, model, ema, initialized = build(recipe, cfg, processes, weights="" if resume else cfg.init_from)
+    # A resume loads the checkpoint's weights; init_from only where they left frozen tensors out.
+    base = cfg.init_from if not resume or checkpoint.leaves_out_frozen(resume_from) else ""
+    splits, model, ema, initialized = build(recipe, cfg, processes, weights=base)
     if resume and state.split_sizes and state.split_sizes != sizes(splits):
         raise UserError(f"the recipe's datasets() now gives split lengths {sizes(splits)}, but the run trained on "
                         f"{state.split_sizes}: a resumed run needs the data it started with")
@@ -79,7 +81,7 @@ def train(recipe, cfg, resume=None, autoresume=False, trial=None):
     lr_factor = lr_schedule(cfg, steps_per_epoch=steps_per_epoch(train_loader, cfg))
     units = StepUnits(cfg.loss_per, accelerator, train_loader)  # exact gradients for a loss per token
     if resume_from:  # before anything in the run folder changes: a failed resume leaves the run as it was
-        checkpoint.load(accelerator, resume_from, ema)
+        checkpoint.load(accelerator, resume_from, model, ema)
         train_loader.resume_from(checkpoint.loader_point(resume_from, accelerator.process_index))  # a stream's place
 
     monitor = monitor_for(cfg, has_val="val" in eval_loaders, has_ema=ema is not None)
@@ -159,7 +161,7 @@ def train(recipe, cfg, resume=None, autoresume=False, trial=None):
                                                                 "test", watchdog.beat)
                 run.metrics.log("test", tested, state.step, state.epoch)
             if cfg.debug.fast_run:
-                checkpoint.load(accelerator, checkpoint.find(run_dir), ema)
+                checkpoint.load(accelerator, checkpoint.find(run_dir), model, ema)
                 log.info("fast_run: one train, val and test step done, a checkpoint saved and loaded back")
     del model, optimizer  # before the process group: else gloo aborts at exit ("terminate called without...")
     accelerator.free_memory()

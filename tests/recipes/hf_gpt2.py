@@ -9,6 +9,7 @@ import torch
 
 config = {
     "stream": True,       # an HF IterableDataset (to_iterable_dataset), or the map-style Dataset
+    "lora": 0,            # the rank of a peft LoRA adapter on the attention (0: the whole model trains)
     "shards": 2,          # of the stream
     "lines": 600,         # of the file, at most (train: all but the first 80)
     "max_steps": 12,
@@ -50,7 +51,12 @@ def model(cfg):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(cfg.seed)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=64, n_embd=32, n_layer=1, n_head=2))
+    net = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=64, n_embd=32, n_layer=1, n_head=2))
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        net = get_peft_model(net, LoraConfig(r=cfg.lora, target_modules=["c_attn"], fan_in_fan_out=True))
+    return net
 
 
 def loss(model, batch, cfg):

@@ -22,5 +22,5 @@ from toolkit.distributed.shards import (SCRIPTS, check_pickles, full_weights, re
                                         written_by)
 from toolkit.distributed.strategy import (accelerator_options, clip_gradients, describe, evaluation_model,  # noqa: F401
                                           explain, finish_prepare, kind, lockstep, numel, recipe_model,
-                                          scale_gradients, sharded, steps_in_backward, update_ema, whole_state_dict,
-                                          zero_stage)
+                                          saves_one_file, scale_gradients, sharded, steps_in_backward, update_ema,
+                                          whole_state_dict, zero_stage)

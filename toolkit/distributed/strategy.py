@@ -70,6 +70,12 @@ def finish_prepare(accelerator, model):
         net.forward = torch.autocast(accelerator.device.type, dtype=dtype)(net.forward)
 
 
+def saves_one_file(accelerator):
+    """Whether Accelerate's save_state writes the model as one state dict (one process, DDP), rather
+    than the strategy its own files (FSDP's, DeepSpeed's)."""
+    return kind(accelerator) in (None, "DDP")
+
+
 def numel(parameter):
     """The parameter's number of elements in the whole model (ZeRO-3 leaves an empty tensor in
     each process; a DTensor counts the whole)."""

@@ -2,7 +2,9 @@
 
     <run>/checkpoints/
         step-0000516/          Accelerate's save_state files (model.safetensors, optimizer.bin,
-                               random_states_<rank>.pkl, ...) and train_state.json, written last
+                               random_states_<rank>.pkl, ...) and train_state.json, written last;
+                               a model with frozen parameters: without them, and frozen.json
+                               (toolkit/state/frozen.py)
         latest -> step-...     symlinks for people; the code finds checkpoints by listing folders
         best -> step-...
     <run>/model.safetensors    the best model's weights: safetensors + recipe.model(cfg) load them
@@ -30,7 +32,7 @@ from accelerate.utils import load as safe_torch_load
 from toolkit import UserError, distributed
 from toolkit.run import rundir
 from toolkit.run.logs import FILE_ONLY, log
-from toolkit.state import weights
+from toolkit.state import frozen, weights
 
 # save_state writes a tensor that two names share (tied embeddings) once, and Accelerate says so
 # at every save; loading gives it back to both names (tested), so the line only adds noise.
@@ -65,11 +67,13 @@ class TrainState:
         return value is not None and (self.best is None or (value > self.best if mode == "max" else value < self.best))
 
 
-def save(accelerator, run_dir, state, keep, best, model, ema=None, loader_point=None):
+def save(accelerator, run_dir, state, keep, best, model, ema=None, loader_point=None, trainable=None):
     """Save a checkpoint of everything prepared on `accelerator`, `state` and the `ema` weights
     (an AveragedModel, as ema.safetensors); if `best`, also export the weights to
     <run>/model.safetensors (and model_ema.safetensors). `loader_point`: this rank's place in a
-    stream (the loader's `resume_point()`), as loader_state_<rank>.json. Call on every rank."""
+    stream (the loader's `resume_point()`), as loader_state_<rank>.json. `trainable`: the
+    `frozen.LeaveOutFrozen` registered on `accelerator`, that leaves frozen tensors out. Call on
+    every rank."""
     folder = Path(run_dir) / "checkpoints"
     name = f"step-{state.step:07d}"
     tmp = folder / f".tmp-{name}"
@@ -86,7 +90,8 @@ def save(accelerator, run_dir, state, keep, best, model, ema=None, loader_point=
     if accelerator.is_main_process:
         if ema is not None:
             state.ema_updates = int(ema.n_averaged)
-            weights.write_safetensors(ema.module.state_dict(), tmp / "ema.safetensors")
+            average = ema.module.state_dict()
+            weights.write_safetensors(trainable.without(average) if trainable else average, tmp / "ema.safetensors")
         if best:
             state.best_checkpoint = name
         for script in distributed.SCRIPTS:  # a checkpoint holds data, no code
@@ -145,13 +150,14 @@ class Saver:
         self.loader = loader  # the training loader, whose place in a stream a checkpoint keeps
         self.keep, self.monitor = keep, monitor
         self.run = run  # its clock (`started`) and metrics log, which a checkpoint records; it is told the path
+        self.trainable = frozen.LeaveOutFrozen(accelerator, model)  # frozen tensors: rebuilt, not saved
 
     def save(self, state, best=False):
         state.wall_time_s = round(time.time() - self.run.started, 2)
         state.metrics_lines = self.run.metrics.lines  # a resume cuts metrics.jsonl back to these
         state.num_processes = self.accelerator.num_processes  # whose data shards `state.batch` counts
         path = save(self.accelerator, self.run_dir, state, self.keep, best, self.model, self.ema,
-                    self.loader.resume_point())
+                    self.loader.resume_point(), self.trainable)
         self.run.last_checkpoint = path
         log.info(f"saved {path}" + (f" (best {self.monitor}={state.best:.6g})" if best else ""), extra=FILE_ONLY)
         return path
@@ -182,6 +188,11 @@ def find(run_dir, which="latest"):
         raise UserError(f"no complete checkpoint {which!r} in {run_dir}; there are: "
                         f"{', '.join(p.name for p in checkpoints)}")
     return path
+
+
+def leaves_out_frozen(checkpoint):
+    """Whether `checkpoint` was saved without the model's frozen tensors (which `init_from` may hold)."""
+    return frozen.record_of(checkpoint) is not None
 
 
 def read_state(checkpoint):
@@ -217,19 +228,23 @@ def verify(checkpoint, num_processes):
     return state
 
 
-def load(accelerator, checkpoint, ema=None):
-    """Restore everything `save` wrote but the TrainState (`verify` returned it). Call on every
-    rank, after `verify`."""
+def load(accelerator, checkpoint, model, ema=None):
+    """Restore everything `save` wrote but the TrainState (`verify` returned it) into what is
+    prepared on `accelerator` (`model`, the prepared model, and the `ema` beside it). Call on
+    every rank, after `verify`."""
     distributed.refuse_a_foreign_checkpoint(accelerator, checkpoint, read_state(checkpoint).num_processes)
-    try:
-        accelerator.load_state(checkpoint)
+    left_out = frozen.record_of(checkpoint)
+    try:  # without its frozen tensors, the model's other weights (the rebuilt frozen ones are checked below)
+        accelerator.load_state(checkpoint, **({"strict": False} if left_out else {}))
     except Exception as e:  # noqa: BLE001 - e.g. a file that is not a plain tensor pickle
         raise UserError(f"cannot load {_unreadable(checkpoint) or checkpoint}: {weights.reason(e)}") from e
+    if left_out:
+        frozen.check(distributed.recipe_model(accelerator, model), left_out, checkpoint)
     if ema is not None:
         if not (Path(checkpoint) / "ema.safetensors").is_file():
             raise UserError(f"{checkpoint} has no EMA weights (ema.decay was 0 when it was saved)")
         average = weights.load_safetensors(Path(checkpoint) / "ema.safetensors", accelerator.device)
-        weights.load_into(ema.module, average)
+        weights.load_into(ema.module, average, optional=left_out["names"] if left_out else ())
         ema.n_averaged.fill_(read_state(checkpoint).ema_updates)
 
 

@@ -1,7 +1,9 @@
 """`launch.py export RUN OUT`: a run's weights as a folder that code without the toolkit loads.
 
 A model with `save_pretrained` (transformers, diffusers, peft) is written with it, so that its
-`from_pretrained(OUT)` loads it (for transformers: config.json, model.safetensors, tied weights once);
+`from_pretrained(OUT)` loads it (for transformers: config.json, model.safetensors, tied weights once;
+for peft: the adapter, which `PeftModel.from_pretrained(base, OUT)` loads; with `merge`, the
+adapter merged into its base by `merge_and_unload`, a transformers folder for code without peft);
 any other model as OUT/model.safetensors beside the run's config.yaml, which `recipe.model(cfg)`
 and `load_state_dict` read back. A recipe's optional `export(cfg, folder)` hook adds the rest
 (a tokenizer's files, say) before the folder appears.
@@ -16,22 +18,29 @@ from toolkit.state import checkpoint
 from toolkit.state.weights import load_weights, write_safetensors
 
 
-def export(recipe, cfg, run_dir, out, which="", use_ema=False):
+def export(recipe, cfg, run_dir, out, which="", use_ema=False, merge=False):
     """Write checkpoint `which` of the run (default: best, else latest), or its EMA weights, into
-    the new folder `out`, whole or not at all. Returns the checkpoint's path and what was written."""
+    the new folder `out`, whole or not at all; a peft model's adapter merged into its base if
+    `merge`. Returns the checkpoint's path and what was written."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an empty folder: export into a new one")
     which = which or ("best" if checkpoint.read_state(checkpoint.find(run_dir)).best_checkpoint else "latest")
     path = checkpoint.find(run_dir, which)
     model = recipe.model(cfg)
-    load_weights(model, checkpoint.weights_of(path, use_ema), strict=True)
+    load_weights(model, checkpoint.weights_of(path, use_ema), strict=True, base=cfg.init_from)
+    if merge:
+        if not callable(getattr(model, "merge_and_unload", None)):
+            raise UserError(f"--merge merges a peft adapter into its base model; the recipe's model is a "
+                            f"{type(model).__name__}, with no adapter: export it without --merge")
+        model = model.merge_and_unload()
     out.parent.mkdir(parents=True, exist_ok=True)
     with rundir.replacing(out) as folder:
         folder.mkdir()
         if callable(getattr(model, "save_pretrained", None)):
             model.save_pretrained(folder)
-            written = f"{type(model).__name__}.save_pretrained (its from_pretrained(OUT) loads it)"
+            written = f"{type(model).__name__}.save_pretrained (its from_pretrained(OUT) loads it)" + \
+                (", the adapter merged into it" if merge else "")
         else:
             write_safetensors(model.state_dict(), folder / "model.safetensors")
             shutil.copy2(Path(run_dir) / "config.yaml", folder / "config.yaml")

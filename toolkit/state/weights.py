@@ -9,19 +9,39 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from toolkit import UserError, distributed
 from toolkit.run import rundir
+from toolkit.state import frozen
 
 
-def load_weights(model, source, strict=False):
+def load_weights(model, source, strict=False, base=""):
     """Load weights into `model` from a .safetensors file, a .pt/.pth/.bin state dict (read with
     weights_only=True), a folder with a `model.safetensors` (a run's best weights, a checkpoint, an
     export), or, for a `transformers` model, anything its `from_pretrained` takes (a hub id, an HF
-    folder). Non-strict unless `strict`; returns (missing, unexpected) key lists."""
+    folder). Non-strict unless `strict`; returns (missing, unexpected) key lists.
+
+    A checkpoint saved without the model's frozen tensors (`toolkit.state.frozen`) takes them from
+    `model` as built, after `base` (the run's init_from) is loaded into it, and checks them."""
     path = Path(source)
+    left_out = frozen.record_of(path) if path.exists() else None
+    if left_out:
+        if base and Path(base) != path:
+            load_weights(model, base)
+        loaded = load_weights_file(model, source, path, strict, optional=left_out["names"])
+        frozen.check(model, left_out, source)
+        return loaded
+    return load_weights_file(model, source, path, strict)
+
+
+def load_weights_file(model, source, path, strict, optional=()):
+    """`load_weights` of `path` (`source` as the user gave it); the names in `optional` may be missing."""
     if path.is_dir() and not (path / "model.safetensors").is_file() and distributed.written_by(path):
         distributed.check_pickles(path)  # a sharded checkpoint: its whole weights, read in this process
-        return fit(model, distributed.full_weights(path, model), source, strict)
+        return fit(model, distributed.full_weights(path, model), source, strict, optional)
+    if path.is_dir() and (path / "adapter_config.json").is_file() and _is_peft(model):
+        return _adapter(model, path, strict)  # a peft adapter (an export), into the recipe's peft model
     if path.is_dir():
         path = path / "model.safetensors"
+    if not path.exists() and _is_peft(model):
+        return _adapter(model, source, strict)  # a peft adapter's hub id
     if not path.is_file() and callable(getattr(model, "from_pretrained", None)):
         weights = _pretrained(model, source)  # an HF hub id, a sharded HF folder
     elif not path.is_file():
@@ -37,15 +57,42 @@ def load_weights(model, source, strict=False):
             weights = weights.get("state_dict", weights.get("model"))
     else:
         raise UserError(f"{source}: expected a .safetensors, .pt, .pth or .bin file or a folder")
-    return fit(model, weights, source, strict)
+    if _is_peft(model) and weights and not any(name.startswith("base_model.") for name in weights):
+        return fit(model.get_base_model(), _into_base_layers(model.get_base_model(), weights), source, strict,
+                   optional=[name for name, _ in model.get_base_model().named_parameters() if "lora_" in name])
+    return fit(model, weights, source, strict, optional)
 
 
-def fit(model, weights, source, strict=False):
+def _is_peft(model):
+    return type(model).__module__.startswith("peft.") and callable(getattr(model, "get_base_model", None))
+
+
+def _adapter(model, folder, strict):
+    """A peft adapter folder (adapter_config.json, adapter_model.safetensors) loaded into the peft
+    `model`, as PeftModel.from_pretrained would; returns the adapter's (missing, unexpected) names."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, load_peft_weights(str(folder), device="cpu"))
+    missing = [name for name in result.missing_keys if "lora_" in name]
+    if strict and (missing or result.unexpected_keys):
+        raise UserError(f"{folder} does not fit the model's adapter: missing {missing or 'none'}, unexpected "
+                        f"{result.unexpected_keys or 'none'}")
+    return missing, result.unexpected_keys
+
+
+def _into_base_layers(base, weights):
+    """A plain model's state dict (a merged export, the base's own weights) named as the peft
+    model's base, whose adapted layers hold their weights in `<layer>.base_layer`."""
+    adapted = {name.replace(".base_layer", ""): name for name in base.state_dict() if ".base_layer." in name}
+    return {adapted.get(name, name): tensor for name, tensor in weights.items()}
+
+
+def fit(model, weights, source, strict=False, optional=()):
     """Load the state dict `weights` (read from `source`, for the error) into `model`; UserError
     if it does not fit. Returns (missing, unexpected) key lists."""
     consume_prefix_in_state_dict_if_present(weights, "module.")  # saved from a DDP-wrapped model
     try:
-        return load_into(model, weights, strict)
+        return load_into(model, weights, strict, optional)
     except RuntimeError as e:
         raise UserError(f"{source} does not fit the model: {str(e).splitlines()[1].strip()}") from e
 
@@ -58,12 +105,13 @@ def _pretrained(model, source):
         raise UserError(f"init_from={source}: {type(model).__name__}.from_pretrained failed: {reason(e)}") from e
 
 
-def load_into(model, weights, strict=True):
+def load_into(model, weights, strict=True, optional=()):
     """`model.load_state_dict(weights)`, where a name that `weights` lacks because it shares its
     tensor with a name that it has (tied embeddings: safetensors holds one of them) is not missing:
-    loading the one loads both. Returns (missing, unexpected) key lists."""
+    loading the one loads both; nor are the names in `optional`. Returns (missing, unexpected) key lists."""
     result = model.load_state_dict(weights, strict=False)
-    missing = result.missing_keys
+    optional = set(optional)
+    missing = [name for name in result.missing_keys if name not in optional]
     if missing:
         tensors, names = model.state_dict(keep_vars=True), {}
         for name, tensor in tensors.items():

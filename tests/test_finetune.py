@@ -1,0 +1,129 @@
+"""Fine-tuning as HF users do it: a peft LoRA adapter on a frozen base, whose checkpoints hold
+what trains (the frozen tensors are rebuilt and checked), resumed bit for bit, tested, exported
+as an adapter and merged, and loaded back by init_from."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import REPO, assert_same_weights, launch, launch_two, ok, only_run, summary
+
+GPT2 = str(REPO / "tests" / "recipes" / "hf_gpt2.py")
+LORA = [GPT2, "lora=4", "ema.decay=0.9", "checkpoint.every_steps=4"]
+
+pytest.importorskip("peft", reason="peft is in the [dev] extra")
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lora")
+    ok(launch([*LORA, f"output_dir={folder}"], cwd=folder))
+    return only_run(folder)
+
+
+def latest(run):
+    return run / "checkpoints" / "latest"
+
+
+def test_a_lora_checkpoint_holds_what_trains_and_resumes_bit_for_bit(lora_run, tmp_path):
+    """The checkpoint's model file holds the adapter (and frozen.json the base's digest), not the
+    frozen base; stopped at step 6 and resumed, the run ends with the unbroken run's weights."""
+    saved = load_file(latest(lora_run) / "model.safetensors")
+    assert saved and all("lora_" in name for name in saved)
+    adapter_bytes = sum(t.numel() * t.element_size() for t in saved.values())
+    assert (latest(lora_run) / "model.safetensors").stat().st_size <= 3 * adapter_bytes
+    assert all("lora_" in name for name in load_file(latest(lora_run) / "ema.safetensors"))
+    assert len(json.loads((latest(lora_run) / "frozen.json").read_text())["names"]) > len(saved)
+
+    ok(launch([*LORA, "max_steps=6", f"output_dir={tmp_path}"], cwd=tmp_path))
+    stopped = only_run(tmp_path)
+    ok(launch(["resume", stopped, "max_steps=12"], cwd=tmp_path))
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert_same_weights(load_file(latest(lora_run) / name), load_file(latest(stopped) / name))
+    assert summary(stopped)["val"] == summary(lora_run)["val"]
+
+    # `test` rebuilds the base and loads the adapter: the run's own numbers.
+    result = launch(["test", lora_run, "--split", "val"], cwd=tmp_path)
+    ok(result)
+    assert f"loss={summary(lora_run)['val']['loss']:.6g}" in result.stdout
+
+
+def test_a_resume_whose_frozen_base_differs_is_refused(lora_run, tmp_path):
+    """A checkpoint without its frozen tensors trusts model(cfg) to rebuild them: one whose digest
+    differs (here: the record changed, as a changed base would change it) stops the resume."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run, symlinks=True)
+    record = latest(run) / "frozen.json"
+    changed = json.loads(record.read_text())
+    changed["sha256"] = "0" * 64
+    record.write_text(json.dumps(changed))
+    result = launch(["resume", run, "max_steps=16"], cwd=tmp_path)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and len(errors) == 1, result.stderr[-2000:]
+    assert "frozen tensors that the recipe's model(cfg) (with init_from) builds now differ from the run's" in errors[0]
+
+
+def test_a_lora_run_exports_its_adapter_and_the_merged_model_and_starts_from_them(lora_run, tmp_path):
+    """export: the adapter folder, which PeftModel.from_pretrained(base, OUT) loads; --merge: a
+    plain transformers folder with the same logits; init_from takes either into the recipe's
+    peft model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from toolkit import config, recipe
+
+    ok(launch(["export", lora_run, tmp_path / "adapter"], cwd=tmp_path))
+    ok(launch(["export", lora_run, tmp_path / "merged", "--merge"], cwd=tmp_path))
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    gpt2 = recipe.load(GPT2)
+    base = gpt2.model(config.resolve(gpt2.config, [], []))  # lora=0: the base alone, as the run built it
+    adapted = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(adapted(ids).logits, merged(ids).logits, atol=1e-5)
+
+    for source in ("adapter", "merged"):
+        result = launch([GPT2, "lora=4", "max_steps=2", f"init_from={tmp_path / source}",
+                         f"output_dir={tmp_path / 'from'}"], cwd=tmp_path)
+        ok(result)
+        said = result.stderr + result.stdout
+        assert f"init_from {tmp_path / source}: missing keys none, unexpected keys none" in said
+
+
+def test_export_merge_of_a_model_without_an_adapter_is_one_line(tmp_path):
+    ok(launch([GPT2, "max_steps=2", f"output_dir={tmp_path}"], cwd=tmp_path))
+    result = launch(["export", only_run(tmp_path), tmp_path / "out", "--merge"], cwd=tmp_path)
+    assert result.returncode != 0
+    assert "error: --merge merges a peft adapter into its base model; the recipe's model is a GPT2LMHeadModel" \
+        in result.stderr
+
+
+def test_a_frozen_backbone_is_left_out_of_checkpoints_and_rebuilt(tiny, tmp_path):
+    """freeze=[features]: LeNet's convolutions train no more; its checkpoints hold the classifier
+    alone, and a run stopped after an epoch and resumed ends as the unbroken run, bit for bit."""
+    from helpers import LENET
+
+    common = [LENET, *tiny, "freeze=[features]", "limit_batches.train=8", "epochs=2"]
+    ok(launch([*common, f"output_dir={tmp_path / 'unbroken'}"], cwd=tmp_path))
+    ok(launch([*common, "epochs=1", f"output_dir={tmp_path / 'stopped'}"], cwd=tmp_path))
+    stopped = only_run(tmp_path / "stopped")
+    assert not any(name.startswith("features.") for name in load_file(latest(stopped) / "model.safetensors"))
+    ok(launch(["resume", stopped, "epochs=2"], cwd=tmp_path))
+    assert_same_weights(load_file(only_run(tmp_path / "unbroken") / "model.safetensors"),
+                        load_file(stopped / "model.safetensors"))
+
+
+def test_a_lora_checkpoint_of_two_processes_holds_the_adapter_and_tests_alike_in_one(tmp_path):
+    """Under DDP the model's names carry its wrapper's prefix: the checkpoint still holds the
+    adapter alone, and `launch.py test` in one process gives the run's own validation."""
+    ok(launch_two([GPT2, "lora=4", "max_steps=6", f"output_dir={tmp_path}"], cwd=tmp_path))
+    run = only_run(tmp_path)
+    assert all("lora_" in name for name in load_file(latest(run) / "model.safetensors"))
+    result = launch(["test", run, "--split", "val"], cwd=tmp_path)
+    ok(result)
+    assert f"loss={summary(run)['val']['loss']:.6g}" in result.stdout
