@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import REPO, assert_same_weights, launch, launch_two, ok, only_run, summary
+from helpers import REPO, assert_same_weights, launch, launch_two, ok, only_run, records, summary
 
 GPT2 = str(REPO / "tests" / "recipes" / "hf_gpt2.py")
 LORA = [GPT2, "lora=4", "ema.decay=0.9", "checkpoint.every_steps=4"]
@@ -127,3 +127,10 @@ def test_a_lora_checkpoint_of_two_processes_holds_the_adapter_and_tests_alike_in
     result = launch(["test", run, "--split", "val"], cwd=tmp_path)
     ok(result)
     assert f"loss={summary(run)['val']['loss']:.6g}" in result.stdout
+
+
+def test_activation_checkpointing_of_a_lora_model_gives_the_same_losses(lora_run, tmp_path):
+    """activation_checkpointing=true on a peft model: transformers' own, under the adapter, with
+    forward's dropout masks in the recompute: the loss curve of the run without it, to the bit."""
+    ok(launch([*LORA, "activation_checkpointing=true", f"output_dir={tmp_path}"], cwd=tmp_path))
+    assert [r["loss"] for r in records(only_run(tmp_path), "train")] == [r["loss"] for r in records(lora_run, "train")]

@@ -59,7 +59,10 @@ def checkpoint_activations(model):
     are updated once, in forward. The weights keep their names (checkpoints do not depend on it)."""
     def walk(module):
         if getattr(module, "supports_gradient_checkpointing", False):  # transformers (and peft's base)
-            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if callable(getattr(module, "activation_checkpointing_enable", None)):  # its name from transformers 5.x
+                module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             return 1
         if getattr(module, "_supports_gradient_checkpointing", False):  # diffusers
             module.enable_gradient_checkpointing()
