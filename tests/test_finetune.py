@@ -134,3 +134,55 @@ def test_activation_checkpointing_of_a_lora_model_gives_the_same_losses(lora_run
     forward's dropout masks in the recompute: the loss curve of the run without it, to the bit."""
     ok(launch([*LORA, "activation_checkpointing=true", f"output_dir={tmp_path}"], cwd=tmp_path))
     assert [r["loss"] for r in records(only_run(tmp_path), "train")] == [r["loss"] for r in records(lora_run, "train")]
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes/lora_lm.py and packing
+
+LORA_LM = str(REPO / "recipes" / "lora_lm.py")
+TINY_LM = [LORA_LM, "model.name=tiny", "data.name=stdlib", "optim.lr=3e-3", "data.max_samples=400", "data.val_size=40"]
+
+
+def test_pack_puts_whole_samples_in_rows_that_restart_their_positions():
+    from toolkit.data import pack
+
+    samples = [{"input_ids": [1] * n, "labels": [2] * n} for n in (5, 3, 4, 2)]
+    batch = pack(samples, max_len=8)
+    assert batch["input_ids"].shape == (2, 8)  # 5 + 3 and 4 + 2 (+ 2 of padding)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 0, 1]]
+    # Each sample's first token is predicted from nothing before it; padding is never a target.
+    assert batch["labels"].tolist() == [[-100, 2, 2, 2, 2, -100, 2, 2], [-100, 2, 2, 2, -100, 2, -100, -100]]
+    with pytest.raises(ValueError, match="a sample of 9 tokens does not fit a packed row of max_len=8"):
+        pack([{"input_ids": [1] * 9, "labels": [1] * 9}], max_len=8)
+
+
+def test_a_packed_batch_gives_the_loss_of_the_padded_one():
+    """The tiny Llama of lora_lm.py: the same samples packed into 2 rows, or padded into 6, give
+    the same mean token loss (to float rounding): each sample attends to itself alone."""
+    from toolkit import config, recipe
+    from toolkit.data import pack, padded
+
+    lm = recipe.load(LORA_LM)
+    cfg = config.resolve(lm.config, [], TINY_LM[1:])
+    net = lm.model(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for n in (30, 12, 25, 7, 19, 40):
+        ids = torch.randint(3, 200, (n,), generator=g).tolist()
+        samples.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3:]})
+    with torch.no_grad():
+        losses = [lm.loss(net, {**rows, "samples": 6}, cfg)[0] for rows in (padded(samples), pack(samples, 70))]
+    assert pack(samples, 70)["input_ids"].shape[0] == 2
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_the_lora_lm_recipe_trains_offline_packed_and_exports_with_its_tokenizer(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ok(launch([*TINY_LM, "data.pack=true", "max_steps=6", f"output_dir={tmp_path}"], cwd=tmp_path))
+    run = only_run(tmp_path)
+    assert all("lora_" in name for name in load_file(latest(run) / "model.safetensors"))
+    ok(launch(["export", run, tmp_path / "merged", "--merge"], cwd=tmp_path))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    tokens = AutoTokenizer.from_pretrained(tmp_path / "merged")("def f(x):", return_tensors="pt")
+    assert merged(**tokens).logits.shape[-1] == merged.config.vocab_size

@@ -368,8 +368,8 @@ def test_activation_checkpointing_uses_a_transformers_model_s_own_and_refuses_a_
     lm = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=2))
     hf = torch.nn.ModuleDict({"lm": lm})
     build.checkpoint_activations(hf)
-    lm = hf["lm"]
-    assert lm.is_activation_checkpointing if hasattr(lm, "is_activation_checkpointing") else lm.is_gradient_checkpointing
+    lm = hf["lm"]  # transformers 5.x names it activation checkpointing
+    assert getattr(lm, "is_activation_checkpointing", None) or lm.is_gradient_checkpointing
     with pytest.raises(UserError, match="activation_checkpointing=true found no blocks in Linear"):
         build.checkpoint_activations(torch.nn.Linear(2, 2))
 

@@ -12,6 +12,8 @@ and `load_state_dict` read back. A recipe's optional `export(cfg, folder)` hook 
 import shutil
 from pathlib import Path
 
+from accelerate.utils import set_seed
+
 from toolkit import UserError
 from toolkit.run import rundir
 from toolkit.state import checkpoint
@@ -27,6 +29,7 @@ def export(recipe, cfg, run_dir, out, which="", use_ema=False, merge=False):
         raise UserError(f"{out} exists and is not an empty folder: export into a new one")
     which = which or ("best" if checkpoint.read_state(checkpoint.find(run_dir)).best_checkpoint else "latest")
     path = checkpoint.find(run_dir, which)
+    set_seed(cfg.seed)  # as a run builds it: frozen weights that a checkpoint left out are drawn again alike
     model = recipe.model(cfg)
     load_weights(model, checkpoint.weights_of(path, use_ema), strict=True, base=cfg.init_from)
     if merge:
