@@ -13,6 +13,7 @@ from helpers import LENET, REPO, RESNET, launch, make_cifar10
 BROKEN = REPO / "tests" / "recipes" / "broken.py"
 STREAM = REPO / "tests" / "recipes" / "stream.py"
 WDS = REPO / "tests" / "recipes" / "wds_points.py"
+NOISY = REPO / "tests" / "recipes" / "noisy.py"
 PROPERTIES = ["contract", "repeatable", "samples", "summable", "learns", "resume", "input"]
 SPEED = "input"
 
@@ -207,6 +208,24 @@ def test_metrics_are_compared_at_1e_4_in_float32_by_default(monkeypatch):
     assert tolerance_of(resolve(load(LENET).config, [], ["precision=bf16"])) == 2e-2
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     assert tolerance_of(default) == 2e-2
+
+
+def test_a_loss_that_draws_per_sample_in_evaluation_passes(tmp_path):
+    """loss() adds noise in evaluation too, from each sample's generator (toolkit.data.draws): the
+    metrics are the same with 0 and 2 workers, 2 processes and another eval_batch_size."""
+    result = launch(["check", NOISY, "noise=per_sample"], cwd=tmp_path)
+    assert failed(verdicts(result)) == [], result.stdout
+    assert "counted once and with the same metrics with 0 and 2 workers, and 2 processes" in result.stdout
+
+
+def test_a_loss_that_draws_per_batch_in_evaluation_fails_summable_with_that_cause(tmp_path):
+    """Noise from the global generators, which evaluation seeds per batch: the same with any
+    workers and processes, but not with another eval_batch_size; the row names the draws."""
+    result = launch(["check", NOISY, "noise=global", "--processes", "1"], cwd=tmp_path)
+    assert failed(verdicts(result)) == ["summable"], result.stdout
+    assert "moves with the seeds of evaluation's draws: loss() or collate draws per batch in evaluation" \
+        in result.stdout
+    assert "summable: draw per sample with toolkit.data.draws" in result.stdout
 
 
 def test_a_loss_that_draws_in_evaluation_fails_with_that_cause(tmp_path):

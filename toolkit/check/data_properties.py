@@ -199,6 +199,11 @@ _DRAWS_FIX = ("draw only in training (if model.training: ...), or, where evaluat
               "index or its content), so that a sample's draws do not depend on its batch, worker or process")
 
 
+_PER_BATCH_FIX = ("draw per sample with toolkit.data.draws (draws.randn_like(x), draws.randint(0, n, x)): in "
+                  "evaluation each sample draws from its own generator, so a metric does not depend on which "
+                  "samples share its batch")
+
+
 def no_draws(check, split, dataset, limit, metrics, what):
     """Fail, naming the cause, if `metrics` (an evaluation with 0 workers) move when the same
     evaluation runs again from other states of the global generators: loss() or collate draws."""
@@ -236,6 +241,12 @@ def summable(check):
     differ = differences(results[big], results[small], tolerance_of(cfg))
     if differ:
         name, value, other = differ[0]
+        salted = evaluation(check.recipe, check.resolve(f"eval_batch_size={big}"), split, check.splits[split], limit,
+                            num_workers=0, salt=1)
+        if differences(results[big], salted, tolerance_of(cfg)):  # its draws move it: they are per batch
+            raise Failed(f"the {split} metric {name} is {value:.6g} with eval_batch_size={big} but {other:.6g} with "
+                         f"{small}, and moves with the seeds of evaluation's draws: loss() or collate draws per "
+                         f"batch in evaluation (from the global generators)", _PER_BATCH_FIX)
         raise Failed(f"the {split} metric {name} is {value:.6g} with eval_batch_size={big} but {other:.6g} with "
                      f"{small}: a count that is a per-batch mean or ratio, not a sum over samples",
                      "return sums from loss() (e.g. (pred == y).sum()) and turn them into ratios in metrics(totals)")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from toolkit import config
-from toolkit.data import mapstyle
+from toolkit.data import draws, mapstyle
 from toolkit.run.summary import Status
 from toolkit.check.rows import Failed
 
@@ -89,11 +89,13 @@ def finished(summary):
     return summary
 
 
-def evaluation(recipe, cfg, split, dataset, limit, num_workers, model=None, training=False, draws_from=None):
+def evaluation(recipe, cfg, split, dataset, limit, num_workers, model=None, training=False, draws_from=None,
+               salt=0):
     """The metrics (with `samples`) of `model` (default: a fresh model of the recipe) over the first
     `limit` samples of `dataset`, in this process's part when there are several, as a run's
     evaluation takes them (in training mode if `training`). `draws_from`: a seed for the global
-    generators once the model is built, where a loss() or collate that draws would draw from."""
+    generators once the model is built, where a loss() or collate that draws would draw from;
+    `salt`: other seeds for evaluation's draws of each batch and sample (toolkit.data.draws)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -114,8 +116,9 @@ def evaluation(recipe, cfg, split, dataset, limit, num_workers, model=None, trai
     # A train split is read as evaluation reads val: in order, eval_batch_size at a time.
     loader = make_loader("val" if split == "train" else split, dataset, cfg, recipe, processes,
                          num_workers=num_workers, limit=limit)
-    return evaluate(accelerator, model, loader.prepare(accelerator, training=False), recipe, cfg, split,
-                    training=training)
+    with draws.salted(salt):
+        return evaluate(accelerator, model, loader.prepare(accelerator, training=False), recipe, cfg, split,
+                        training=training)
 
 
 def eval_splits(splits):

@@ -8,13 +8,16 @@
     loaders.py   the loaders' protocol and `make_loader`, which picks a map-style or a stream loader
     readers.py   MNIST (IDX) and CIFAR-10 binary files
     packing.py   token batches packed into rows (`pack`), each sample attending to itself, or padded
+    draws.py     randomness in evaluation, per sample (`draws.randn_like`), so that metrics are exact
 
 `from toolkit.data import TensorDataset, stream_part, load_mnist, pack` is what recipes write.
 """
 
+from toolkit.data import draws
 from toolkit.data.mapstyle import SeededSamples, TensorDataset
 from toolkit.data.packing import pack, padded
 from toolkit.data.readers import load_cifar10, load_mnist, read_idx
 from toolkit.data.streams import stream_part
 
-__all__ = ["SeededSamples", "TensorDataset", "load_cifar10", "load_mnist", "pack", "padded", "read_idx", "stream_part"]
+__all__ = ["SeededSamples", "TensorDataset", "draws", "load_cifar10", "load_mnist", "pack", "padded", "read_idx",
+           "stream_part"]

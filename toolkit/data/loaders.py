@@ -10,7 +10,7 @@ from typing import Iterable, Protocol
 import accelerate
 import torch
 
-from toolkit.data import mapstyle, streams
+from toolkit.data import draws, mapstyle, streams
 
 
 class Loader(Protocol):
@@ -61,12 +61,15 @@ def datasets_unless_imported():
 class MapLoader:
     """A map-style split's torch DataLoader; `prepare` makes it Accelerate's, which shards each
     batch list over the processes (with the seedable sampler, so the order is a function of
-    (seed, epoch)). `samples`: the `SeededSamples` it reads, told each epoch."""
+    (seed, epoch)). `samples`: the `SeededSamples` it reads, told each epoch. `seed`: for
+    evaluation, whose batches come with their samples' indices (`IndexedCollate`), the seed of
+    their draws (`toolkit.data.draws`)."""
 
     padding = False
 
-    def __init__(self, loader, num_processes, samples=None):
+    def __init__(self, loader, num_processes, samples=None, seed=None):
         self.loader, self.samples, self.ranks_with_data = loader, samples, num_processes
+        self.seed, self.device = seed, None
 
     @property
     def length(self):
@@ -83,6 +86,7 @@ class MapLoader:
         with datasets_unless_imported():
             self.loader = accelerator.prepare(self.loader)
         accelerator.even_batches = True
+        self.device = accelerator.device
         return self
 
     def set_epoch(self, epoch):
@@ -100,7 +104,27 @@ class MapLoader:
         pass
 
     def __iter__(self):
-        return iter(self.loader)
+        return iter(self.loader) if self.seed is None else self._evaluation_batches()
+
+    def _evaluation_batches(self):
+        """Each batch, while it is evaluated, with its samples' draws (toolkit.data.draws)."""
+        for indices, batch in self.loader:
+            with draws.evaluation_batch(self.seed, indices, self.device):
+                yield batch
+
+
+class IndexedCollate:
+    """Evaluation's collate: the batch, made with its samples' draws (a masked-LM collate's mask),
+    and the indices of its samples in the split, read from the `SeededSamples` that fetched them
+    (in the same process: a DataLoader worker collates what it fetched)."""
+
+    def __init__(self, collate, samples, seed):
+        self.collate, self.samples, self.seed = collate or torch.utils.data.default_collate, samples, seed
+
+    def __call__(self, batch):
+        indices = self.samples.fetched
+        with draws.evaluation_batch(self.seed, indices):
+            return indices, self.collate(batch)
 
 
 def make_loader(split, dataset, cfg, recipe, processes, num_workers=None, limit=None):
@@ -129,6 +153,8 @@ def make_loader(split, dataset, cfg, recipe, processes, num_workers=None, limit=
     samples = None
     if not isinstance(base, (mapstyle.TensorDataset, torch.utils.data.TensorDataset)):
         dataset = samples = mapstyle.SeededSamples(dataset, cfg.seed)
+        if not training:  # evaluation's batches come with their samples' indices, for their draws
+            collate = IndexedCollate(collate, samples, cfg.seed)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -141,7 +167,8 @@ def make_loader(split, dataset, cfg, recipe, processes, num_workers=None, limit=
         # middle of one, draws nothing from the global RNG that the training step uses.
         generator=torch.Generator().manual_seed(cfg.seed + processes.process_index),
     )
-    return MapLoader(loader, processes.num_processes, samples)
+    return MapLoader(loader, processes.num_processes, samples, seed=cfg.seed if isinstance(collate, IndexedCollate)
+                     else None)
 
 
 def steps_per_epoch(loader, cfg):

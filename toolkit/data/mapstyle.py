@@ -152,6 +152,7 @@ class SeededSamples(torch.utils.data.Dataset):
     def __init__(self, dataset, seed):
         self.dataset, self.seed, self.epoch = dataset, seed, SharedEpoch()
         self.seeded = not draws_nothing(dataset)
+        self.fetched = []  # the indices of the last fetch: the batch that its collate makes (`IndexedCollate`)
         self.fetch = getattr(dataset, "__getitems__", None)  # a Subset has one; it asks its dataset's
 
     def set_epoch(self, epoch):
@@ -161,6 +162,7 @@ class SeededSamples(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitems__(self, indices):
+        self.fetched = list(indices)
         if not self.seeded:
             return self.fetch(indices) if self.fetch is not None else [self.dataset[i] for i in indices]
         epoch = int(self.epoch)

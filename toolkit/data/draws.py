@@ -1,0 +1,96 @@
+"""Randomness in evaluation, per sample: what a loss or collate that draws (a diffusion loss's
+noise and timesteps, a masked-LM collate's mask, a VAE's sample) uses so that the metrics of one
+set of weights on one split are a function of the weights, the seed and the samples alone: the same
+with any number of processes and workers, any eval_batch_size, in a run's validation and test and
+in `launch.py test`.
+
+    from toolkit.data import draws
+
+    def loss(model, batch, cfg):
+        noise = draws.randn_like(latents)              # each sample's noise from its own generator
+        t = draws.randint(0, 1000, latents)            # one timestep per sample
+        ...
+
+In evaluation of a map-style split, sample `i`'s generator is seeded with (cfg.seed, i). In
+training these draw from the global generators (one seed per sample from torch's), as any draw
+there does: the toolkit seeds them per process, and a resume restores them.
+
+A loss or collate that draws from the global generators in evaluation (torch.randn) gets them
+seeded per batch, with (cfg.seed, the batch's first sample): the same with any number of processes
+and workers, but not with another eval_batch_size, whose batches hold other samples.
+"""
+
+import contextlib
+
+import torch
+
+from toolkit.data import mapstyle
+
+EVALUATION = -1  # in the `epoch` of the seeds of evaluation's draws (epochs of training count from 0)
+_batch = None  # (seed, the sample indices of the evaluation batch being read or collated), else None
+_salt = 0  # `launch.py check` draws again with other seeds to see whether evaluation draws
+
+
+def generators(n, device="cpu"):
+    """`n` torch.Generators on `device`, one per sample of the batch: in evaluation, seeded with the
+    run's seed and each sample's index in its split; else seeded from torch's global generator."""
+    if _batch is None:
+        seeds = torch.randint(2 ** 62, (n,)).tolist()
+    else:
+        seed, indices = _batch
+        if len(indices) != n:
+            raise ValueError(f"draws for {n} samples asked in a batch of {len(indices)}: give one draw per sample "
+                             f"(the batch's first dimension)")
+        seeds = [sample_seed(seed, i) for i in indices]
+    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+
+def randn_like(x):
+    """A normal draw shaped like `x` (samples along its first dimension), each row from its sample's generator."""
+    return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype)
+                        for g in generators(len(x), x.device)])
+
+
+def rand_like(x):
+    """A uniform draw in [0, 1) shaped like `x`, each row from its sample's generator."""
+    return torch.stack([torch.rand(x.shape[1:], generator=g, device=x.device, dtype=x.dtype)
+                        for g in generators(len(x), x.device)])
+
+
+def randint(low, high, x):
+    """One integer in [low, high) per sample of `x` (its first dimension), on its device."""
+    return torch.cat([torch.randint(low, high, (1,), generator=g, device=x.device)
+                      for g in generators(len(x), x.device)])
+
+
+def sample_seed(seed, index):
+    """The seed of sample `index`'s draws in evaluation."""
+    return hash((seed, (EVALUATION, _salt), index)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@contextlib.contextmanager
+def evaluation_batch(seed, indices, device=None):
+    """Within: the batch of these sample `indices` is evaluated or collated, its draws are its
+    samples', and the global generators (of the CPU, and of `device`, a GPU) are seeded with its
+    first sample; afterwards they are as they were."""
+    global _batch
+    with mapstyle.untouched_randomness(device):
+        mapstyle.seed_sample(seed, (EVALUATION, _salt), indices[0])
+        if device is not None and device.type == "cuda":
+            torch.cuda.manual_seed(sample_seed(seed, indices[0]))
+        _batch = (seed, indices)
+        try:
+            yield
+        finally:
+            _batch = None
+
+
+@contextlib.contextmanager
+def salted(salt):
+    """Evaluation's draws from other seeds (`launch.py check`: do the metrics move with them?)."""
+    global _salt
+    _salt, before = salt, _salt
+    try:
+        yield
+    finally:
+        _salt = before
