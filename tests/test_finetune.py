@@ -186,3 +186,19 @@ def test_the_lora_lm_recipe_trains_offline_packed_and_exports_with_its_tokenizer
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     tokens = AutoTokenizer.from_pretrained(tmp_path / "merged")("def f(x):", return_tensors="pt")
     assert merged(**tokens).logits.shape[-1] == merged.config.vocab_size
+
+
+def test_an_exported_adapter_names_its_base_by_a_hub_id_where_it_can(tmp_path):
+    """peft records the base as it was loaded: a snapshot folder in the HF cache becomes its hub
+    id; a hub id stays; another local path stays, and the export's line says so."""
+    from toolkit.state.export import portable_base
+
+    config = tmp_path / "adapter_config.json"
+    cached = "/home/me/.cache/huggingface/hub/models--Qwen--Qwen2.5-0.5B-Instruct/snapshots/7ae557604adf67be50417f"
+    for base, named, said in [(cached, "Qwen/Qwen2.5-0.5B-Instruct", "the hub id of the cached snapshot"),
+                              ("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B", None),
+                              (str(tmp_path), str(tmp_path), "names the base by a local path")]:
+        config.write_text(json.dumps({"base_model_name_or_path": base, "r": 4}))
+        line = portable_base(config)
+        assert json.loads(config.read_text()) == {"base_model_name_or_path": named, "r": 4}
+        assert (said in line) if said else line == ""

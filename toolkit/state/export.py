@@ -9,6 +9,8 @@ and `load_state_dict` read back. A recipe's optional `export(cfg, folder)` hook 
 (a tokenizer's files, say) before the folder appears.
 """
 
+import json
+import re
 import shutil
 from pathlib import Path
 
@@ -43,10 +45,30 @@ def export(recipe, cfg, run_dir, out, which="", use_ema=False, merge=False):
         if callable(getattr(model, "save_pretrained", None)):
             model.save_pretrained(folder)
             written = f"{type(model).__name__}.save_pretrained (its from_pretrained(OUT) loads it)" + \
-                (", the adapter merged into it" if merge else "")
+                (", the adapter merged into it" if merge else "") + portable_base(folder / "adapter_config.json")
         else:
             write_safetensors(model.state_dict(), folder / "model.safetensors")
             shutil.copy2(Path(run_dir) / "config.yaml", folder / "config.yaml")
             written = "model.safetensors and config.yaml (the recipe's model(cfg) and load_state_dict read them)"
         recipe.export(cfg, folder)
     return path, written
+
+
+def portable_base(adapter_config):
+    """A peft adapter's config names its base as the recipe loaded it (`base_model_name_or_path`):
+    a hub id stays; a snapshot in the HF cache (.../models--org--name/snapshots/<sha>) becomes
+    its hub id, org/name, which loads anywhere. Returns what the export line adds: a warning
+    for a base named by another local path, which only this machine has."""
+    if not adapter_config.is_file():
+        return ""
+    values = json.loads(adapter_config.read_text(encoding="utf-8"))
+    base = values.get("base_model_name_or_path") or ""
+    cached = re.search(r"models--(.+?)/snapshots/", base.replace("\\", "/"))
+    if cached:
+        values["base_model_name_or_path"] = cached.group(1).replace("--", "/")
+        adapter_config.write_text(json.dumps(values, indent=2) + "\n", encoding="utf-8")
+        return f"; its base: {values['base_model_name_or_path']} (the hub id of the cached snapshot it was loaded from)"
+    if base and Path(base).expanduser().exists():
+        return (f"; its adapter_config.json names the base by a local path ({base}): elsewhere, load the base "
+                f"yourself and give it to PeftModel.from_pretrained(base, OUT)")
+    return ""
