@@ -1,6 +1,7 @@
-"""A test recipe whose loss draws noise in evaluation too, as a diffusion loss does: from each
-sample's generator (noise=per_sample: toolkit.data.draws), from the global generators
-(noise=global), or not at all (noise=none). Map-style points, a linear classifier."""
+"""A test recipe that draws in evaluation too: its collate masks inputs, as a masked-LM collator
+does (from each sample's generator, toolkit.data.draws; mask=false: not), and its loss adds noise,
+as a diffusion loss does: from each sample's generator (noise=per_sample), from the global
+generators (noise=global), or not at all (noise=none). Map-style points, a linear classifier."""
 
 import torch
 import torch.nn.functional as F
@@ -9,6 +10,7 @@ from toolkit.data import draws
 
 config = {
     "noise": "per_sample",  # per_sample | global | none
+    "mask": True,           # collate zeroes a fifth of the inputs, per sample
     "batch_size": 16,
     "eval_batch_size": 24,
     "epochs": 2,
@@ -24,6 +26,14 @@ def datasets(cfg):
     y = (x.sum(1) > 0).long()
     points = list(zip(x, y))
     return {"train": points[:200], "val": points[200:250], "test": points[250:]}
+
+
+def collate(batch, cfg):
+    x = torch.stack([x for x, _ in batch])
+    y = torch.stack([y for _, y in batch])
+    if cfg.mask:
+        x = x * (draws.rand_like(x) > 0.2)  # in a DataLoader worker, with 2 of them
+    return x, y
 
 
 def model(cfg):

@@ -11,13 +11,16 @@ in `launch.py test`.
         t = draws.randint(0, 1000, latents)            # one timestep per sample
         ...
 
-In evaluation of a map-style split, sample `i`'s generator is seeded with (cfg.seed, i). In
-training these draw from the global generators (one seed per sample from torch's), as any draw
-there does: the toolkit seeds them per process, and a resume restores them.
+In evaluation of a map-style split, sample `i`'s generator is seeded with (cfg.seed, i); in a
+training batch's collate, with (cfg.seed, the epoch, i), like the sample's own draws in
+`__getitem__`, so that a resume and any number of workers give the same masks. In a training
+loss they draw from the global generators (one seed per sample from torch's), as any draw there
+does: the toolkit seeds them per process, and a resume restores them.
 
 A loss or collate that draws from the global generators in evaluation (torch.randn) gets them
 seeded per batch, with (cfg.seed, the batch's first sample): the same with any number of processes
-and workers, but not with another eval_batch_size, whose batches hold other samples.
+and workers, but not with another eval_batch_size, whose batches hold other samples. A training
+collate's global draws are seeded per batch likewise (with the epoch).
 """
 
 import contextlib
@@ -27,7 +30,8 @@ import torch
 from toolkit.data import mapstyle
 
 EVALUATION = -1  # in the `epoch` of the seeds of evaluation's draws (epochs of training count from 0)
-_batch = None  # (seed, the sample indices of the evaluation batch being read or collated), else None
+COLLATE = 1  # beside the epoch in the seeds of a training collate's draws
+_batch = None  # (seed, the epoch or None in evaluation, the sample indices of the batch being read or collated)
 _salt = 0  # `launch.py check` draws again with other seeds to see whether evaluation draws
 
 
@@ -37,11 +41,11 @@ def generators(n, device="cpu"):
     if _batch is None:
         seeds = torch.randint(2 ** 62, (n,)).tolist()
     else:
-        seed, indices = _batch
+        seed, epoch, indices = _batch
         if len(indices) != n:
             raise ValueError(f"draws for {n} samples asked in a batch of {len(indices)}: give one draw per sample "
                              f"(the batch's first dimension)")
-        seeds = [sample_seed(seed, i) for i in indices]
+        seeds = [sample_seed(seed, i, epoch) for i in indices]
     return [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
 
@@ -63,22 +67,27 @@ def randint(low, high, x):
                       for g in generators(len(x), x.device)])
 
 
-def sample_seed(seed, index):
-    """The seed of sample `index`'s draws in evaluation."""
-    return hash((seed, (EVALUATION, _salt), index)) & 0x7FFF_FFFF_FFFF_FFFF
+def sample_seed(seed, index, epoch=None):
+    """The seed of sample `index`'s draws in evaluation (`epoch` None), or in a training collate."""
+    return hash((seed, _kind(epoch), index)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _kind(epoch):
+    """What tells the seeds of evaluation's and of a training collate's draws from the sample's own."""
+    return (EVALUATION, _salt) if epoch is None else (epoch, COLLATE)
 
 
 @contextlib.contextmanager
-def evaluation_batch(seed, indices, device=None):
-    """Within: the batch of these sample `indices` is evaluated or collated, its draws are its
-    samples', and the global generators (of the CPU, and of `device`, a GPU) are seeded with its
-    first sample; afterwards they are as they were."""
+def batch_draws(seed, indices, device=None, epoch=None):
+    """Within: the batch of these sample `indices` is evaluated or collated (in training, in
+    `epoch`), its draws are its samples', and the global generators (of the CPU, and of `device`,
+    a GPU) are seeded with its first sample; afterwards they are as they were."""
     global _batch
     with mapstyle.untouched_randomness(device):
-        mapstyle.seed_sample(seed, (EVALUATION, _salt), indices[0])
+        mapstyle.seed_sample(seed, _kind(epoch), indices[0])
         if device is not None and device.type == "cuda":
-            torch.cuda.manual_seed(sample_seed(seed, indices[0]))
-        _batch = (seed, indices)
+            torch.cuda.manual_seed(sample_seed(seed, indices[0], epoch))
+        _batch = (seed, epoch, indices)
         try:
             yield
         finally:

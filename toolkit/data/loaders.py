@@ -109,22 +109,26 @@ class MapLoader:
     def _evaluation_batches(self):
         """Each batch, while it is evaluated, with its samples' draws (toolkit.data.draws)."""
         for indices, batch in self.loader:
-            with draws.evaluation_batch(self.seed, indices, self.device):
+            with draws.batch_draws(self.seed, indices, self.device):
                 yield batch
 
 
 class IndexedCollate:
-    """Evaluation's collate: the batch, made with its samples' draws (a masked-LM collate's mask),
-    and the indices of its samples in the split, read from the `SeededSamples` that fetched them
-    (in the same process: a DataLoader worker collates what it fetched)."""
+    """A collate that makes the batch with its samples' draws (a masked-LM collate's mask): their
+    indices in the split are read from the `SeededSamples` that fetched them (in the same process:
+    a DataLoader worker collates what it fetched). In evaluation, the batch comes with them, for
+    the loss's draws; in training, its draws are also a function of the epoch."""
 
-    def __init__(self, collate, samples, seed):
+    def __init__(self, collate, samples, seed, training):
         self.collate, self.samples, self.seed = collate or torch.utils.data.default_collate, samples, seed
+        self.training = training
 
     def __call__(self, batch):
         indices = self.samples.fetched
-        with draws.evaluation_batch(self.seed, indices):
-            return indices, self.collate(batch)
+        epoch = int(self.samples.epoch) if self.training else None
+        with draws.batch_draws(self.seed, indices, epoch=epoch):
+            made = self.collate(batch)
+        return made if self.training else (indices, made)
 
 
 def make_loader(split, dataset, cfg, recipe, processes, num_workers=None, limit=None):
@@ -153,8 +157,8 @@ def make_loader(split, dataset, cfg, recipe, processes, num_workers=None, limit=
     samples = None
     if not isinstance(base, (mapstyle.TensorDataset, torch.utils.data.TensorDataset)):
         dataset = samples = mapstyle.SeededSamples(dataset, cfg.seed)
-        if not training:  # evaluation's batches come with their samples' indices, for their draws
-            collate = IndexedCollate(collate, samples, cfg.seed)
+        if not training or collate is not None:  # a collate's draws, and evaluation's, are the samples'
+            collate = IndexedCollate(collate, samples, cfg.seed, training)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -167,8 +171,8 @@ def make_loader(split, dataset, cfg, recipe, processes, num_workers=None, limit=
         # middle of one, draws nothing from the global RNG that the training step uses.
         generator=torch.Generator().manual_seed(cfg.seed + processes.process_index),
     )
-    return MapLoader(loader, processes.num_processes, samples, seed=cfg.seed if isinstance(collate, IndexedCollate)
-                     else None)
+    indexed = isinstance(collate, IndexedCollate) and not training  # batches that come with their indices
+    return MapLoader(loader, processes.num_processes, samples, seed=cfg.seed if indexed else None)
 
 
 def steps_per_epoch(loader, cfg):
