@@ -7,11 +7,10 @@ and the run trains as one started at the size it settles on. HF Trainer's auto_f
 halves the global batch instead, which changes the optimisation (and the LR it wants).
 """
 
-import gc
-
 import torch
 from accelerate import Accelerator
 from accelerate.utils import send_to_device
+from accelerate.utils.memory import clear_device_cache
 
 from toolkit import UserError, distributed
 from toolkit.build import build
@@ -61,7 +60,7 @@ class Trial:
 
     def __init__(self, recipe, cfg, processes, cpu):
         self.recipe, self.cfg, self.processes = recipe, cfg, processes
-        self.splits, model, self.ema, _ = build(recipe, cfg, processes)
+        self.splits, model, self.ema, _ = build(recipe, cfg, processes)  # the EMA copy: held, as the run holds it
         optimizer, _ = make_optimizer(cfg, model, recipe)
         self.accelerator = Accelerator(mixed_precision=cfg.precision, **distributed.accelerator_options(cfg, cpu))
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
@@ -73,7 +72,7 @@ class Trial:
     def __exit__(self, *error):
         self.accelerator.free_memory()  # forgets the prepared model and optimizer
         self.model = self.optimizer = self.ema = self.splits = None
-        release()
+        clear_device_cache(garbage_collection=True)  # free_memory collected while it still held them
 
     def train_step_fits(self):
         """Whether a forward, backward and optimizer step of the first training batch fit, in
@@ -119,15 +118,8 @@ class Trial:
             if not is_out_of_memory(error):
                 raise
             ran_out = True
-        release()
+        clear_device_cache(garbage_collection=True)
         flag = torch.tensor(float(ran_out), device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
             flag = self.accelerator.reduce(flag, reduction="sum")  # the one collective: every process agrees
         return flag.item() == 0
-
-
-def release():
-    """Give the memory of what is no longer referenced back to the device."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
