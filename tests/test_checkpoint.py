@@ -214,13 +214,15 @@ def test_a_crafted_checkpoint_runs_no_code(one_epoch_run, tmp_path, target):
 
 
 def test_kill_9_during_saves_never_leaves_a_broken_latest(tiny, tmp_path):
-    """Save every step and kill -9 the process at random moments, 5 times: `latest` is always a
-    complete, loadable checkpoint, and the run still resumes to the end.
+    """Save every step and kill -9 the process 6 times, at random moments and inside saves: `latest`
+    is always a complete, loadable checkpoint, and the run still resumes to the end.
 
     Each time: 1. start the run (the first time) or resume it; 2. wait until it has saved a newer
-    checkpoint than the last one seen; 3. wait a random moment (most likely inside a save) and
-    kill -9 it; 4. check that `latest` is complete and loadable. 5. Finally resume it to the end of
-    the epoch after the one it was killed in (epochs is resumable: 40 only keeps it from ending early)."""
+    checkpoint than the last one seen; 3. kill -9 it, every other time at a random moment and
+    otherwise as soon as a save is under way (its `.tmp-*` folder exists: a random moment alone
+    misses every save on a fast disk); 4. check that `latest` is complete and loadable. 5. Finally
+    resume it to the end of the epoch after the one it was killed in (epochs is resumable: 40 only
+    keeps it from ending early)."""
     rng = random.Random(0)
     args = [LENET, *tiny, "epochs=40", "checkpoint.every_steps=1", "checkpoint.keep=2", "trackers=[]"]
     runs = tmp_path / "runs"
@@ -232,13 +234,19 @@ def test_kill_9_during_saves_never_leaves_a_broken_latest(tiny, tmp_path):
         latest = checkpoint.complete(run) if run else []
         return bool(latest) and checkpoint.read_state(latest[-1]).step > last_step
 
-    for attempt in range(5):
+    def saving():
+        return any((run / "checkpoints").glob(".tmp-*"))
+
+    for attempt in range(6):
         process = start(args, cwd=tmp_path, output=False)
         wait_until(saved_a_newer_checkpoint, process, what="a newer checkpoint")
-        time.sleep(rng.uniform(0, 0.2))  # then a random moment (at most 0.2 s), most likely inside a save
+        if attempt % 2:
+            wait_until(saving, process, what="a save under way")
+        else:
+            time.sleep(rng.uniform(0, 0.2))  # a random moment, at most 0.2 s later
         process.kill()
         process.wait()
-        mid_save += any((run / "checkpoints").glob(".tmp-*"))  # killed while writing one
+        mid_save += saving()  # killed while writing one
 
         latest = checkpoint.find(run)  # complete ...
         state = checkpoint.read_state(latest)
