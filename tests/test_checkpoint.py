@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import Shared, tiny_args
 from helpers import (CPU, LENET, PROBE, REPO, assert_same_weights, copy_run, launch, launch_two, ok, only_run,
-                     read_jsonl, start, summary, two_processes, wait_until, weights)
+                     read_jsonl, records, start, summary, two_processes, wait_until, weights)
 from toolkit import UserError
 from toolkit.run.summary import Status, Summary
 from toolkit.state import checkpoint
@@ -41,11 +41,20 @@ def test_resume_equals_the_unbroken_run(ema_run, tmp_path, stop):
     assert_same_weights(weights(stopped), weights(unbroken))  # bitwise
     ema = [load_file(checkpoint.find(run) / "ema.safetensors") for run in (stopped, unbroken)]
     assert_same_weights(*ema)  # the EMA too
-    # A run that max_steps ends mid-epoch validates there (its end): the unbroken run did not.
+    # A run that max_steps ends mid-epoch validates there (its end): the unbroken run did not. A run
+    # that ends at step 32 (epochs=1) logs its last train window there (steps 31-32 of log_every=5),
+    # and the resumed run the rest of it (33-35): the unbroken run logged 31-35 at once.
     its_end = [r for r in read_jsonl(stopped / "metrics.jsonl") if r["split"] != "train" and r["step"] == 45]
     assert [r["split"] for r in its_end] == ([] if stop == "epochs=1" else ["val", "val_ema"])
-    assert comparable(r for r in read_jsonl(stopped / "metrics.jsonl") if r not in its_end) == \
-        comparable(read_jsonl(unbroken / "metrics.jsonl"))
+    cut = {32, 35} if stop == "epochs=1" else set()
+
+    def kept(run):
+        return comparable(r for r in read_jsonl(run / "metrics.jsonl")
+                          if r not in its_end and not (r["split"] == "train" and r["step"] in cut))
+
+    assert kept(stopped) == kept(unbroken)
+    assert sum(r["samples"] for r in records(stopped, "train")) == 3 * 1999 == \
+        sum(r["samples"] for r in records(unbroken, "train"))
     assert summary(stopped)["best"]["value"] == summary(unbroken)["best"]["value"]
     assert summary(stopped)["test"] == summary(unbroken)["test"]
     assert "resumed from" in (stopped / "log.txt").read_text()
@@ -283,7 +292,8 @@ def signal_unbroken(signal_args, tmp_path_factory):
 def test_a_signal_saves_then_resume_finishes_like_the_unbroken_run(signal_args, signal_unbroken, tmp_path, sig):
     """1. `signal_unbroken` trained 4 epochs unbroken; 2. the same run gets the signal after its
     first log line: it saves and exits with 128 + the signal's number; 3. it resumes to the end;
-    4. its weights are the unbroken run's."""
+    4. its weights are the unbroken run's, and so are its train log's windows: every log_every=5
+    steps, the stop's window carried on by the resumed run."""
     process = start([*signal_args, f"output_dir={tmp_path / 'stopped'}"], cwd=tmp_path)
     wait_until(first_log_line(tmp_path / "stopped"), process, what="the first log line")
     process.send_signal(sig)
@@ -298,6 +308,12 @@ def test_a_signal_saves_then_resume_finishes_like_the_unbroken_run(signal_args, 
     ok(launch(["resume", run], cwd=tmp_path))
     assert summary(run)["status"] == "finished"
     assert_same_weights(weights(run), weights(signal_unbroken.run))
+    resumed, unbroken = records(run, "train"), records(signal_unbroken.run, "train")
+    assert [(r["step"], r["samples"], r["accuracy"]) for r in resumed] == \
+        [(r["step"], r["samples"], r["accuracy"]) for r in unbroken]
+    assert [r["step"] for r in resumed] == [*range(5, 1001, 5)]  # not cut by the stop, the saves, the epochs
+    # the loss summed in another order
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in unbroken], rel=1e-6)
 
 
 def test_a_sigterm_while_the_run_records_its_end_does_not_kill_it(tiny, tmp_path, monkeypatch):

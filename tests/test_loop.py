@@ -42,11 +42,18 @@ def test_saves_on_schedule_and_at_the_end():
     assert steps(run(cfg("checkpoint.every_epochs=0")), "save") == [96]  # the last is always saved
 
 
-def test_logs_every_n_steps_at_each_epoch_end_and_with_every_validation_or_save():
+def test_logs_every_n_steps_whatever_else_a_step_does_and_at_the_end():
+    """Windows of log_every steps, not cut by validations, saves or epochs (32 steps each)."""
     plans = run(cfg("log_every=10", "val_every_steps=15", "checkpoint.every_steps=12"))
-    expected = sorted({*range(10, 97, 10), *range(15, 97, 15), *range(12, 97, 12), 32, 64, 96})
-    assert steps(plans, "log") == expected
-    assert all(todo.log for _, todo in plans.values() if todo.validate or todo.save)
+    assert steps(plans, "log") == [*range(10, 91, 10), 96]
+    assert steps(run(cfg("log_every=10", "max_steps=45")), "log") == [10, 20, 30, 40, 45]
+
+
+def test_a_stop_for_good_logs_its_last_window_and_a_signal_s_stop_does_not():
+    """A signal's checkpoint keeps the window instead: the resumed run goes on with it."""
+    assert run(cfg(), requests={7: Stop.MAX_MINUTES})[7][1].log
+    assert run(cfg("nan_tolerance=3"), bad_steps={7: 4})[7][1].log
+    assert not run(cfg(), requests={7: Stop.SIGTERM})[7][1].log
 
 
 @pytest.mark.parametrize("max_steps", [40, 64])
@@ -63,7 +70,7 @@ def test_max_steps_ends_the_run_with_a_validation_and_a_save(max_steps, val_ever
 def test_a_signal_stops_at_that_step_with_a_checkpoint(request_):
     plans = run(cfg(), requests={7: request_})
     assert max(plans) == 7
-    assert plans[7] == (1, Plan(log=True, validate=False, save=True, stop=request_))
+    assert plans[7] == (1, Plan(log=False, validate=False, save=True, stop=request_))
 
 
 def test_max_minutes_mid_epoch_ends_the_run_with_a_validation_and_a_save():
@@ -74,7 +81,7 @@ def test_max_minutes_mid_epoch_ends_the_run_with_a_validation_and_a_save():
 def test_max_minutes_at_an_epoch_end_validates_as_the_last_epoch():
     every_2 = cfg("val_every=2")
     assert run(every_2, requests={32: Stop.MAX_MINUTES})[32] == (1, Plan(True, True, True, Stop.MAX_MINUTES))
-    assert run(every_2, requests={32: Stop.SIGTERM})[32] == (1, Plan(True, False, True, Stop.SIGTERM))
+    assert run(every_2, requests={32: Stop.SIGTERM})[32] == (1, Plan(False, False, True, Stop.SIGTERM))
 
 
 def test_non_finite_steps_stop_past_the_tolerance():

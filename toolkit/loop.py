@@ -28,7 +28,7 @@ from toolkit.run import logs, profiling, rundir, trackers
 from toolkit.run.logs import log
 from toolkit.run.records import Run
 from toolkit.run.signals import StopRequest
-from toolkit.run.summary import Stop
+from toolkit.run.summary import Status, Stop
 from toolkit.run.watchdog import Watchdog
 from toolkit.state import checkpoint
 
@@ -97,6 +97,7 @@ def train(recipe, cfg, resume=None, autoresume=False, trial=None):
                              trial, watchdog.beat)
         validate.sanity_check(splits.get("val"))  # a bad monitor or loss fails here, in seconds
         window = train_window(accelerator, recipe, cfg, distributed.recipe_model(accelerator, model))
+        window.carry_on(state.window, accelerator)  # a resumed run's windows are the unbroken run's
         finite = FiniteCheck(cfg, accelerator, state)  # skip_nonfinite
         stopping = None  # the `Stop`, when training ends before `epochs`
         last_epoch = state.epoch if cfg.max_steps and state.step >= cfg.max_steps else cfg.epochs
@@ -141,12 +142,15 @@ def train(recipe, cfg, resume=None, autoresume=False, trial=None):
                     state.epoch, state.batch = epoch, 0
                 if todo.log:
                     run.log_train(window.read(accelerator, optimizer.param_groups[0]["lr"]), state.step, epoch, bar)
-                best, reason = validate(state, epoch) if todo.validate else (False, None)  # reason: to stop
+                with window.paused():  # samples/s counts training time only
+                    best, reason = validate(state, epoch) if todo.validate else (False, None)  # reason: to stop
+                if reason and not todo.log:  # early stopping or pruning ends the run: its last window
+                    run.log_train(window.read(accelerator, optimizer.param_groups[0]["lr"]), state.step, epoch, bar)
                 stopping = todo.stop or reason
                 if todo.save or best or reason:
-                    saver.save(state, best)
-                if todo.validate or todo.save:
-                    window.restart()  # samples/s counts training time only
+                    with window.paused():
+                        state.window = window.carried(accelerator)  # a resumed run goes on with it
+                        saver.save(state, best)
                 if stopping:
                     break
             bar.close()
@@ -186,7 +190,8 @@ def plan(step, epoch, end_of_epoch, cfg, request=None, bad_steps=0):
     of an epoch, they follow val_every, checkpoint.every_epochs and every_steps. The run's end
     (its last epoch, or a stop for max_steps or max_minutes, mid-epoch too) validates and saves,
     so that every finished run has its final validation, its best and model.safetensors. Every
-    stop saves."""
+    stop saves. The train metrics are logged every log_every steps, whatever else the step does
+    (evenly sized windows), and at the run's end."""
     ckpt = cfg.checkpoint
     stop = request or (Stop.MAX_STEPS if step == cfg.max_steps else None) or (
         Stop.NAN if bad_steps > cfg.nan_tolerance else None)
@@ -194,11 +199,17 @@ def plan(step, epoch, end_of_epoch, cfg, request=None, bad_steps=0):
     if not end_of_epoch:
         validate = _every(cfg.val_every_steps, step) or finishes
         save = bool(stop) or _every(ckpt.every_steps, step)
-        return Plan(_every(cfg.log_every, step) or validate or save, validate, save, stop)
+        return Plan(_every(cfg.log_every, step) or ends(stop), validate, save, stop)
     last = epoch == cfg.epochs or finishes
     validate = _every(cfg.val_every, epoch) or last
     save = _every(ckpt.every_epochs, epoch) or _every(ckpt.every_steps, step) or bool(stop) or last
-    return Plan(True, validate, save, stop)
+    return Plan(_every(cfg.log_every, step) or last or ends(stop), validate, save, stop)
+
+
+def ends(stop):
+    """Whether a stop ends the run for good, which logs the last train window. A signal's stop does not:
+    its checkpoint keeps the window, which a resumed run goes on with."""
+    return stop is not None and stop.status != Status.INTERRUPTED
 
 
 def train_window(accelerator, recipe, cfg, model):

@@ -9,6 +9,7 @@ so the result is the exact figure over every sample seen, whatever the batch siz
 number of processes.
 """
 
+import contextlib
 import os
 import resource
 import sys
@@ -58,6 +59,8 @@ class Totals:
         names = sorted(self.sums)
         if accelerator.num_processes > 1:
             names = sorted(set(gather_object(names)))
+        if not names:  # no batch on any rank
+            return {}
         dtype = exact_dtype(accelerator.device)
         zero = torch.zeros((), dtype=dtype, device=accelerator.device)
         stacked = torch.stack([torch.as_tensor(self.sums[k], device=accelerator.device).to(dtype)
@@ -70,10 +73,11 @@ class Totals:
 class Window:
     """The train metrics of the steps since the last `read`: the loss and counts summed on the
     device (as in `Totals`), the mean gradient norm of the steps that measured one, the skipped
-    steps, the throughput over the window's training time (`restart` the clock after anything
-    else, such as a validation or a save), the fraction of it spent waiting for the loader
-    (`data_wait`, on the main process: its batches pass through `timed`), and the memory
-    (`memory`). All of it is read on the host: no device sync but the one of `read`."""
+    steps, the throughput over the window's training time (anything else, such as a validation or
+    a save, runs `paused()`), the fraction of it spent waiting for the loader (`data_wait`, on the
+    main process: its batches pass through `timed`), and the memory (`memory`). All of it is read
+    on the host: no device sync but the one of `read`. A checkpoint keeps the window so far
+    (`carried`), and a resumed run goes on with it (`carry_on`): its windows are the unbroken run's."""
 
     def __init__(self, per, device, recipe_metrics=per_sample, flops_per_unit=0, peak_flops=0):
         self.per, self.recipe_metrics = per, recipe_metrics
@@ -106,6 +110,34 @@ class Window:
 
     def restart(self):
         self.start, self.waited = time.perf_counter(), 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent in the block is not the window's training time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - start
+
+    def carried(self, accelerator):
+        """The window so far, for a checkpoint: its sums over all ranks (a collective: call on every
+        rank), which stay on the main process only, and its steps' norms, skips and times."""
+        sums = self.totals.reduce(accelerator)
+        if accelerator.is_main_process:
+            self.totals.sums = dict(sums)
+        return {"sums": sums, "norm": self.norm.item(), "measured": self.measured, "skipped": self.skipped,
+                "seconds": time.perf_counter() - self.start, "waited": self.waited}
+
+    def carry_on(self, carried, accelerator):
+        """Go on with a checkpoint's window (`carried`; empty: a new window), as the run that saved it."""
+        if not carried:
+            return
+        if accelerator.is_main_process:
+            self.totals.sums = dict(carried["sums"])
+        self.norm.fill_(carried["norm"])
+        self.measured, self.skipped, self.waited = carried["measured"], carried["skipped"], carried["waited"]
+        self.start = time.perf_counter() - carried["seconds"]
 
     def read(self, accelerator, lr):
         """The window's metrics over all ranks (a collective, and the host sync); a new window starts."""

@@ -62,6 +62,7 @@ class TrainState:
     ema_updates: int = 0        # updates averaged into the EMA weights
     tracker_ids: dict = dataclasses.field(default_factory=dict)  # e.g. the wandb run, to continue it
     split_sizes: dict = dataclasses.field(default_factory=dict)  # the splits' lengths (None: a stream)
+    window: dict = dataclasses.field(default_factory=dict)  # the train log's window so far (metrics.Window)
 
     def improves(self, value, mode):
         return value is not None and (self.best is None or (value > self.best if mode == "max" else value < self.best))
