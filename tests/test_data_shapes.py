@@ -4,6 +4,7 @@ own (section "Your own data"), run as written there."""
 
 import collections
 import json
+import sys
 
 import pytest
 import torch
@@ -220,3 +221,46 @@ def test_fast_run_takes_the_readme_stream_pattern(tmp_path):
     final = summary(only_run(tmp_path))
     assert final["status"] == "finished" and final["steps"] == 1
     assert "checkpoint saved and loaded back" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams of the libraries users bring
+
+LITDATA = REPO / "tests" / "recipes" / "litdata_points.py"
+
+
+@pytest.fixture(scope="module")
+def litdata_points(tmp_path_factory):
+    sys.path.insert(0, str(LITDATA.parent))
+    import litdata_points
+
+    folder = tmp_path_factory.mktemp("litdata")
+    litdata_points.write(folder)
+    return [LITDATA, f"data_dir={folder}"]
+
+
+def test_a_litdata_stream_counts_every_sample_once_with_two_processes_and_workers(litdata_points, tmp_path):
+    """litdata's StreamingDataset, built after the process group as its docs say (where it splits
+    itself, dropping a sample to even the parts): 2 processes x 2 workers read it as map-style data
+    (7 steps of 2 x 16 per pass of 203 samples: the last step's batches filled up with repeats, as
+    for any map-style data) and test each of the 101 samples once; `test` in one process, without
+    workers, gives the same test metrics."""
+    run([*litdata_points, "num_workers=2", f"output_dir={tmp_path}"], tmp_path, 2)
+    trained = only_run(tmp_path)
+    assert trained_samples(trained) == 2 * 7 * 32 and summary(trained)["test"]["samples"] == 101
+    ok(launch(["test", trained, "--checkpoint", "latest", "num_workers=0", "eval_batch_size=7"], cwd=tmp_path))
+    tested, own = json.loads(next(trained.glob("test-step-*.json")).read_text())["test"], summary(trained)["test"]
+    assert (tested["samples"], tested["accuracy"]) == (own["samples"], own["accuracy"])
+    assert tested["loss"] == pytest.approx(own["loss"], rel=1e-6)
+
+
+def test_a_litdata_stream_resumes_bit_for_bit(litdata_points, tmp_path):
+    """With 2 workers: 1. train 2 passes; 2. the same, stopped mid-pass; 3. resume it; 4. the
+    weights are the unbroken run's, bit for bit."""
+    common = [*litdata_points, "num_workers=2"]
+    run([*common, f"output_dir={tmp_path / 'unbroken'}"], tmp_path)
+    run([*common, f"output_dir={tmp_path / 'stopped'}", "max_steps=5"], tmp_path)
+    stopped = only_run(tmp_path / "stopped")
+    assert checkpoint.read_state(checkpoint.find(stopped)).batch == 5  # mid-pass (13 batches)
+    run(["resume", stopped, "max_steps=0"], tmp_path)
+    assert_same_weights(weights(only_run(tmp_path / "unbroken")), weights(stopped))

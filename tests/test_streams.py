@@ -17,6 +17,7 @@ import webdataset as wds
 from datasets.distributed import split_dataset_by_node
 
 from toolkit import UserError
+from toolkit.data.libraries import resumes_from_state
 from toolkit.data.streams import StreamLoader, stream_part
 
 N = 250  # samples before the filter
@@ -197,3 +198,23 @@ def test_a_resume_with_other_workers_reads_the_pass_again_rather_than_load_their
     again = training_loader(unshuffled_hf_stream([]), 2, peer_batches=0)
     again.resume_from(json.loads(json.dumps(first.resume_point())))
     assert pass_of(again.skip_first_batches(5)) == whole[5:]
+
+
+def test_a_stream_whose_state_dict_wants_its_own_loader_s_counts_is_read_again_on_resume():
+    """MosaicML's state_dict(num_samples, from_beginning) and litdata's want counts that only their
+    own loaders keep: a resume reads the pass again up to its place instead of calling it."""
+    class Counted(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from range(3)
+
+        def state_dict(self, num_samples, from_beginning):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    class Plain(Counted):
+        def state_dict(self):
+            return {}
+
+    assert not resumes_from_state(Counted()) and resumes_from_state(Plain())

@@ -11,7 +11,7 @@ from accelerate.utils import set_seed
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from toolkit import UserError, distributed
-from toolkit.data import mapstyle
+from toolkit.data import libraries, mapstyle
 from toolkit.optim import SCHEDULES
 from toolkit.state.weights import load_weights
 
@@ -30,7 +30,7 @@ def build(recipe, cfg, processes, weights="", training=True, strict=False, use_e
     overfit_batches)."""
     set_seed(cfg.seed, deterministic=cfg.deterministic)
     with processes.main_process_first():  # the main process downloads; the others then read its files
-        splits = recipe.datasets(cfg)
+        splits = libraries.by_index(recipe.datasets(cfg))
     if training:
         check_splits(splits, cfg)
         splits = limit_splits(splits, cfg, processes.num_processes)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from toolkit import config
-from toolkit.data import draws, mapstyle
+from toolkit.data import draws, libraries, mapstyle
 from toolkit.run.summary import Status
 from toolkit.check.rows import Failed
 
@@ -35,7 +35,7 @@ class Check:
         from accelerate.utils import set_seed
 
         set_seed(self.cfg.seed, deterministic=self.cfg.deterministic)
-        return self.recipe.datasets(self.cfg)
+        return libraries.by_index(self.recipe.datasets(self.cfg))
 
     def eval_samples(self, cfg):
         """How many samples of a split the evaluation checks read: two and a half batches and one."""

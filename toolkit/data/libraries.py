@@ -7,9 +7,16 @@ processes, it returns None when the stream is not the library's, else (the strea
 it splits itself over processes, whether over workers); a stream that cannot be read as it is
 (split for another rank, say) is refused there with a `UserError`. Where a library's own state
 leaves samples out, `resumes_from_state` says so.
+
+A library whose streams read any sample by its index is read as a map-style dataset instead
+(`by_index`, one function per library in `BY_INDEX`): the toolkit's sampler then gives each
+sample once, in the run's seeded order, resumable mid-epoch, whatever the library's own split.
 """
 
+import inspect
 import sys
+
+import torch
 
 from toolkit import UserError
 
@@ -61,8 +68,9 @@ def resumes_from_state(dataset):
     do), torchdata's StatefulDataLoader is installed (it collects the state of every DataLoader
     worker), and no part of the stream holds samples that its state leaves out: an HF stream's
     `.shuffle(buffer_size=...)` buffer is not in its state (resuming from it would lose them)."""
-    if not (callable(getattr(dataset, "state_dict", None)) and callable(getattr(dataset, "load_state_dict", None))):
-        return False
+    if not (takes_no_arguments(getattr(dataset, "state_dict", None))
+            and callable(getattr(dataset, "load_state_dict", None))):
+        return False  # MosaicML's and litdata's state_dict() want their own loader's counts
     try:
         import torchdata.stateful_dataloader  # noqa: F401
     except ImportError:
@@ -77,3 +85,60 @@ def resumes_from_state(dataset):
             nodes += [getattr(node, "ex_iterable", None), *getattr(node, "ex_iterables", ())]
             nodes = [n for n in nodes if n is not None]
     return True
+
+
+def takes_no_arguments(method):
+    """Whether `method` is callable as `method()`."""
+    if not callable(method):
+        return False
+    try:
+        inspect.signature(method).bind()
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (a builtin): as torch and HF streams' are, callable
+        pass
+    return True
+
+
+class ByIndex(torch.utils.data.Dataset):
+    """A stream that reads any sample by its index (`stream[i]`), as a map-style dataset of its
+    `length` samples."""
+
+    def __init__(self, stream, length):
+        self.stream, self.length = stream, length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        return self.stream[int(index)]
+
+    def __repr__(self):
+        return f"{type(self.stream).__name__} read by index"
+
+
+def litdata(dataset):
+    """litdata's `StreamingDataset` splits itself over processes when it is built (evening out the
+    parts by dropping samples, unless drop_last=False) and over workers by its own counts, and
+    resumes from a state that its own loader keeps; but it reads any sample by its global index
+    (the index of its optimized chunks: `dataset[i]`, downloading the chunk that holds it). Read
+    that way, in the toolkit's order: the library's `shuffle`, `drop_last` and `seed` do not apply."""
+    ld = sys.modules.get("litdata")
+    if ld is None or not isinstance(dataset, ld.StreamingDataset):
+        return None
+    if dataset.cache is None:
+        dataset[0]  # litdata opens its index at its first read
+    chunks = dataset.cache.get_chunk_intervals()  # (chunk start, its first and past-the-last sample, chunk end)
+    return ByIndex(dataset, sum(roi_end - roi_start for _, roi_start, roi_end, _ in chunks))
+
+
+BY_INDEX = (litdata,)
+
+
+def by_index(splits):
+    """`splits` ({name: dataset}, as datasets() returns them) with every stream of a library in
+    `BY_INDEX` read by index, as a map-style dataset."""
+    if not isinstance(splits, dict):
+        return splits  # refused later, in one line
+    return {name: next((found for known in BY_INDEX if (found := known(ds)) is not None), ds)
+            for name, ds in splits.items()}
