@@ -136,7 +136,7 @@ def check(args):
     from toolkit import check as checks, recipe as recipes
 
     if args.counts_to:  # one of the 2 processes that check starts to count samples
-        checks.counts_main(recipes.load(args.recipe), args.config, args.overrides, args.counts_to)
+        checks.counts_main(recipes.load(args.recipe), args.config, args.overrides, args.counts_to, args.counts_weights)
         return 0
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("run check as one process (python launch.py check ...): it starts the 2 it needs itself")
@@ -283,6 +283,7 @@ def checking(p):
     p.add_argument("--processes", type=int, default=2, choices=[1, 2],
                    help="2: also count the samples with 2 processes (torchrun, on CPUs without 2 GPUs); 1: not")
     p.add_argument("--counts-to", help=argparse.SUPPRESS)
+    p.add_argument("--counts-weights", help=argparse.SUPPRESS)
 
 
 def lr_range(p):

@@ -228,6 +228,14 @@ def test_a_loss_that_draws_per_batch_in_evaluation_fails_summable_with_that_caus
     assert "summable: draw per sample with toolkit.data.draws" in result.stdout
 
 
+def test_the_evaluation_rows_measure_a_trained_model_where_an_untrained_one_hides_the_draws(tmp_path):
+    """The same per-batch noise, in a model that starts at zero: untrained, its metrics are those
+    of constant outputs whatever the noise, so only a model trained a few steps shows the draws."""
+    result = launch(["check", NOISY, "noise=global", "zero_init=true", "--processes", "1"], cwd=tmp_path)
+    assert failed(verdicts(result)) == ["summable"], result.stdout
+    assert "loss() or collate draws per batch in evaluation" in result.stdout
+
+
 def test_a_loss_that_draws_in_evaluation_fails_with_that_cause(tmp_path):
     """loss() adds noise from the global generator in evaluation too: its metrics move with the
     generators' state, and the samples and summable rows say so, not that it reads other samples

@@ -11,6 +11,7 @@ from toolkit.data import draws
 config = {
     "noise": "per_sample",  # per_sample | global | none
     "mask": True,           # collate zeroes a fifth of the inputs, per sample
+    "zero_init": False,     # the model starts at zero: untrained, its outputs ignore the inputs and their noise
     "batch_size": 16,
     "eval_batch_size": 24,
     "epochs": 2,
@@ -37,7 +38,11 @@ def collate(batch, cfg):
 
 
 def model(cfg):
-    return torch.nn.Linear(4, 2)
+    linear = torch.nn.Linear(4, 2)
+    if cfg.zero_init:
+        torch.nn.init.zeros_(linear.weight)
+        torch.nn.init.zeros_(linear.bias)
+    return linear
 
 
 def loss(model, batch, cfg):

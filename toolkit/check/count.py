@@ -25,7 +25,8 @@ def in_two_processes(check):
         env["ACCELERATE_USE_CPU"] = "1"
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             str(LAUNCH), "check", str(check.recipe.path),
-            *[f"--config={file}" for file in check.files], *check.overrides, f"--counts-to={out}"]
+            *[f"--config={file}" for file in check.files], *check.overrides, f"--counts-to={out}",
+            *([f"--counts-weights={check.trained()}"] if check.trained() else [])]
     done = subprocess.run(args, env=env, capture_output=True, text=True)
     if done.returncode != 0 or not out.is_file():
         raise Failed(f"the evaluation in 2 processes failed: {first_error(done.stderr) or done.returncode}",
@@ -44,9 +45,10 @@ def first_error(console):
     return said[0] if said else raised[-1] if raised else ""
 
 
-def counts_main(recipe, files, overrides, out):
+def counts_main(recipe, files, overrides, out, weights=None):
     """In each of the 2 processes of `in_two_processes`: evaluate each eval split as `samples`
-    does, with the recipe's num_workers, and write {split: metrics} to `out` from the main process."""
+    does (with `weights`, the check's trained ones), with the recipe's num_workers, and write
+    {split: metrics} to `out` from the main process."""
     from toolkit.build import same_everywhere
     from toolkit.distributed import start_processes
 
@@ -57,7 +59,7 @@ def counts_main(recipe, files, overrides, out):
         check.splits = check.datasets()
     same_everywhere(check.splits, processes)
     limits = {split: check.reading(check.splits[split])[0] for split in eval_splits(check.splits)}
-    counted = {split: evaluation(recipe, cfg, split, check.splits[split], limit, cfg.num_workers)
+    counted = {split: evaluation(recipe, cfg, split, check.splits[split], limit, cfg.num_workers, weights=weights)
                for split, limit in limits.items() if limit is not None}
     if processes.is_main_process:
         Path(out).write_text(json.dumps(counted))

@@ -85,10 +85,11 @@ class PartialStateOf:
         self.device = device
 
 
-_SEED_FIX = ("draw from torch's, numpy's or random's global generators: set_seed(cfg.seed) seeds them before "
-             "datasets() runs, and the toolkit seeds them again for each sample it reads; a generator of your own "
-             "needs cfg.seed in datasets(), and in __getitem__ gives a sample other draws when read in another order "
-             "(use the global ones there); list files in sorted order")
+_SEED_FIX = ("a split must be a function of cfg.seed alone; what moves one between two calls is state that "
+             "lives on: a generator of your own not seeded with cfg.seed (torch's, numpy's and random's global "
+             "ones are seeded before datasets() runs and again for each sample read), files listed in directory "
+             "order (sort them), a library's own counter or buffer that advances as it is read (an epoch counter, "
+             "a shuffle buffer: give it cfg.seed and its first epoch), or the clock")
 FIRST = 3  # the samples of each split that two calls of datasets() must give alike
 
 
@@ -152,7 +153,7 @@ def samples(check):
     """Each sample is counted once: an evaluation of the first samples of each eval split (a
     short stream: all of it) counts as many as there are, with 0 and 2 workers and 2 processes,
     and gives the same metrics in every way of reading them, which it would not if some read other
-    samples."""
+    samples. The evaluation properties measure a model trained a few steps (`Check.trained`)."""
     cfg, results, unread = check.cfg, {}, []
     for split in eval_splits(check.splits):
         dataset = check.splits[split]
@@ -161,8 +162,9 @@ def samples(check):
         if limit is None:
             unread.append(split)
             continue
-        ways = {f"1 process and {workers} workers": evaluation(check.recipe, cfg, split, dataset, limit, workers)
-                for workers in (0, WORKERS)}
+        trained = check.trained()
+        ways = {f"1 process and {workers} workers": evaluation(check.recipe, cfg, split, dataset, limit, workers,
+                                                               weights=trained) for workers in (0, WORKERS)}
         what = (f"the {split} stream, whole" if expected < limit else f"the first {limit} samples of the {split} "
                 f"stream") if stream else f"{expected} samples of the {split} split"
         no_draws(check, split, dataset, limit, ways["1 process and 0 workers"], what)
@@ -208,7 +210,7 @@ def no_draws(check, split, dataset, limit, metrics, what):
     """Fail, naming the cause, if `metrics` (an evaluation with 0 workers) move when the same
     evaluation runs again from other states of the global generators: loss() or collate draws."""
     cfg = check.cfg
-    again = evaluation(check.recipe, cfg, split, dataset, limit, 0, draws_from=cfg.seed + 1)
+    again = evaluation(check.recipe, cfg, split, dataset, limit, 0, draws_from=cfg.seed + 1, weights=check.trained())
     differ = differences(metrics, again, tolerance_of(cfg))
     if differ:
         name, value, other = differ[0]
@@ -236,13 +238,14 @@ def summable(check):
     small = max(1, big // 3)
     limit = check.eval_samples(cfg)
     results = {size: evaluation(check.recipe, check.resolve(f"eval_batch_size={size}"), split,
-                                check.splits[split], limit, num_workers=0) for size in (big, small)}
+                                check.splits[split], limit, num_workers=0, weights=check.trained())
+               for size in (big, small)}
     no_draws(check, split, check.splits[split], limit, results[big], f"the first {limit} samples of {split}")
     differ = differences(results[big], results[small], tolerance_of(cfg))
     if differ:
         name, value, other = differ[0]
         salted = evaluation(check.recipe, check.resolve(f"eval_batch_size={big}"), split, check.splits[split], limit,
-                            num_workers=0, salt=1)
+                            num_workers=0, salt=1, weights=check.trained())
         if differences(results[big], salted, tolerance_of(cfg)):  # its draws move it: they are per batch
             raise Failed(f"the {split} metric {name} is {value:.6g} with eval_batch_size={big} but {other:.6g} with "
                          f"{small}, and moves with the seeds of evaluation's draws: loss() or collate draws per "

@@ -11,23 +11,17 @@ from pathlib import Path
 import torch
 
 from toolkit.check.rows import Failed, Skipped
-from toolkit.check.work import evaluation, finished, first
+from toolkit.check.work import LEARNING, evaluation, finished, first
 from toolkit.state import checkpoint, weights
 
-LEARN_STEPS = 30  # optimizer steps on the same few batches
-LEARN_BATCHES = 2
-LEARN_FALL = 0.05  # their loss must fall by this fraction
-LEARNING = (f"debug.overfit_batches={LEARN_BATCHES}", f"max_steps={LEARN_STEPS}", f"epochs={LEARN_STEPS}",
-            "sched.name=constant", "sched.warmup_steps=0", "sched.warmup_epochs=0", f"log_every={LEARN_STEPS}",
-            "val_every=0", "val_every_steps=0", "checkpoint.monitor=", "checkpoint.every_steps=0",
-            "checkpoint.every_epochs=0", "limit_batches.train=0")
+LEARN_FALL = 0.05  # the loss of the batches trained on must fall by this fraction
 
 
 def learns(check):
     """A model that learns fits the few batches it is trained on: their loss, on the same inputs
     (the same draws of dropout and augmentation) before and after, falls clearly. One that does
     not train leaves it as it was."""
-    summary = finished(check.train_run("learns", *LEARNING))
+    summary = finished(check.learned())
     trained = checkpoint.find(summary.run_dir) / "model.safetensors"
     before, after = (fitted(check, weights) for weights in ("", trained))
     share = (before["loss"] - after["loss"]) / abs(before["loss"]) if before["loss"] else 0.0

@@ -13,6 +13,12 @@ from toolkit.run.summary import Status
 from toolkit.check.rows import Failed
 
 WHOLE_PASS = 8  # evaluation batches: a stream of at most this many is counted whole
+LEARN_STEPS = 30  # optimizer steps on the same few batches
+LEARN_BATCHES = 2
+LEARNING = (f"debug.overfit_batches={LEARN_BATCHES}", f"max_steps={LEARN_STEPS}", f"epochs={LEARN_STEPS}",
+            "sched.name=constant", "sched.warmup_steps=0", "sched.warmup_epochs=0", f"log_every={LEARN_STEPS}",
+            "val_every=0", "val_every_steps=0", "checkpoint.monitor=", "checkpoint.every_steps=0",
+            "checkpoint.every_epochs=0", "limit_batches.train=0")
 
 
 class Check:
@@ -25,6 +31,22 @@ class Check:
         self.cfg = self.resolve()
         self.splits = None  # the first call of datasets(), once the contract holds
         self.unbroken = None  # the resume check's unbroken run folder, for the data wait
+        self._learned = None  # the summary of LEARNING's run
+
+    def learned(self):
+        """The summary of a short run of LEARNING (once): LEARN_STEPS steps on LEARN_BATCHES batches."""
+        if self._learned is None:
+            self._learned = self.train_run("learns", *LEARNING)
+        return self._learned
+
+    def trained(self):
+        """The weights that the evaluation properties measure: the `learned` run's (an untrained
+        model's metrics sit near their ceiling whatever it reads or draws, a trained one's show the
+        differences), or None where that run did not finish (the learns property says why)."""
+        from toolkit.state import checkpoint
+
+        summary = self.learned()
+        return str(checkpoint.find(summary.run_dir)) if summary.status == Status.FINISHED else None
 
     def resolve(self, *extra):
         """The config with `extra` overrides after the user's."""
@@ -90,24 +112,28 @@ def finished(summary):
 
 
 def evaluation(recipe, cfg, split, dataset, limit, num_workers, model=None, training=False, draws_from=None,
-               salt=0):
-    """The metrics (with `samples`) of `model` (default: a fresh model of the recipe) over the first
-    `limit` samples of `dataset`, in this process's part when there are several, as a run's
-    evaluation takes them (in training mode if `training`). `draws_from`: a seed for the global
-    generators once the model is built, where a loss() or collate that draws would draw from;
-    `salt`: other seeds for evaluation's draws of each batch and sample (toolkit.data.draws)."""
+               salt=0, weights=None):
+    """The metrics (with `samples`) of `model` (default: a fresh model of the recipe, with `weights`
+    where given: a checkpoint) over the first `limit` samples of `dataset`, in this process's part
+    when there are several, as a run's evaluation takes them (in training mode if `training`).
+    `draws_from`: a seed for the global generators once the model is built, where a loss() or
+    collate that draws would draw from; `salt`: other seeds for evaluation's draws of each batch
+    and sample (toolkit.data.draws)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from toolkit.evaluation import evaluate
     from toolkit.data.loaders import make_loader
     from toolkit.distributed import start_processes
+    from toolkit.state.weights import load_weights
 
     processes, cpu = start_processes(cfg)
     accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.precision)
     if model is None:
         set_seed(cfg.seed)  # the same initial weights for every evaluation
         model = recipe.model(cfg)
+        if weights:
+            load_weights(model, weights, strict=True, base=cfg.init_from)
     model.to(accelerator.device)
     if draws_from is not None:
         set_seed(draws_from)
