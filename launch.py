@@ -139,8 +139,10 @@ def check(args):
         checks.counts_main(recipes.load(args.recipe), args.config, args.overrides, args.counts_to, args.counts_weights)
         return 0
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("run check as one process (python launch.py check ...): it starts the 2 it needs itself")
-    rows = checks.check(args.recipe, args.config, args.overrides, args.processes)
+        raise UserError("run check as one process (python launch.py check ...): it starts the processes it needs "
+                        "itself, and --launcher 'accelerate launch --config_file FILE' trains under that launch "
+                        "config")
+    rows = checks.check(args.recipe, args.config, args.overrides, args.processes, launcher=args.launcher)
     print(checks.ending(rows))
     return 1 if any(row.ok is False for row in rows) else 0
 
@@ -282,6 +284,9 @@ def searching(p):
 def checking(p):
     p.add_argument("--processes", type=int, default=2, choices=[1, 2],
                    help="2: also count the samples with 2 processes (torchrun, on CPUs without 2 GPUs); 1: not")
+    p.add_argument("--launcher", default="", metavar="COMMAND",
+                   help="start the learns and resume rows' training runs with this, e.g. 'accelerate launch "
+                   "--config_file accelerate_configs/fsdp.yaml': under the strategy the job will train with")
     p.add_argument("--counts-to", help=argparse.SUPPRESS)
     p.add_argument("--counts-weights", help=argparse.SUPPRESS)
 

@@ -248,3 +248,14 @@ def test_deepspeed_s_checkpoint_resumed_by_another_number_of_processes_is_refuse
     assert str(refused.value) == (f"{latest} holds DeepSpeed's files of 2 processes, which load into as many only: "
                                   f"resume it with --num_processes 2")
     refuse_a_foreign_checkpoint(types.SimpleNamespace(**{**vars(one), "num_processes": 2}), latest, 2)
+
+
+def test_check_trains_its_rows_under_the_launch_config_s_strategy(mnist_root, tmp_path):
+    """`check --launcher '<accelerate launch with fsdp.yaml>'`: the learns and resume rows train as
+    2 FSDP2 processes, say so, and pass; resume compares the whole weights of sharded checkpoints."""
+    command = " ".join(map(str, launcher("fsdp")()))
+    result = launch(["check", LENET, *tiny_args(mnist_root), "--processes", "1", "--launcher", command], cwd=tmp_path)
+    rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.split()[:1]}
+    assert result.returncode == 0 and result.stdout.rstrip().endswith("all 7 passed"), result.stdout + result.stderr
+    under = "under FSDP2, 2 processes (parameters sharded) on cpu"
+    assert under in rows["learns"] and under in rows["resume"] and "bit for bit" in rows["resume"]

@@ -14,10 +14,10 @@ PROPERTIES = [("contract", contract), ("repeatable", repeatable), ("samples", sa
               ("learns", learns), ("resume", resume), ("input", input_bound)]
 
 
-def check(path, files=(), overrides=(), processes=2, say=print):
+def check(path, files=(), overrides=(), processes=2, say=print, launcher=""):
     """Measure every property of the recipe at `path` with its config; `say` each row's line as it
     is measured; return the rows. A recipe that breaks the contract skips the others, which would
-    fail for the same reason."""
+    fail for the same reason. With a `launcher`, the training runs are its processes."""
     from toolkit import recipe as recipes
 
     if not Path(path).is_file() or Path(path).suffix != ".py":
@@ -30,7 +30,7 @@ def check(path, files=(), overrides=(), processes=2, say=print):
         recipe, broken = None, Row("contract", False, str(e), CONTRACT)
     rows = []
     with tempfile.TemporaryDirectory(prefix="minloop-check-") as folder:
-        checked = Check(recipe, files, overrides, folder, processes) if recipe else None
+        checked = Check(recipe, files, overrides, folder, processes, launcher) if recipe else None
         for name, measure in PROPERTIES:
             if checked is None and not rows:
                 row = broken

@@ -4,7 +4,6 @@ property starts `torchrun` with 2 (on CPUs, gloo) that run `launch.py check --co
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import torch
 
 from toolkit.check.rows import Failed
-from toolkit.check.work import Check, eval_splits, evaluation
+from toolkit.check.work import Check, eval_splits, evaluation, first_error
 from toolkit.jobs.launching import LAUNCH
 
 
@@ -33,16 +32,6 @@ def in_two_processes(check):
                      "the end of their console follows; --processes 1 leaves the count with 2 processes out",
                      console=done.stderr)
     return json.loads(out.read_text())
-
-
-def first_error(console):
-    """The line of a launcher's console that says what failed: the toolkit's `error:` line, else the
-    last exception line of a process's traceback (not the launcher's own ChildFailedError)."""
-    lines = [re.sub(r"^\[rank\d+\]:\s?", "", line) for line in console.splitlines()]  # torchrun's prefix
-    said = [line for line in lines if line.startswith("error: ")]
-    raised = [line for line in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b", line)
-              and "ChildFailedError" not in line]
-    return said[0] if said else raised[-1] if raised else ""
 
 
 def counts_main(recipe, files, overrides, out, weights=None):

@@ -22,11 +22,11 @@ def learns(check):
     (the same draws of dropout and augmentation) before and after, falls clearly. One that does
     not train leaves it as it was."""
     summary = finished(check.learned())
-    trained = checkpoint.find(summary.run_dir) / "model.safetensors"
-    before, after = (fitted(check, weights) for weights in ("", trained))
+    before, after = (fitted(check, weights) for weights in ("", check.trained()))
     share = (before["loss"] - after["loss"]) / abs(before["loss"]) if before["loss"] else 0.0
     what = (f"the loss of the {before['samples']:g} train samples it trained on went from {before['loss']:.4g} to "
-            f"{after['loss']:.4g} in {summary.steps} steps (constant LR {check.cfg.optim.lr:g}): ")
+            f"{after['loss']:.4g} in {summary.steps} steps (constant LR {check.cfg.optim.lr:g}"
+            + (f", {check.launched()}" if check.launcher else "") + "): ")
     what += f"{'down' if share >= 0 else 'up'} {abs(share):.1%}" if math.isfinite(after["loss"]) else "not finite"
     if not (share >= LEARN_FALL and math.isfinite(after["loss"])):
         raise Failed(f"{what}; it must fall by {LEARN_FALL:.0%}",
@@ -77,11 +77,10 @@ def resume(check):
     if checkpoint.read_state(checkpoint.find(stopped)).step != stop:
         raise Failed(f"the run saved no checkpoint at step {stop} (checkpoint.every_steps={stop})")
     finished(check.train_run("resumed", *common, resume=stopped))
-    one = weights.load_safetensors(checkpoint.find(check.unbroken) / "model.safetensors")
-    other = weights.load_safetensors(checkpoint.find(stopped) / "model.safetensors")
+    one, other = (whole_weights(check, checkpoint.find(run)) for run in (check.unbroken, stopped))
     differ = [name for name in one if not torch.equal(one[name], other.get(name, torch.empty(0)))]
     what = (f"{total} steps unbroken against {stop} steps, a stop, a resume and {total - stop} more "
-            f"(num_workers={cfg.num_workers})")
+            f"(num_workers={cfg.num_workers}" + (f", {check.launched()}" if check.launcher else "") + ")")
     if differ:
         worst = max(differ, key=lambda name: _difference(one[name], other.get(name)))
         raise Failed(f"{what}: {len(differ)} of {len(one)} weight tensors differ (most: {worst}, by "
@@ -91,6 +90,17 @@ def resume(check):
                      "torch's global generator (saved and restored), not from a generator of your own"
                      + ("; on GPUs set deterministic=true" if torch.cuda.is_available() else ""))
     return f"{what}: all {len(one)} weight tensors equal, bit for bit"
+
+
+def whole_weights(check, folder):
+    """The whole weights of a checkpoint, whatever wrote it (one process, or shards of a strategy):
+    loaded into the recipe's model, built as a run builds it."""
+    from accelerate.utils import set_seed
+
+    set_seed(check.cfg.seed)
+    model = check.recipe.model(check.cfg)
+    weights.load_weights(model, folder, strict=True, base=check.cfg.init_from)
+    return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
 
 
 def _difference(one, other):

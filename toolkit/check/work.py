@@ -3,13 +3,18 @@ the properties measure once), an evaluation and a training run of the recipe as 
 and which samples of a split they read."""
 
 import itertools
+import os
+import re
+import shlex
+import subprocess
 from pathlib import Path
 
 import torch
 
 from toolkit import config
 from toolkit.data import draws, libraries, mapstyle
-from toolkit.run.summary import Status
+from toolkit.jobs import launching
+from toolkit.run.summary import Status, Summary
 from toolkit.check.rows import Failed
 
 WHOLE_PASS = 8  # evaluation batches: a stream of at most this many is counted whole
@@ -23,11 +28,13 @@ LEARNING = (f"debug.overfit_batches={LEARN_BATCHES}", f"max_steps={LEARN_STEPS}"
 
 class Check:
     """The recipe, its config (the files and overrides of the command line, as a run would resolve
-    them), a temporary folder, and what the properties measure once and share."""
+    them), a temporary folder, and what the properties measure once and share. With a `launcher`
+    (e.g. 'accelerate launch --config_file FILE'), the training runs are its processes, under the
+    strategy of its config; without one, they run in this process."""
 
-    def __init__(self, recipe, files, overrides, folder, processes=2):
+    def __init__(self, recipe, files, overrides, folder, processes=2, launcher=""):
         self.recipe, self.files, self.overrides, self.folder = recipe, list(files), list(overrides), Path(folder)
-        self.processes = processes
+        self.processes, self.launcher = processes, launcher
         self.cfg = self.resolve()
         self.splits = None  # the first call of datasets(), once the contract holds
         self.unbroken = None  # the resume check's unbroken run folder, for the data wait
@@ -85,13 +92,48 @@ class Check:
         continued); its summary. The run's own records stay in its folder."""
         from toolkit import loop
 
-        cfg = self.resolve("trackers=[]", f"output_dir={self.folder / name}", "name=run", "max_minutes=0",
-                           "early_stop.patience=0", *extra)
+        settings = ("trackers=[]", "max_minutes=0", "early_stop.patience=0", *extra)
+        if self.launcher:
+            return self.launched_run(self.folder / name, settings, resume)
+        cfg = self.resolve(*settings, f"output_dir={self.folder / name}", "name=run")
         fresh_process_state()
         try:
             return loop.train(self.recipe, cfg, resume=resume)
         finally:
             fresh_process_state()
+
+    def launched_run(self, output_dir, settings, resume=None):
+        """`train_run` as processes of the launcher; the summary says why one failed (with the first
+        error line of their console where they ended before the run began)."""
+        if resume:
+            args, run_dir = [*shlex.split(self.launcher), str(launching.LAUNCH), "resume", str(resume)], Path(resume)
+        else:
+            args, run_dir = launching.command(self.launcher, self.recipe.path, self.files,
+                                              [*self.overrides, *settings], output_dir, "run"), None
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        done = subprocess.run(args, env=env, capture_output=True, text=True)
+        run_dir = run_dir or next(Path(output_dir).glob("*/*"), Path(output_dir))  # <recipe>/<time>-run
+        summary = Summary.read(run_dir)
+        if done.returncode and not summary.error:
+            summary.error = first_error(done.stderr) or f"the launcher exited with status {done.returncode}"
+        summary.run_dir = str(run_dir)
+        return summary
+
+    def launched(self):
+        """How the launcher's runs trained: 'under <the strategy line of the learns run's log>'."""
+        log = Path(self.learned().run_dir) / "log.txt"
+        found = re.search(r"strategy: (.*?) \|", log.read_text() if log.is_file() else "")
+        return f"under {found.group(1)}" if found else f"under {self.launcher}"
+
+
+def first_error(console):
+    """The line of a launcher's console that says what failed: the toolkit's `error:` line, else the
+    last exception line of a process's traceback (not the launcher's own ChildFailedError)."""
+    lines = [re.sub(r"^\[rank\d+\]:\s?", "", line) for line in console.splitlines()]  # torchrun's prefix
+    said = [line for line in lines if line.startswith("error: ")]
+    raised = [line for line in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b", line)
+              and "ChildFailedError" not in line]
+    return said[0] if said else raised[-1] if raised else ""
 
 
 def fresh_process_state():
