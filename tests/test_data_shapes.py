@@ -75,13 +75,15 @@ def test_each_sample_draws_from_seed_epoch_and_index():
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_evaluation_draws_per_sample_give_the_same_test_with_any_batch_and_workers(tmp_path):
+@pytest.mark.parametrize("stream", [False, True], ids=["map-style", "stream"])
+def test_evaluation_draws_per_sample_give_the_same_test_with_any_batch_and_workers(tmp_path, stream):
     """A collate that masks inputs and a loss that adds noise, in evaluation too, each sample from its
     own generator (toolkit.data.draws): the run's own final test (eval_batch_size 24, 2 workers) and
     `launch.py test` of its last checkpoint (eval_batch_size 5, no worker) give the same metrics (the
-    loss to float rounding: its sum is taken in other batches)."""
+    loss to float rounding: its sum is taken in other batches), whether the test split is map-style
+    data or a stream (whose samples' places in the pass seed their draws)."""
     noisy = REPO / "tests" / "recipes" / "noisy.py"
-    ok(launch([noisy, "num_workers=2", f"output_dir={tmp_path}"], cwd=tmp_path))
+    ok(launch([noisy, "num_workers=2", f"stream={str(stream).lower()}", f"output_dir={tmp_path}"], cwd=tmp_path))
     run = only_run(tmp_path)
     result = launch(["test", run, "--checkpoint", "latest", "eval_batch_size=5", "num_workers=0"], cwd=tmp_path)
     ok(result)

@@ -12,6 +12,7 @@ config = {
     "noise": "per_sample",  # per_sample | global | none
     "mask": True,           # collate zeroes a fifth of the inputs, per sample
     "zero_init": False,     # the model starts at zero: untrained, its outputs ignore the inputs and their noise
+    "stream": False,        # val and test as streams (IterableDataset), which the toolkit splits
     "batch_size": 16,
     "eval_batch_size": 24,
     "epochs": 2,
@@ -26,7 +27,18 @@ def datasets(cfg):
     x = torch.randn(300, 4, generator=g)
     y = (x.sum(1) > 0).long()
     points = list(zip(x, y))
-    return {"train": points[:200], "val": points[200:250], "test": points[250:]}
+    splits = {"train": points[:200], "val": points[200:250], "test": points[250:]}
+    if cfg.stream:
+        splits["val"], splits["test"] = Stream(splits["val"]), Stream(splits["test"])
+    return splits
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __iter__(self):
+        return iter(self.samples)
 
 
 def collate(batch, cfg):

@@ -21,6 +21,7 @@ from accelerate.utils import send_to_device
 from torch.utils.data import IterableDataset, get_worker_info
 
 from toolkit import UserError
+from toolkit.data import draws
 from toolkit.data.libraries import library_split, resumes_from_state
 from toolkit.data.mapstyle import SharedEpoch, seed_sample, untouched_randomness
 
@@ -89,6 +90,7 @@ class StreamPart(IterableDataset):
         self.dataset, *self.splits = library or (dataset, None, None)  # splits: over processes, over workers
         self.epoch = SharedEpoch()
         self._position, self._reads_its_part, self._resume = 0, False, None
+        self.fetched = None  # in evaluation: the places in the pass of the samples yielded since the last collate
 
     def set_epoch(self, epoch):
         self.epoch.set_epoch(epoch)
@@ -157,6 +159,8 @@ class StreamPart(IterableDataset):
                 if self.limit and position * itself[1] + itself[0] >= self.limit:
                     return
             if position % kept[1] == kept[0]:
+                if self.fetched is not None:
+                    self.fetched.append(index)
                 yield sample
 
 
@@ -181,6 +185,9 @@ class StreamLoader(DataLoaderStateMixin):
     def __init__(self, dataset, batch_size, num_workers, collate_fn, processes, seed, agree, limit=0):
         self.part = StreamPart(dataset, processes.process_index, processes.num_processes, seed, limit)
         self.stateful = agree and resumes_from_state(self.part.dataset)
+        self.seed = None if agree else seed  # evaluation: each batch comes with its samples' places, for their draws
+        if self.seed is not None:
+            collate_fn = StreamCollate(collate_fn, self.part, seed)
         if self.stateful:
             from torchdata.stateful_dataloader import StatefulDataLoader as Loader
         else:
@@ -287,8 +294,27 @@ class StreamLoader(DataLoaderStateMixin):
                 last = batch
                 have = self._ranks_with(upcoming)
                 self.end_of_dataloader = not have
-                if index >= skip:
+                if index >= skip and self.seed is None:
                     yield send_to_device(batch, self.device, non_blocking=self.device.type == "cuda")
+                elif index >= skip:
+                    places, batch = batch
+                    with draws.batch_draws(self.seed, places, self.device):  # while it is evaluated
+                        yield send_to_device(batch, self.device, non_blocking=self.device.type == "cuda")
                 index += 1
         finally:
             self.end()
+
+
+class StreamCollate:
+    """An evaluation collate that makes the batch with its samples' draws, and returns it with
+    their places in the pass (the `StreamPart` that yielded them is in the same process: a
+    DataLoader worker collates what it read), for the loss's draws (`toolkit.data.draws`)."""
+
+    def __init__(self, collate, part, seed):
+        self.collate, self.part, self.seed = collate or torch.utils.data.default_collate, part, seed
+        part.fetched = []
+
+    def __call__(self, batch):
+        places, self.part.fetched = self.part.fetched[-len(batch):], []
+        with draws.batch_draws(self.seed, places):
+            return places, self.collate(batch)
