@@ -255,6 +255,21 @@ def test_datasets_that_differ_between_processes_are_refused_before_training(tmp_
            "rank 1: {'train': 65}" in result.stderr
 
 
+def test_a_datasets_that_coordinates_its_processes_runs_on_all_at_once_with_datasets_together(tmp_path):
+    """datasets() with a torch.distributed barrier (MosaicML's StreamingDataset calls three): run on
+    the main process first, it is refused in one line that names datasets_together; with it, every
+    process runs datasets() at once, and the run trains and tests each sample once."""
+    args = [REPO / "tests" / "recipes" / "coordinated.py", f"data_dir={tmp_path}", f"output_dir={tmp_path / 'runs'}"]
+    refused = launch_two(args, cwd=tmp_path, timeout=120)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert refused.returncode != 0 and len(errors) == 1, refused.stderr[-2000:]
+    assert "calls torch.distributed.barrier while the main process runs it alone" in errors[0]
+    assert "needs datasets_together=true" in errors[0]
+    ok(launch_two([*args, "datasets_together=true"], cwd=tmp_path, timeout=120))
+    run = only_run(tmp_path / "runs")
+    assert summary(run)["status"] == "finished" and summary(run)["test"]["samples"] == 50
+
+
 def test_a_resume_on_other_data_is_refused(tmp_path):
     (tmp_path / "sized.py").write_text(SIZED)
     (tmp_path / "n.txt").write_text("64")

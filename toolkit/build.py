@@ -29,8 +29,7 @@ def build(recipe, cfg, processes, weights="", training=True, strict=False, use_e
     forward saves nothing). For training, the splits are checked and cut (limit_batches,
     overfit_batches)."""
     set_seed(cfg.seed, deterministic=cfg.deterministic)
-    with processes.main_process_first():  # the main process downloads; the others then read its files
-        splits = libraries.by_index(recipe.datasets(cfg))
+    splits = libraries.by_index(distributed.recipe_datasets(recipe, cfg, processes))  # the main process first
     if training:
         check_splits(splits, cfg)
         splits = limit_splits(splits, cfg, processes.num_processes)

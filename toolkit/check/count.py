@@ -38,14 +38,17 @@ def counts_main(recipe, files, overrides, out, weights=None):
     """In each of the 2 processes of `in_two_processes`: evaluate each eval split as `samples`
     does (with `weights`, the check's trained ones), with the recipe's num_workers, and write
     {split: metrics} to `out` from the main process."""
+    from accelerate.utils import set_seed
+
     from toolkit.build import same_everywhere
-    from toolkit.distributed import start_processes
+    from toolkit.data import libraries
+    from toolkit.distributed import recipe_datasets, start_processes
 
     check = Check(recipe, files, overrides, Path(out).parent, processes=1)
     cfg = check.cfg
     processes, _ = start_processes(cfg)
-    with processes.main_process_first():
-        check.splits = check.datasets()
+    set_seed(cfg.seed, deterministic=cfg.deterministic)  # as `build` and Check.datasets
+    check.splits = libraries.by_index(recipe_datasets(recipe, cfg, processes))
     same_everywhere(check.splits, processes)
     limits = {split: check.reading(check.splits[split])[0] for split in eval_splits(check.splits)}
     counted = {split: evaluation(recipe, cfg, split, check.splits[split], limit, cfg.num_workers, weights=weights)

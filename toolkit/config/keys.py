@@ -48,6 +48,9 @@ KEYS = {
                            "while the first step runs out of memory, and halve eval_batch_size likewise; "
                            "config.yaml records the sizes found", resumable=True),
     "num_workers": Key(0, "DataLoader workers; 0 is fastest for in-memory datasets", resumable=True),
+    "datasets_together": Key(False, "every process runs datasets() at once, as a library that coordinates its "
+                             "processes needs (MosaicML streaming); false: the main process first (it downloads "
+                             "alone), then the others", resumable=True),
     "optim": Group({
         "name": Key("adamw", choices=_registry("toolkit.optim", "OPTIMIZERS")),
         "lr": Key(1e-3, "base learning rate (times the schedule's factor)"),

@@ -16,7 +16,7 @@ DeepSpeed runs its CPU accelerator. Only there: a GPU machine takes Accelerate's
 
 from toolkit.distributed.processes import (WATCHDOG_REPORT_MINUTES, asked_strategy, first_line,  # noqa: F401
                                            group_timeout, keeps_memory_format, lost_a_peer, peak_flops_per_s,
-                                           precision_of, quiet_libraries, refuse_a_dropped_strategy,
+                                           precision_of, quiet_libraries, recipe_datasets, refuse_a_dropped_strategy,
                                            refuse_for_deepspeed, start_processes)
 from toolkit.distributed.shards import (SCRIPTS, check_pickles, full_weights, refuse_a_foreign_checkpoint,  # noqa: F401
                                         written_by)

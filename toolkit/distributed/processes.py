@@ -8,6 +8,7 @@ import sys
 import warnings
 
 import torch
+import torch.distributed as dist
 from accelerate import PartialState
 from accelerate.utils import DistributedType, parse_flag_from_env
 
@@ -142,6 +143,39 @@ def refuse_model_parallelism():
             raise UserError(f"the launch asks for {name} (parallelism_config_{size.lower()}: {value}), which the "
                             f"toolkit does not run (its resume and exact metrics hold for DDP, FSDP2 and DeepSpeed "
                             f"ZeRO): shard the model with accelerate_configs/fsdp.yaml or deepspeed.yaml instead")
+
+
+COLLECTIVES = ("barrier", "monitored_barrier", "all_reduce", "reduce", "broadcast", "all_gather", "all_gather_object",
+               "gather", "gather_object", "scatter", "broadcast_object_list", "all_to_all", "reduce_scatter")
+
+
+def recipe_datasets(recipe, cfg, processes):
+    """The recipe's splits on this process: datasets() on the main process first (it downloads
+    alone; the others then read its files), or with `datasets_together` on every process at once.
+    A collective that datasets() calls while the main process runs it alone would pair with the
+    others' wait for it and run them into datasets() too early: it is refused in one line."""
+    if cfg.datasets_together or processes.num_processes == 1:
+        return recipe.datasets(cfg)
+    with processes.main_process_first():
+        if not processes.is_main_process:
+            return recipe.datasets(cfg)
+        saved = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+        for name in saved:
+            setattr(dist, name, _refused(name))
+        try:
+            return recipe.datasets(cfg)
+        finally:
+            for name, collective in saved.items():
+                setattr(dist, name, collective)
+
+
+def _refused(name):
+    def collective(*args, **kwargs):
+        raise UserError(f"the recipe's datasets() calls torch.distributed.{name} while the main process runs it "
+                        f"alone (first, so that it downloads alone): a library that coordinates its processes "
+                        f"itself (MosaicML's StreamingDataset) needs datasets_together=true, which runs datasets() "
+                        f"on every process at once")
+    return collective
 
 
 def quiet_libraries(is_main):
