@@ -228,26 +228,31 @@ def test_fast_run_takes_the_readme_stream_pattern(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Streams of the libraries users bring
 
-LITDATA = REPO / "tests" / "recipes" / "litdata_points.py"
+# litdata's optimized chunks and MosaicML's MDS shards: written by each recipe's write(). MosaicML's
+# `mosaicml-streaming` pins transformers<5, so the [dev] extra cannot hold it: .ci/run installs it
+# without its dependencies (it imports transformers for one class), and without it its tests skip.
+LIBRARY_RECIPES = {"litdata": "litdata_points.py", "mosaicml": "mosaic_points.py"}
 
 
-@pytest.fixture(scope="module")
-def litdata_points(tmp_path_factory):
-    sys.path.insert(0, str(LITDATA.parent))
-    import litdata_points
+@pytest.fixture(scope="module", params=list(LIBRARY_RECIPES))
+def library_points(request, tmp_path_factory):
+    if request.param == "mosaicml":
+        pytest.importorskip("streaming", reason="pip install --no-deps mosaicml-streaming (it pins transformers<5)")
+    recipe = REPO / "tests" / "recipes" / LIBRARY_RECIPES[request.param]
+    sys.path.insert(0, str(recipe.parent))
+    module = __import__(recipe.stem)
+    folder = tmp_path_factory.mktemp(request.param)
+    module.write(folder)
+    return [recipe, f"data_dir={folder}"]
 
-    folder = tmp_path_factory.mktemp("litdata")
-    litdata_points.write(folder)
-    return [LITDATA, f"data_dir={folder}"]
 
-
-def test_a_litdata_stream_counts_every_sample_once_with_two_processes_and_workers(litdata_points, tmp_path):
-    """litdata's StreamingDataset, built after the process group as its docs say (where it splits
-    itself, dropping a sample to even the parts): 2 processes x 2 workers read it as map-style data
-    (7 steps of 2 x 16 per pass of 203 samples: the last step's batches filled up with repeats, as
-    for any map-style data) and test each of the 101 samples once; `test` in one process, without
-    workers, gives the same test metrics."""
-    run([*litdata_points, "num_workers=2", f"output_dir={tmp_path}"], tmp_path, 2)
+def test_a_library_stream_counts_every_sample_once_with_two_processes_and_workers(library_points, tmp_path):
+    """litdata's StreamingDataset and MosaicML's, built as their docs say (where they split
+    themselves, evening the parts by dropping or repeating samples): 2 processes x 2 workers read
+    them as map-style data (7 steps of 2 x 16 per pass of 203 samples: the last step's batches
+    filled up with repeats, as for any map-style data) and test each of the 101 samples once;
+    `test` in one process, without workers, gives the same test metrics."""
+    run([*library_points, "num_workers=2", f"output_dir={tmp_path}"], tmp_path, 2)
     trained = only_run(tmp_path)
     assert trained_samples(trained) == 2 * 7 * 32 and summary(trained)["test"]["samples"] == 101
     ok(launch(["test", trained, "--checkpoint", "latest", "num_workers=0", "eval_batch_size=7"], cwd=tmp_path))
@@ -256,10 +261,10 @@ def test_a_litdata_stream_counts_every_sample_once_with_two_processes_and_worker
     assert tested["loss"] == pytest.approx(own["loss"], rel=1e-6)
 
 
-def test_a_litdata_stream_resumes_bit_for_bit(litdata_points, tmp_path):
+def test_a_library_stream_resumes_bit_for_bit(library_points, tmp_path):
     """With 2 workers: 1. train 2 passes; 2. the same, stopped mid-pass; 3. resume it; 4. the
     weights are the unbroken run's, bit for bit."""
-    common = [*litdata_points, "num_workers=2"]
+    common = [*library_points, "num_workers=2"]
     run([*common, f"output_dir={tmp_path / 'unbroken'}"], tmp_path)
     run([*common, f"output_dir={tmp_path / 'stopped'}", "max_steps=5"], tmp_path)
     stopped = only_run(tmp_path / "stopped")

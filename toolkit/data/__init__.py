@@ -4,8 +4,8 @@
                  (each sample's randomness a function of seed, epoch and index)
     streams.py   streams (`IterableDataset`): each sample once per pass with any processes and
                  workers, whether the library splits itself or not; resumable. `stream_part()`
-    libraries.py the stream libraries it knows (HF `datasets`, webdataset, litdata): how their streams split
-                 and resume, or read by index
+    libraries.py the stream libraries it knows (HF `datasets`, webdataset, litdata, MosaicML): how their
+                 streams split and resume, or read by index
     loaders.py   the loaders' protocol and `make_loader`, which picks a map-style or a stream loader
     readers.py   MNIST (IDX) and CIFAR-10 binary files
     packing.py   token batches packed into rows (`pack`), each sample attending to itself, or padded

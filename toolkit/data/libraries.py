@@ -8,8 +8,8 @@ it splits itself over processes, whether over workers); a stream that cannot be 
 (split for another rank, say) is refused there with a `UserError`. Where a library's own state
 leaves samples out, `resumes_from_state` says so.
 
-A library whose streams read any sample by its index is read as a map-style dataset instead
-(`by_index`, one function per library in `BY_INDEX`): the toolkit's sampler then gives each
+A library whose streams read any sample by its index (litdata, MosaicML streaming) is read as a
+map-style dataset instead (`by_index`, one function per library in `BY_INDEX`): the toolkit's sampler then gives each
 sample once, in the run's seeded order, resumable mid-epoch, whatever the library's own split.
 """
 
@@ -132,7 +132,19 @@ def litdata(dataset):
     return ByIndex(dataset, sum(roi_end - roi_start for _, roi_start, roi_end, _ in chunks))
 
 
-BY_INDEX = (litdata,)
+def mosaicml(dataset):
+    """MosaicML's `StreamingDataset` splits itself over processes and DataLoader workers with its
+    own partitions (which repeat samples to even the parts), shuffles by its own epoch counter, and
+    resumes from a state its own loader keeps; but it reads any sample by its global index
+    (`dataset[i]`, downloading the shard that holds it). Read that way, in the toolkit's order, like
+    litdata's. Building it calls collectives: such a recipe needs datasets_together=true."""
+    mosaic = sys.modules.get("streaming")
+    if mosaic is None or not isinstance(dataset, mosaic.StreamingDataset):
+        return None
+    return ByIndex(dataset, dataset.num_samples)  # len(dataset) is this process's part
+
+
+BY_INDEX = (litdata, mosaicml)
 
 
 def by_index(splits):
