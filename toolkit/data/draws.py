@@ -103,3 +103,25 @@ def salted(salt):
         yield
     finally:
         _salt = before
+
+
+class IndexedCollate:
+    """A collate that makes the batch with its samples' draws (a masked-LM collate's mask). Their
+    places in the split are read from `samples`, the reader that fetched them in this process (a
+    DataLoader worker collates what it fetched): its `fetched`, the places of the samples read since
+    the last collate, and its `epoch` (a `mapstyle.SeededSamples`, or a stream's `StreamPart`, which
+    keeps them only for such a collate). In evaluation, the batch comes with them, for the loss's
+    draws; in training, its draws are also a function of the epoch."""
+
+    def __init__(self, collate, samples, seed, training):
+        self.collate, self.samples, self.seed = collate or torch.utils.data.default_collate, samples, seed
+        self.training = training
+        if samples.fetched is None:
+            samples.fetched = []
+
+    def __call__(self, batch):
+        indices, self.samples.fetched = self.samples.fetched[-len(batch):], []
+        epoch = int(self.samples.epoch) if self.training else None
+        with batch_draws(self.seed, indices, epoch=epoch):
+            made = self.collate(batch)
+        return made if self.training else (indices, made)

@@ -62,7 +62,7 @@ class MapLoader:
     """A map-style split's torch DataLoader; `prepare` makes it Accelerate's, which shards each
     batch list over the processes (with the seedable sampler, so the order is a function of
     (seed, epoch)). `samples`: the `SeededSamples` it reads, told each epoch. `seed`: for
-    evaluation, whose batches come with their samples' indices (`IndexedCollate`), the seed of
+    evaluation, whose batches come with their samples' indices (`draws.IndexedCollate`), the seed of
     their draws (`toolkit.data.draws`)."""
 
     padding = False
@@ -113,24 +113,6 @@ class MapLoader:
                 yield batch
 
 
-class IndexedCollate:
-    """A collate that makes the batch with its samples' draws (a masked-LM collate's mask): their
-    indices in the split are read from the `SeededSamples` that fetched them (in the same process:
-    a DataLoader worker collates what it fetched). In evaluation, the batch comes with them, for
-    the loss's draws; in training, its draws are also a function of the epoch."""
-
-    def __init__(self, collate, samples, seed, training):
-        self.collate, self.samples, self.seed = collate or torch.utils.data.default_collate, samples, seed
-        self.training = training
-
-    def __call__(self, batch):
-        indices = self.samples.fetched
-        epoch = int(self.samples.epoch) if self.training else None
-        with draws.batch_draws(self.seed, indices, epoch=epoch):
-            made = self.collate(batch)
-        return made if self.training else (indices, made)
-
-
 def make_loader(split, dataset, cfg, recipe, processes, num_workers=None, limit=None):
     """A `Loader` for one split; the training one shuffles. A dataset that serves whole batches
     (`toolkit.data.mapstyle.TensorDataset`, also inside a Subset) brings its own `collate_fn`; a recipe's
@@ -158,7 +140,7 @@ def make_loader(split, dataset, cfg, recipe, processes, num_workers=None, limit=
     if not isinstance(base, (mapstyle.TensorDataset, torch.utils.data.TensorDataset)):
         dataset = samples = mapstyle.SeededSamples(dataset, cfg.seed)
         if not training or collate is not None:  # a collate's draws, and evaluation's, are the samples'
-            collate = IndexedCollate(collate, samples, cfg.seed, training)
+            collate = draws.IndexedCollate(collate, samples, cfg.seed, training)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -171,7 +153,7 @@ def make_loader(split, dataset, cfg, recipe, processes, num_workers=None, limit=
         # middle of one, draws nothing from the global RNG that the training step uses.
         generator=torch.Generator().manual_seed(cfg.seed + processes.process_index),
     )
-    indexed = isinstance(collate, IndexedCollate) and not training  # batches that come with their indices
+    indexed = isinstance(collate, draws.IndexedCollate) and not training  # batches that come with their indices
     return MapLoader(loader, processes.num_processes, samples, seed=cfg.seed if indexed else None)
 
 

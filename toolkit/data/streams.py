@@ -90,7 +90,7 @@ class StreamPart(IterableDataset):
         self.dataset, *self.splits = library or (dataset, None, None)  # splits: over processes, over workers
         self.epoch = SharedEpoch()
         self._position, self._reads_its_part, self._resume = 0, False, None
-        self.fetched = None  # in evaluation: the places in the pass of the samples yielded since the last collate
+        self.fetched = None  # with an evaluation's collate: the places in the pass of the samples yielded since it ran
 
     def set_epoch(self, epoch):
         self.epoch.set_epoch(epoch)
@@ -187,7 +187,7 @@ class StreamLoader(DataLoaderStateMixin):
         self.stateful = agree and resumes_from_state(self.part.dataset)
         self.seed = None if agree else seed  # evaluation: each batch comes with its samples' places, for their draws
         if self.seed is not None:
-            collate_fn = StreamCollate(collate_fn, self.part, seed)
+            collate_fn = draws.IndexedCollate(collate_fn, self.part, seed, training=False)
         if self.stateful:
             from torchdata.stateful_dataloader import StatefulDataLoader as Loader
         else:
@@ -303,18 +303,3 @@ class StreamLoader(DataLoaderStateMixin):
                 index += 1
         finally:
             self.end()
-
-
-class StreamCollate:
-    """An evaluation collate that makes the batch with its samples' draws, and returns it with
-    their places in the pass (the `StreamPart` that yielded them is in the same process: a
-    DataLoader worker collates what it read), for the loss's draws (`toolkit.data.draws`)."""
-
-    def __init__(self, collate, part, seed):
-        self.collate, self.part, self.seed = collate or torch.utils.data.default_collate, part, seed
-        part.fetched = []
-
-    def __call__(self, batch):
-        places, self.part.fetched = self.part.fetched[-len(batch):], []
-        with draws.batch_draws(self.seed, places):
-            return places, self.collate(batch)
