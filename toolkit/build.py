@@ -28,8 +28,7 @@ def build(recipe, cfg, processes, weights="", training=True, strict=False, use_e
     in backward for training with activation_checkpointing (the EMA is a copy from before: its
     forward saves nothing). For training, the splits are checked and cut (limit_batches,
     overfit_batches)."""
-    set_seed(cfg.seed, deterministic=cfg.deterministic)
-    splits = libraries.by_index(distributed.recipe_datasets(recipe, cfg, processes))  # the main process first
+    splits = recipe_splits(recipe, cfg, processes)
     if training:
         check_splits(splits, cfg)
         splits = limit_splits(splits, cfg, processes.num_processes)
@@ -45,6 +44,15 @@ def build(recipe, cfg, processes, weights="", training=True, strict=False, use_e
     if cfg.compile and not use_ema:
         model.compile()  # in place, so the weights keep their names: checkpoints do not depend on it
     return splits, model, ema, loaded
+
+
+def recipe_splits(recipe, cfg, processes=None):
+    """The recipe's splits as a run reads them: datasets() after set_seed(cfg.seed), on the main
+    process first where there are several (`distributed.recipe_datasets`; `processes` None: this
+    process alone), with the streams of libraries that read by index as map-style data."""
+    set_seed(cfg.seed, deterministic=cfg.deterministic)
+    splits = recipe.datasets(cfg) if processes is None else distributed.recipe_datasets(recipe, cfg, processes)
+    return libraries.by_index(splits)
 
 
 def checkpoint_activations(model):

@@ -25,7 +25,7 @@ def in_two_processes(check):
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             str(LAUNCH), "check", str(check.recipe.path),
             *[f"--config={file}" for file in check.files], *check.overrides, f"--counts-to={out}",
-            *([f"--counts-weights={check.trained()}"] if check.trained() else [])]
+            *([f"--counts-weights={trained}"] if (trained := check.trained()) else [])]
     done = subprocess.run(args, env=env, capture_output=True, text=True)
     if done.returncode != 0 or not out.is_file():
         raise Failed(f"the evaluation in 2 processes failed: {first_error(done.stderr) or done.returncode}",
@@ -38,17 +38,13 @@ def counts_main(recipe, files, overrides, out, weights=None):
     """In each of the 2 processes of `in_two_processes`: evaluate each eval split as `samples`
     does (with `weights`, the check's trained ones), with the recipe's num_workers, and write
     {split: metrics} to `out` from the main process."""
-    from accelerate.utils import set_seed
-
-    from toolkit.build import same_everywhere
-    from toolkit.data import libraries
-    from toolkit.distributed import recipe_datasets, start_processes
+    from toolkit.build import recipe_splits, same_everywhere
+    from toolkit.distributed import start_processes
 
     check = Check(recipe, files, overrides, Path(out).parent, processes=1)
     cfg = check.cfg
     processes, _ = start_processes(cfg)
-    set_seed(cfg.seed, deterministic=cfg.deterministic)  # as `build` and Check.datasets
-    check.splits = libraries.by_index(recipe_datasets(recipe, cfg, processes))
+    check.splits = recipe_splits(recipe, cfg, processes)
     same_everywhere(check.splits, processes)
     limits = {split: check.reading(check.splits[split])[0] for split in eval_splits(check.splits)}
     counted = {split: evaluation(recipe, cfg, split, check.splits[split], limit, cfg.num_workers, weights=weights)

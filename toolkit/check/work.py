@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from toolkit import config
-from toolkit.data import draws, libraries, mapstyle
+from toolkit.data import draws, mapstyle
 from toolkit.jobs import launching
 from toolkit.run.summary import Status, Summary
 from toolkit.check.rows import Failed
@@ -60,11 +60,10 @@ class Check:
         return config.resolve(self.recipe.config, self.files, [*self.overrides, *extra])
 
     def datasets(self):
-        """The recipe's splits, as `build` calls datasets(): after set_seed(cfg.seed)."""
-        from accelerate.utils import set_seed
+        """The recipe's splits, as a run reads them (in this one process)."""
+        from toolkit.build import recipe_splits
 
-        set_seed(self.cfg.seed, deterministic=self.cfg.deterministic)
-        return libraries.by_index(self.recipe.datasets(self.cfg))
+        return recipe_splits(self.recipe, self.cfg)
 
     def eval_samples(self, cfg):
         """How many samples of a split the evaluation checks read: two and a half batches and one."""
