@@ -17,6 +17,8 @@ Config layers, later wins: toolkit defaults < the recipe's `config` < each --con
 
 import argparse
 import os
+import shlex
+import shutil
 import signal
 import sys
 
@@ -142,6 +144,8 @@ def check(args):
         raise UserError("run check as one process (python launch.py check ...): it starts the processes it needs "
                         "itself, and --launcher 'accelerate launch --config_file FILE' trains under that launch "
                         "config")
+    if args.launcher and not shutil.which((shlex.split(args.launcher) or [""])[0]):
+        raise UserError(f"--launcher {args.launcher!r}: no such command on this machine")
     rows = checks.check(args.recipe, args.config, args.overrides, args.processes, launcher=args.launcher)
     print(checks.ending(rows))
     return 1 if any(row.ok is False for row in rows) else 0

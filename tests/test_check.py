@@ -247,3 +247,9 @@ def test_a_loss_that_draws_in_evaluation_fails_with_that_cause(tmp_path):
     for row in ("samples", "summable"):
         assert rows[row].endswith("loss() or collate draws random numbers in evaluation"), rows[row]
     assert "samples: draw only in training (if model.training: ...)" in result.stdout
+
+
+def test_a_launcher_that_does_not_exist_is_one_line(tmp_path):
+    result = launch(["check", NOISY, "--launcher", "nosuchlauncher --num_processes 2"], cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr == \
+        "error: --launcher 'nosuchlauncher --num_processes 2': no such command on this machine\n", result.stderr
