@@ -4,6 +4,8 @@
   (b) trainer:     `transformers.Trainer`, timed around `trainer.train()` (evaluation apart)
   (c) accelerate:  a plain Accelerate loop in the style of Accelerate's `nlp_example.py`, timed
                    around its training loop
+  (d) fabric:      the same loop written for Lightning Fabric (`fabric.setup`, `fabric.backward`),
+                   timed alike; it needs `pip install lightning` (for this benchmark only)
 
 The work is one: recipes/hf_classify.py's model, tokenizer and data (with `model.name=tiny
 data.name=stdlib`, offline: a 2-layer BERT 64 wide with the byte-level ByT5 tokenizer, on lines of
@@ -35,7 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "hf_classify.py"
-PEERS = ("toolkit", "trainer", "accelerate")
+PEERS = ("toolkit", "trainer", "accelerate", "fabric")
 
 
 def settings(args):
@@ -101,33 +103,34 @@ def side_trainer(overrides, out, workdir):
     return len(splits["train"]) * cfg.epochs / seconds, trainer.evaluate()["eval_accuracy"]
 
 
-def side_accelerate(overrides, out, workdir):
+def hand_written(cfg, module, splits, model):
+    """What the hand-written loops share: their DataLoaders, AdamW without decay on biases and norms,
+    and the linear schedule after warmup."""
     import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
     from transformers import get_linear_schedule_with_warmup
 
-    module, cfg = load_recipe(overrides)
-    accelerator = Accelerator(mixed_precision=cfg.precision or "no")
-    set_seed(cfg.seed)
-    splits = module.datasets(cfg)
     collate = lambda batch: module.collate(batch, cfg)  # noqa: E731
     train = DataLoader(splits["train"], shuffle=True, collate_fn=collate, batch_size=cfg.batch_size)
     val = DataLoader(splits["val"], shuffle=False, collate_fn=collate, batch_size=cfg.eval_batch_size)
-    model = module.model(cfg)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     rest = [p for n, p in model.named_parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
                                    {"params": rest, "weight_decay": 0.0}], lr=cfg.optim.lr)
     schedule = get_linear_schedule_with_warmup(optimizer, cfg.sched.warmup_steps, len(train) * cfg.epochs)
-    model, optimizer, train, val, schedule = accelerator.prepare(model, optimizer, train, val, schedule)
+    return train, val, optimizer, schedule
+
+
+def train_and_evaluate(cfg, model, train, val, optimizer, schedule, backward, gather):
+    """The loop both hand-written sides run: (training samples/s, val accuracy)."""
+    import torch
+
     start, samples = time.perf_counter(), 0
     for _ in range(cfg.epochs):
         model.train()
         for batch in train:
             loss = model(**batch).loss
-            accelerator.backward(loss)
+            backward(loss)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad()
@@ -138,10 +141,39 @@ def side_accelerate(overrides, out, workdir):
     for batch in val:
         with torch.no_grad():
             predictions = model(**batch).logits.argmax(-1)
-        predictions, labels = accelerator.gather_for_metrics((predictions, batch["labels"]))
+        predictions, labels = gather((predictions, batch["labels"]))
         correct += (predictions == labels).sum().item()
         total += len(labels)
     return samples / seconds, correct / total
+
+
+def side_accelerate(overrides, out, workdir):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    module, cfg = load_recipe(overrides)
+    accelerator = Accelerator(mixed_precision=cfg.precision or "no")
+    set_seed(cfg.seed)
+    splits = module.datasets(cfg)
+    model = module.model(cfg)
+    train, val, optimizer, schedule = hand_written(cfg, module, splits, model)
+    model, optimizer, train, val, schedule = accelerator.prepare(model, optimizer, train, val, schedule)
+    return train_and_evaluate(cfg, model, train, val, optimizer, schedule, accelerator.backward,
+                              accelerator.gather_for_metrics)
+
+
+def side_fabric(overrides, out, workdir):
+    from lightning.fabric import Fabric
+
+    module, cfg = load_recipe(overrides)
+    fabric = Fabric(devices=1, precision="bf16-mixed" if cfg.precision == "bf16" else "32-true")
+    fabric.seed_everything(cfg.seed, verbose=False)
+    splits = module.datasets(cfg)
+    model = module.model(cfg)
+    train, val, optimizer, schedule = hand_written(cfg, module, splits, model)
+    model, optimizer = fabric.setup(model, optimizer)
+    train, val = fabric.setup_dataloaders(train, val)
+    return train_and_evaluate(cfg, model, train, val, optimizer, schedule, fabric.backward, lambda tensors: tensors)
 
 
 # ---------------------------------------------------------------------------------------------
