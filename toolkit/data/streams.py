@@ -19,6 +19,7 @@ from accelerate.data_loader import DataLoaderStateMixin
 from accelerate.state import GradientState
 from accelerate.utils import send_to_device
 from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data._utils import worker as _worker
 
 from toolkit import UserError
 from toolkit.data import draws
@@ -37,7 +38,8 @@ class _Reading:
     asked: bool = False
 
 
-_reading = contextvars.ContextVar("stream_reading", default=None)  # set while StreamPart reads a sample
+# Set while StreamPart reads a pass's first sample, which is when a stream asks stream_part()
+_reading = contextvars.ContextVar("stream_reading", default=None)
 
 
 def stream_part():
@@ -47,7 +49,7 @@ def stream_part():
     (items, files or shards `i` with `i % count == index`): that saves reading the whole stream in
     every worker, and the toolkit then passes every sample you yield through. Without the call,
     the toolkit reads the whole stream in each worker and keeps sample `k` of a pass in slot
-    `k % count`. Outside the toolkit's loaders it returns (0, 1).
+    `k % count`. Outside the toolkit's loaders, or once the first sample is read, it returns (0, 1).
     """
     reading = _reading.get()
     if reading is None:
@@ -58,18 +60,20 @@ def stream_part():
     return reading.slot, reading.slots
 
 
-@contextlib.contextmanager
-def _no_worker():
-    """The stream (and any library inside it) sees no DataLoader worker while the toolkit reads it:
-    the toolkit gives each worker its part, which must not be split a second time. (torch's
+def _hide_worker(hide):
+    """While the toolkit reads a sample (`hide`: a stream whose split is not a library's), the stream
+    and any library inside it see no DataLoader worker: the toolkit gives each worker its part,
+    which must not be split a second time. Returns what `_show_worker` puts back. (torch's
     get_worker_info() returns this module global, however it was imported.)"""
-    from torch.utils.data._utils import worker
+    if not hide:
+        return None
+    info, _worker._worker_info = _worker._worker_info, None
+    return info
 
-    info, worker._worker_info = worker._worker_info, None
-    try:
-        yield
-    finally:
-        worker._worker_info = info
+
+def _show_worker(hide, info):
+    if hide:
+        _worker._worker_info = info
 
 
 class StreamPart(IterableDataset):
@@ -130,7 +134,7 @@ class StreamPart(IterableDataset):
         known = self.splits[0] is not None  # a library's stream, whose split we know
         itself, kept = self._parts(self.splits if known else (False, False))
         slot = self._parts((True, True))[0]  # this slot of all, as stream_part() returns it
-        hide = _no_worker if not known and get_worker_info() is not None else contextlib.nullcontext
+        hide = not known and get_worker_info() is not None
         resume, self._resume = self._resume, None
         start, self._reads_its_part = (resume["position"], resume["reads_its_part"]) if resume else (0, False)
         if self._reads_its_part:
@@ -138,20 +142,23 @@ class StreamPart(IterableDataset):
         if resume:
             self.dataset.load_state_dict(resume["stream"])
         epoch, samples = int(self.epoch), iter(self.dataset)
+        reading = _Reading(*slot, self.seed, epoch, start)  # what stream_part() answers before the first sample
         for position in itertools.count(start):
             index = position * itself[1] + itself[0]  # the sample's place in the pass
             if self.limit and index >= self.limit:
                 return
-            with hide():  # the reader keeps these draws out of the training step's (StreamLoader)
+            # The reader keeps these draws out of the training step's (StreamLoader).
+            info = _hide_worker(hide)
+            token = _reading.set(reading) if position == start else None
+            try:
                 seed_sample(self.seed, epoch, index)
-                reading = _Reading(*slot, self.seed, epoch, position)
-                token = _reading.set(reading)
-                try:
-                    sample = next(samples)
-                except StopIteration:
-                    return
-                finally:
+                sample = next(samples)
+            except StopIteration:
+                return
+            finally:
+                if token is not None:
                     _reading.reset(token)
+                _show_worker(hide, info)
             self._position = position + 1
             if position == start and reading.asked and not self._reads_its_part:
                 # stream_part() was called: the stream reads its part
