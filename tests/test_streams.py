@@ -130,6 +130,24 @@ def test_a_plain_stream_that_splits_over_workers_itself_is_still_read_once(worke
     assert_each_once(read(lambda rank, world: SplitsByWorker(), 2, workers), range(100))
 
 
+class AsksLate(torch.utils.data.IterableDataset):
+    """A stream that yields its first sample before it asks stream_part(), and then reads the part
+    it is told."""
+
+    def __iter__(self):
+        yield {"x": 0}
+        index, count = stream_part()
+        yield from ({"x": i} for i in range(1, 100) if i % count == index)
+
+
+@CELLS
+def test_stream_part_asked_after_the_first_sample_says_the_whole_stream(processes, workers):
+    """Too late to be heeded (the toolkit learns whether a stream reads its part at its first
+    sample), so it answers (0, 1): the stream reads everything, and the toolkit keeps each sample
+    in one slot."""
+    assert_each_once(read(lambda rank, world: AsksLate(), processes, workers), range(100))
+
+
 # ---------------------------------------------------------------------------------------------
 # Resuming a training pass from the stream's own state (HF `IterableDataset.state_dict()`, through
 # torchdata's StatefulDataLoader) rather than by reading it again up to the checkpoint.
