@@ -5,7 +5,7 @@
   (c) accelerate:  a plain Accelerate loop in the style of Accelerate's `nlp_example.py`, timed
                    around its training loop
   (d) fabric:      the same loop written for Lightning Fabric (`fabric.setup`, `fabric.backward`),
-                   timed alike; it needs `pip install lightning` (for this benchmark only)
+                   timed alike; it needs `pip install -e '.[bench]'` (lightning, for benchmarks only)
 
 The work is one: recipes/hf_classify.py's model, tokenizer and data (with `model.name=tiny
 data.name=stdlib`, offline: a 2-layer BERT 64 wide with the byte-level ByT5 tokenizer, on lines of
