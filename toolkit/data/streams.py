@@ -60,22 +60,6 @@ def stream_part():
     return reading.slot, reading.slots
 
 
-def _hide_worker(hide):
-    """While the toolkit reads a sample (`hide`: a stream whose split is not a library's), the stream
-    and any library inside it see no DataLoader worker: the toolkit gives each worker its part,
-    which must not be split a second time. Returns what `_show_worker` puts back. (torch's
-    get_worker_info() returns this module global, however it was imported.)"""
-    if not hide:
-        return None
-    info, _worker._worker_info = _worker._worker_info, None
-    return info
-
-
-def _show_worker(hide, info):
-    if hide:
-        _worker._worker_info = info
-
-
 class StreamPart(IterableDataset):
     """One slot's part of a stream (slot = process x workers + worker, of `slots`). The stream
     splits itself over the axes it knows (a library's: `library_split`; all of them after
@@ -134,6 +118,9 @@ class StreamPart(IterableDataset):
         known = self.splits[0] is not None  # a library's stream, whose split we know
         itself, kept = self._parts(self.splits if known else (False, False))
         slot = self._parts((True, True))[0]  # this slot of all, as stream_part() returns it
+        # While the toolkit reads a sample of a stream whose split is not a library's, the stream (and
+        # any library inside it) sees no DataLoader worker: the toolkit gives each worker its part,
+        # which must not be split a second time. (torch's get_worker_info() returns this module global.)
         hide = not known and get_worker_info() is not None
         resume, self._resume = self._resume, None
         start, self._reads_its_part = (resume["position"], resume["reads_its_part"]) if resume else (0, False)
@@ -148,7 +135,9 @@ class StreamPart(IterableDataset):
             if self.limit and index >= self.limit:
                 return
             # The reader keeps these draws out of the training step's (StreamLoader).
-            info = _hide_worker(hide)
+            info = _worker._worker_info
+            if hide:
+                _worker._worker_info = None
             token = _reading.set(reading) if position == start else None
             try:
                 seed_sample(self.seed, epoch, index)
@@ -158,7 +147,7 @@ class StreamPart(IterableDataset):
             finally:
                 if token is not None:
                     _reading.reset(token)
-                _show_worker(hide, info)
+                _worker._worker_info = info
             self._position = position + 1
             if position == start and reading.asked and not self._reads_its_part:
                 # stream_part() was called: the stream reads its part
