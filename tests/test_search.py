@@ -145,10 +145,13 @@ def test_two_search_processes_share_one_study(tmp_path):
 # Parallel sweeps
 
 def test_sweep_runs_k_at_a_time_each_on_its_share_of_the_cores(tmp_path):
+    """Each run is forked from a pre-imported interpreter, and its DataLoader workers start as those of
+    `python launch.py` do: forked, with the recipe's data as it is (here a lambda, fetch_seconds', that
+    workers started by a forkserver could not unpickle)."""
     where = tmp_path / "where"
     where.mkdir()
-    result = ok(launch(["sweep", LINE, "optim.lr=0.01,0.05", "epochs=1", f"where={where}", f"output_dir={tmp_path}",
-                        "--parallel", 2], cwd=tmp_path))
+    result = ok(launch(["sweep", LINE, "optim.lr=0.01,0.05", "epochs=1", "num_workers=1", "fetch_seconds=0.001",
+                        f"where={where}", f"output_dir={tmp_path}", "--parallel", 2], cwd=tmp_path))
     (folder,) = (tmp_path / "line").glob("sweep-*")
     assert [r["status"] for r in json.loads((folder / "sweep.json").read_text())] == ["finished", "finished"]
     assert len(list((folder / "console").glob("*.txt"))) == 2

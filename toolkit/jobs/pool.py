@@ -188,6 +188,10 @@ def forked(argv, env, cwd=None, cores=None, output=None):
 def _run_script(argv, env, cwd, cores, output):
     """In the forked process: become what `python ARGV` started in `cwd` with `env` would be."""
     _die_with(os.getppid())  # the forkserver, which ends with the process that started it
+    # A process the forkserver starts takes its start method for its own children; `python SCRIPT`
+    # has the platform's (fork on Linux), with which DataLoader workers get the recipe's data as it
+    # is, where the forkserver's would have to import it by a module name that a recipe file lacks.
+    multiprocessing.set_start_method(None, force=True)
     os.environ.clear()
     os.environ.update(env)
     if cwd:
