@@ -7,8 +7,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -65,14 +67,90 @@ def launch(args, cwd, launcher=(), env=None, timeout=300, fresh=False):
 
     One process runs inside this one, as torchtune's recipe tests do: the same `main`, in `cwd`,
     with `env` added to the environment, sys.argv set, and its output captured, but without a new
-    interpreter's 3 s of start-up (importing torch and accelerate). With a `launcher` (several
-    processes), or `fresh` (a test of the process itself: signals, variables read when torch is
-    imported), it is a new process, and a hang becomes a failure after `timeout` seconds. So are
-    `sweep` and `search`, whose runs are processes that write to their parent's own output."""
+    interpreter's 3 s of start-up (importing torch and accelerate). With `accelerate launch` as the
+    `launcher`, its processes are forks of an interpreter that has imported them already, each
+    with the environment that `accelerate launch` gives it (`accelerate_forks`). With `fresh` (a
+    test of the processes themselves: signals, exit statuses, variables read when torch is
+    imported), or another launcher (torchrun), they are new processes started by the launcher.
+    So are `sweep` and `search`, whose runs are processes that write to their parent's own output.
+    A hang becomes a failure after `timeout` seconds."""
+    if launcher and not fresh and list(launcher[:3]) == accelerate_launch():
+        forks = accelerate_forks(args, cwd, launcher[3:], env, timeout)
+        if forks is not None:
+            return forks
     if launcher or fresh or args[0] in ("sweep", "search"):
         return subprocess.run(command(args, launcher), cwd=cwd, env=environment(env), capture_output=True,
                               text=True, timeout=timeout)
     return in_this_process(args, cwd, env)
+
+
+def accelerate_forks(args, cwd, launch_args, env=None, timeout=300):
+    """`accelerate launch LAUNCH_ARGS launch.py ARGS` without the launcher's own process, nor the
+    3 s each of its processes takes to import torch and accelerate: Accelerate's launch command
+    runs in this process up to where it would start torch's launcher (its config file and flags
+    read, the strategy's variables set), and the processes are forks of the forkserver that
+    `toolkit.jobs.pool` starts a sweep's runs from, each with the variables torch's launcher gives
+    its processes. When one ends with an error, the others get SIGTERM, as torch's launcher does.
+    Returns a CompletedProcess whose stdout and stderr are the processes' together, or None where
+    Accelerate would not start torch's launcher (one process, or a refused launch)."""
+    from unittest import mock
+
+    from accelerate.commands import launch as accelerate
+
+    from toolkit.jobs.pool import forked
+
+    asked = {}
+
+    def torchrun(launcher_args):  # what Accelerate would hand torch's launcher
+        asked.update(env=dict(os.environ), args=launcher_args)
+
+    parsed = accelerate.launch_command_parser().parse_args([*map(str, launch_args), str(REPO / "launch.py"),
+                                                            *map(str, args)])
+    saved = dict(os.environ)
+    try:
+        os.environ.clear()
+        os.environ.update(environment(env))
+        with mock.patch.object(accelerate, "_run_torchrun", torchrun), \
+                mock.patch.object(accelerate, "_run_subprocess", lambda *_: None):
+            accelerate.launch_command(parsed)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    if not asked:
+        return None
+    n, port = int(asked["args"].nproc_per_node), asked["args"].master_port or free_port()
+    launched = {**asked["env"], "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "GROUP_RANK": "0",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    launched.setdefault("OMP_NUM_THREADS", "1")  # torch's launcher's, for several processes
+    with tempfile.TemporaryDirectory(prefix="ranks-") as folder:
+        out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+        ranks = [forked(command(args)[1:], {**launched, "RANK": str(rank), "LOCAL_RANK": str(rank)}, cwd,
+                        output=(out, err)) for rank in range(n)]
+        try:
+            status = wait_for_ranks(ranks, timeout)
+        except subprocess.TimeoutExpired:
+            raise subprocess.TimeoutExpired(command(args), timeout, out.read_text(), err.read_text()) from None
+        finally:
+            for rank in ranks:
+                if rank.poll() is None:
+                    rank.send_signal(signal.SIGKILL)
+        return subprocess.CompletedProcess(command(args), status, out.read_text(), err.read_text())
+
+
+def wait_for_ranks(ranks, timeout):
+    """0 when every rank ends well, else 1 (the others get SIGTERM when the first fails, as torch's
+    launcher sends it); TimeoutExpired after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    failed = False
+    while any(rank.poll() is None for rank in ranks):
+        if not failed and any(rank.poll() not in (None, 0) for rank in ranks):
+            failed = True
+            for rank in ranks:
+                rank.send_signal(signal.SIGTERM)
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(["launch.py"], timeout)
+        time.sleep(0.05)  # a poll interval
+    return int(failed or any(rank.poll() != 0 for rank in ranks))
 
 
 def in_this_process(args, cwd, env=None):
@@ -167,9 +245,10 @@ def two_processes(flags=False):
     return accelerate_launch(*how, "--num_processes", "2", "--main_process_port", free_port())
 
 
-def launch_two(args, cwd, env=None, timeout=300, flags=False):
-    """`launch` on 2 CPU processes through `accelerate launch` (see `two_processes`)."""
-    return launch(args, cwd, launcher=two_processes(flags), env={**CPU, **(env or {})}, timeout=timeout)
+def launch_two(args, cwd, env=None, timeout=300, flags=False, fresh=False):
+    """`launch` on 2 CPU processes through `accelerate launch` (see `two_processes`): forks, or
+    `fresh` processes of the launcher (a test of how a failure or a signal ends them)."""
+    return launch(args, cwd, launcher=two_processes(flags), env={**CPU, **(env or {})}, timeout=timeout, fresh=fresh)
 
 
 def wait_until(condition, process=None, timeout=120, what="the condition"):

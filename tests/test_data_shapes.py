@@ -202,7 +202,8 @@ def test_a_stream_resumes_exactly_with_two_processes_and_workers(one_process_str
 
 
 def test_a_stream_that_yields_nothing_is_one_line_on_every_process(tmp_path):
-    result = launch_two([STREAM, "empty=true", "trackers=[]", f"output_dir={tmp_path}"], cwd=tmp_path, timeout=120)
+    result = launch_two([STREAM, "empty=true", "trackers=[]", f"output_dir={tmp_path}"], cwd=tmp_path, timeout=120,
+                        fresh=True)
     assert result.returncode != 0
     assert "error: the train split (an IterableDataset) yielded no sample in this pass" in result.stderr
 

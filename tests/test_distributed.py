@@ -138,7 +138,7 @@ def test_machines_that_do_not_share_the_output_dir_stop_at_once(tiny, tmp_path):
 def test_an_error_on_one_rank_ends_every_process_quickly(tmp_path):
     args = [PROBE, "batch_size=8", "epochs=2", "trackers=[]", "fail_rank=1", "fail_step=3", f"output_dir={tmp_path}"]
     started = time.monotonic()
-    result = launch_two(args, cwd=tmp_path, timeout=60, flags=True)
+    result = launch_two(args, cwd=tmp_path, timeout=60, flags=True, fresh=True)
     assert result.returncode != 0 and time.monotonic() - started < 60
     original = [line for line in result.stderr.splitlines() if "ValueError: sample" in line and "error: " not in line]
     assert len(original) == 1  # the original error, once (the relayed line below names it too)
@@ -168,7 +168,7 @@ def test_a_parameter_without_a_gradient_names_the_ddp_key(probe_run, tmp_path):
     ddp.find_unused_parameters, with which the same run trains (`probe_run`)."""
     assert "unused=true" in probe_run.args and summary(probe_run.run)["status"] == "finished"
     args = [*probe_run.args, "ddp.find_unused_parameters=false", "max_steps=2", f"output_dir={tmp_path / 'runs'}"]
-    result = launch_two(args, cwd=tmp_path, timeout=120, flags=True)
+    result = launch_two(args, cwd=tmp_path, timeout=120, flags=True, fresh=True)
     assert result.returncode != 0 and "Expected to have finished reduction" not in result.stderr  # not its traceback
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "set ddp.find_unused_parameters=true" in errors[0]
@@ -249,7 +249,7 @@ def loss(model, batch, cfg):
 
 def test_datasets_that_differ_between_processes_are_refused_before_training(tmp_path):
     (tmp_path / "sized.py").write_text(SIZED)
-    result = launch_two([tmp_path / "sized.py", f"output_dir={tmp_path}"], cwd=tmp_path, timeout=120)
+    result = launch_two([tmp_path / "sized.py", f"output_dir={tmp_path}"], cwd=tmp_path, timeout=120, fresh=True)
     assert result.returncode != 0
     assert "error: the recipe's datasets() gave the processes different data: split lengths rank 0: {'train': 64}; " \
            "rank 1: {'train': 65}" in result.stderr
@@ -260,7 +260,7 @@ def test_a_datasets_that_coordinates_its_processes_runs_on_all_at_once_with_data
     the main process first, it is refused in one line that names datasets_together; with it, every
     process runs datasets() at once, and the run trains and tests each sample once."""
     args = [REPO / "tests" / "recipes" / "coordinated.py", f"data_dir={tmp_path}", f"output_dir={tmp_path / 'runs'}"]
-    refused = launch_two(args, cwd=tmp_path, timeout=120)
+    refused = launch_two(args, cwd=tmp_path, timeout=120, fresh=True)
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
     assert refused.returncode != 0 and len(errors) == 1, refused.stderr[-2000:]
     assert "calls torch.distributed.barrier while the main process runs it alone" in errors[0]
@@ -348,7 +348,7 @@ def test_a_rank_that_hangs_ends_the_run_with_every_rank_s_stacks(tmp_path):
     instead of waiting for the process group's timeout (30 minutes on gloo)."""
     line = REPO / "tests" / "recipes" / "line.py"
     result = launch_two([line, "hang_rank=1", "watchdog_minutes=0.15", "epochs=1", f"output_dir={tmp_path / 'runs'}"],
-                        cwd=tmp_path, timeout=240)
+                        cwd=tmp_path, timeout=240, fresh=True)
     assert result.returncode != 0
     run = only_run(tmp_path / "runs")
     final = summary(run)

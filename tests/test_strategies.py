@@ -87,7 +87,7 @@ def test_a_run_sigterm_ed_mid_epoch_resumes_to_the_unbroken_run_s_weights(strate
     config, it ends with the unbroken run's weights, EMA and test metrics, bit for bit."""
     args = [LENET_SIGTERM, *strategy_run.args[1:], f"output_dir={tmp_path / 'runs'}"]
     stopped = launch(args, cwd=tmp_path, launcher=launcher(strategy_run.strategy)(), env={"SIGTERM_AT_STEP": "12"},
-                     timeout=600)
+                     timeout=600, fresh=True)
     run = only_run(tmp_path / "runs")
     assert stopped.returncode != 0 and summary(run)["status"] == "interrupted", stopped.stderr[-2000:]
     latest = checkpoint.find(run)
@@ -226,7 +226,7 @@ def test_a_rank_killed_under_fsdp2_ends_every_process(tmp_path):
     a collective of FSDP2: the launch ends, non-zero, within a minute."""
     args = [PROBE, "batch_size=8", "epochs=2", "trackers=[]", "fail_rank=1", "kill_step=3", f"output_dir={tmp_path}"]
     started = time.monotonic()
-    result = launch(args, cwd=tmp_path, launcher=launcher("fsdp")(), timeout=120)
+    result = launch(args, cwd=tmp_path, launcher=launcher("fsdp")(), timeout=120, fresh=True)
     assert result.returncode != 0 and time.monotonic() - started < 60
     assert "Signal 9 (SIGKILL)" in result.stderr  # torch's launcher names how rank 1 ended
 

@@ -102,7 +102,7 @@ def test_too_many_non_finite_steps_stop_the_run_with_the_last_good_state(tmp_pat
             "checkpoint.every_steps=2", "skip_nonfinite=true", "nan_rank=1", f"nan_steps={list(range(5, 40))}",
             "nan_tolerance=3",
             f"output_dir={tmp_path}"]
-    result = launch_two(args, cwd=tmp_path, timeout=180)
+    result = launch_two(args, cwd=tmp_path, timeout=180, fresh=True)
     assert result.returncode != 0
     run = only_run(tmp_path)
     final = summary(run)

@@ -176,16 +176,19 @@ class Forked:
 def forked(argv, env, cwd=None, cores=None, output=None):
     """Run the script `argv[0]` with `argv` as sys.argv, as `python` would, in a fork of the
     forkserver, with environment `env`, in `cwd`, pinned to `cores`, its output into the file
-    `output` (else this process's). Returns a `Forked`."""
+    `output`, or its stdout and stderr into the files of an `(out, err)` pair (else this process's).
+    Returns a `Forked`."""
+    out, err = output if isinstance(output, (tuple, list)) else (output, output)
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
-    process = context.Process(target=_run_script, args=(list(argv), dict(env), cwd, cores, output and str(output)),
+    files = [str(file) if file else None for file in (out, err)]
+    process = context.Process(target=_run_script, args=(list(argv), dict(env), cwd, cores, files),
                               name=Path(argv[0]).name, daemon=False)
     process.start()
     return Forked(process)
 
 
-def _run_script(argv, env, cwd, cores, output):
+def _run_script(argv, env, cwd, cores, files):
     """In the forked process: become what `python ARGV` started in `cwd` with `env` would be."""
     _die_with(os.getppid())  # the forkserver, which ends with the process that started it
     # A process the forkserver starts takes its start method for its own children; `python SCRIPT`
@@ -202,11 +205,11 @@ def _run_script(argv, env, cwd, cores, output):
         import torch
 
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
-    if output:
-        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        for stream in (1, 2):
+    for stream, file in zip((1, 2), files):  # stdout's and stderr's file, or None to keep this process's
+        if file:
+            fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             os.dup2(fd, stream)
-        os.close(fd)
+            os.close(fd)
     sys.argv = list(argv)
     sys.path[0] = str(Path(argv[0]).resolve().parent)  # as `python SCRIPT` sets it
     try:
