@@ -438,6 +438,18 @@ def test_a_step_out_of_memory_is_one_line_that_says_what_fits(tmp_path):
     assert summary(only_run(tmp_path))["error"] == errors[0][len("error: "):]
 
 
+def test_an_evaluation_out_of_memory_is_one_line_that_names_eval_batch_size(tmp_path):
+    """The validation before the first step runs out of memory (100 samples in one batch): the line
+    names it and eval_batch_size, not the training step that has not run."""
+    result = launch([PROBE, "batch_size=16", "memory=16", "val=100", "trackers=[]", f"output_dir={tmp_path}"],
+                    cwd=tmp_path)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and errors == [
+        "error: the validation before step 1 ran out of memory with eval_batch_size=256 per process: try "
+        "eval_batch_size=128, auto_batch_size=true (which finds it), precision=bf16 (CUDA out of memory. Tried to "
+        "allocate 2.00 GiB (GPU 0; 79.1 GiB total))"], result.stderr[-2000:]
+
+
 def test_auto_batch_size_settles_where_the_step_fits_and_trains_as_that_size(tmp_path):
     """auto_batch_size=true: the probe runs out of memory above 16 samples a batch; from batch_size
     64 the run settles on 16 x 4 micro-batches (the same global batch) and an eval_batch_size of

@@ -8,6 +8,7 @@ import socket
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import accelerate
 import torch
@@ -181,17 +182,30 @@ class Run:
 
 
 def out_of_memory(error, cfg, step):
-    """One line for a step that ran out of the device's memory, that says what fits more; else None."""
+    """One line for a step or an evaluation that ran out of the device's memory, that says what fits
+    more; else None."""
     if not is_out_of_memory(error):
         return None
+    auto = "" if cfg.auto_batch_size else "auto_batch_size=true (which finds it), "
+    bf16 = ", precision=bf16" if distributed.precision_of(cfg) == "no" else ""
+    cause = f" ({str(error).splitlines()[0][:160]})"
+    if in_evaluation(error):
+        where = "the validation before step 1" if step == 1 else f"an evaluation after step {step - 1}"
+        size = f"eval_batch_size={smaller_batch(cfg.eval_batch_size)}, " if cfg.eval_batch_size > 1 else ""
+        return (f"{where} ran out of memory with eval_batch_size={cfg.eval_batch_size} per process: try "
+                f"{size}{auto}".rstrip(", ") + bf16 + cause)
     size = smaller_batch(cfg.batch_size) if cfg.batch_size > 1 else None
     smaller = f"batch_size={size} grad_accum={cfg.grad_accum * cfg.batch_size // size} (the same global batch), " \
         if size else ""
-    auto = "" if cfg.auto_batch_size else "auto_batch_size=true (which finds it), "
     return (f"step {step} ran out of memory with batch_size={cfg.batch_size} per process (eval_batch_size="
-            f"{cfg.eval_batch_size}): try {smaller}{auto}activation_checkpointing=true"
-            + (", precision=bf16" if distributed.precision_of(cfg) == "no" else "")
-            + f" ({str(error).splitlines()[0][:160]})")
+            f"{cfg.eval_batch_size}): try {smaller}{auto}activation_checkpointing=true" + bf16 + cause)
+
+
+def in_evaluation(error):
+    """Whether `error` was raised inside an evaluation: its traceback passes through
+    toolkit/evaluation.py's `evaluate` (a room above this one, so named, not imported)."""
+    return any(frame.f_code.co_name == "evaluate" and Path(frame.f_code.co_filename).match("toolkit/evaluation.py")
+               for frame, _ in traceback.walk_tb(error.__traceback__))
 
 
 def is_out_of_memory(error):
