@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from toolkit.jobs.pool import free_port  # noqa: F401 (the tests' own too)
 
 REPO = Path(__file__).resolve().parents[1]
 LENET = str(REPO / "recipes" / "lenet.py")
@@ -90,14 +91,14 @@ def accelerate_forks(args, cwd, launch_args, env=None, timeout=300):
     runs in this process up to where it would start torch's launcher (its config file and flags
     read, the strategy's variables set), and the processes are forks of the forkserver that
     `toolkit.jobs.pool` starts a sweep's runs from, each with the variables torch's launcher gives
-    its processes. When one ends with an error, the others get SIGTERM, as torch's launcher does.
+    its processes (`pool.forked_ranks`; when one ends with an error, the others get SIGTERM).
     Returns a CompletedProcess whose stdout and stderr are the processes' together, or None where
     Accelerate would not start torch's launcher (one process, or a refused launch)."""
     from unittest import mock
 
     from accelerate.commands import launch as accelerate
 
-    from toolkit.jobs.pool import forked
+    from toolkit.jobs import pool
 
     asked = {}
 
@@ -118,39 +119,15 @@ def accelerate_forks(args, cwd, launch_args, env=None, timeout=300):
         os.environ.update(saved)
     if not asked:
         return None
-    n, port = int(asked["args"].nproc_per_node), asked["args"].master_port or free_port()
-    launched = {**asked["env"], "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "GROUP_RANK": "0",
-                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    launched.setdefault("OMP_NUM_THREADS", "1")  # torch's launcher's, for several processes
     with tempfile.TemporaryDirectory(prefix="ranks-") as folder:
         out, err = Path(folder) / "stdout", Path(folder) / "stderr"
-        ranks = [forked(command(args)[1:], {**launched, "RANK": str(rank), "LOCAL_RANK": str(rank)}, cwd,
-                        output=(out, err)) for rank in range(n)]
+        ranks = pool.forked_ranks(command(args)[1:], int(asked["args"].nproc_per_node), asked["env"], cwd,
+                                  output=(out, err), port=asked["args"].master_port)
         try:
-            status = wait_for_ranks(ranks, timeout)
+            status = pool.wait_ranks(ranks, timeout)
         except subprocess.TimeoutExpired:
             raise subprocess.TimeoutExpired(command(args), timeout, out.read_text(), err.read_text()) from None
-        finally:
-            for rank in ranks:
-                if rank.poll() is None:
-                    rank.send_signal(signal.SIGKILL)
         return subprocess.CompletedProcess(command(args), status, out.read_text(), err.read_text())
-
-
-def wait_for_ranks(ranks, timeout):
-    """0 when every rank ends well, else 1 (the others get SIGTERM when the first fails, as torch's
-    launcher sends it); TimeoutExpired after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    failed = False
-    while any(rank.poll() is None for rank in ranks):
-        if not failed and any(rank.poll() not in (None, 0) for rank in ranks):
-            failed = True
-            for rank in ranks:
-                rank.send_signal(signal.SIGTERM)
-        if time.monotonic() > deadline:
-            raise subprocess.TimeoutExpired(["launch.py"], timeout)
-        time.sleep(0.05)  # a poll interval
-    return int(failed or any(rank.poll() != 0 for rank in ranks))
 
 
 def in_this_process(args, cwd, env=None):
@@ -307,14 +284,6 @@ def records(run, split):
 
 def summary(run_dir):
     return json.loads((Path(run_dir) / "summary.json").read_text())
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_cifar10(root, n_train=600, n_test=200, seed=0):

@@ -16,8 +16,9 @@ and loss (an evaluation, a few dozen training steps, a resume) and returns a `Ro
     input        how much of a step waits for data
 
 The training runs go to a temporary folder; their consoles are kept, and shown for a row that
-fails with an error. The check runs in one process; for the count with 2 processes it starts
-`torchrun` with 2 (on CPUs, gloo) and reads their counts back (`counts_main`).
+fails with an error. The check runs in one process; for the count with 2 processes it starts 2
+(on CPUs, gloo: forked from a pre-imported interpreter; with GPUs, by `torchrun`) and reads their
+counts back (`counts_main`).
 
     rows.py                 Row, a property's errors turned into its row, the lines printed
     work.py                 what the properties share: the recipe and its config, an evaluation,

@@ -1,6 +1,7 @@
 """The sample count with 2 processes: the check runs in one process, so for it the `samples`
-property starts `torchrun` with 2 (on CPUs, gloo) that run `launch.py check --counts-to=FILE`
-(`counts_main`), and reads their counts back, or names their error."""
+property starts 2 that run `launch.py check --counts-to=FILE` (`counts_main`) on gloo, and reads
+their counts back, or names their error. On a machine without GPUs they are forks of the
+pre-imported forkserver that a sweep's runs come from (`pool.forked_ranks`), else `torchrun`'s."""
 
 import json
 import os
@@ -12,25 +13,33 @@ import torch
 
 from toolkit.check.rows import Failed
 from toolkit.check.work import Check, eval_splits, evaluation, first_error
+from toolkit.jobs import pool
 from toolkit.jobs.launching import LAUNCH
 
 
 def in_two_processes(check):
-    """{split: metrics} of an evaluation of each eval split in 2 processes (torchrun, on
-    this machine's CPUs unless it has 2 GPUs)."""
+    """{split: metrics} of an evaluation of each eval split in 2 processes (on this machine's CPUs
+    unless it has 2 GPUs)."""
     out = check.folder / "counts.json"
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if torch.cuda.device_count() < 2:
         env["ACCELERATE_USE_CPU"] = "1"
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            str(LAUNCH), "check", str(check.recipe.path),
-            *[f"--config={file}" for file in check.files], *check.overrides, f"--counts-to={out}",
-            *([f"--counts-weights={trained}"] if (trained := check.trained()) else [])]
-    done = subprocess.run(args, env=env, capture_output=True, text=True)
-    if done.returncode != 0 or not out.is_file():
-        raise Failed(f"the evaluation in 2 processes failed: {first_error(done.stderr) or done.returncode}",
+    trained = check.trained()
+    argv = [str(LAUNCH), "check", str(check.recipe.path), *[f"--config={file}" for file in check.files],
+            *check.overrides, f"--counts-to={out}", *([f"--counts-weights={trained}"] if trained else [])]
+    if pool.gpus():
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               *argv], env=env, capture_output=True, text=True)
+        status, console = done.returncode, done.stderr
+    else:
+        console_file = check.folder / "counts-console.txt"
+        console_file.unlink(missing_ok=True)
+        status = pool.wait_ranks(pool.forked_ranks(argv, 2, env, output=(os.devnull, console_file)))
+        console = console_file.read_text() if console_file.is_file() else ""
+    if status != 0 or not out.is_file():
+        raise Failed(f"the evaluation in 2 processes failed: {first_error(console) or status}",
                      "the end of their console follows; --processes 1 leaves the count with 2 processes out",
-                     console=done.stderr)
+                     console=console)
     return json.loads(out.read_text())
 
 

@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import runpy
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -186,6 +187,44 @@ def forked(argv, env, cwd=None, cores=None, output=None):
                               name=Path(argv[0]).name, daemon=False)
     process.start()
     return Forked(process)
+
+
+def forked_ranks(argv, n, env, cwd=None, output=None, port=None):
+    """The `n` processes of one run of the script `argv[0]` on this machine's CPUs, each `forked`
+    with the variables torch's launcher gives its processes (RANK, LOCAL_RANK, WORLD_SIZE, ...;
+    MASTER_PORT `port`, else a free one of 127.0.0.1): what `torchrun --standalone --nproc_per_node n`
+    starts, without its launcher's process nor each process's imports. Wait for them with `wait_ranks`."""
+    launched = {**env, "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "GROUP_RANK": "0",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port or free_port())}
+    launched.setdefault("OMP_NUM_THREADS", "1")  # torch's launcher's, for several processes
+    return [forked(argv, {**launched, "RANK": str(rank), "LOCAL_RANK": str(rank)}, cwd, output=output)
+            for rank in range(n)]
+
+
+def wait_ranks(ranks, timeout=None):
+    """0 when every rank of `forked_ranks` ends well, else 1: when the first fails, the others get
+    SIGTERM, as torch's launcher sends it. After `timeout` seconds, all get SIGKILL and
+    subprocess.TimeoutExpired is raised."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    failed = False
+    while any(rank.poll() is None for rank in ranks):
+        if not failed and any(rank.poll() not in (None, 0) for rank in ranks):
+            failed = True
+            for rank in ranks:
+                rank.send_signal(signal.SIGTERM)
+        if deadline is not None and time.monotonic() > deadline:
+            for rank in ranks:
+                rank.send_signal(signal.SIGKILL)
+            raise subprocess.TimeoutExpired(["launch.py"], timeout)
+        time.sleep(0.05)  # a poll interval
+    return int(failed or any(rank.poll() != 0 for rank in ranks))
+
+
+def free_port():
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _run_script(argv, env, cwd, cores, files):
