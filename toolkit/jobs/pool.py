@@ -11,6 +11,9 @@ imported torch, accelerate and the toolkit already (multiprocessing's forkserver
 started once, that has no thread and no CUDA context when it forks). A run of a few seconds then
 skips the interpreter's start and those imports, most of its time. With GPUs, or a launcher, each
 run is a process of its own, as `python launch.py` would start it.
+
+The processes of one run on CPUs can be forked so too (`forked_ranks`, with the variables torch's
+launcher gives them): `check` counts the samples of 2 processes that way.
 """
 
 import atexit
