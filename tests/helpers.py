@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from toolkit.jobs.pool import free_port  # noqa: F401 (the tests' own too)
+from toolkit.jobs.pool import free_port  # noqa: F401 - the tests import it from here
 
 REPO = Path(__file__).resolve().parents[1]
 LENET = str(REPO / "recipes" / "lenet.py")

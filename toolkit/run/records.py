@@ -186,19 +186,21 @@ def out_of_memory(error, cfg, step):
     more; else None."""
     if not is_out_of_memory(error):
         return None
-    auto = "" if cfg.auto_batch_size else "auto_batch_size=true (which finds it), "
-    bf16 = ", precision=bf16" if distributed.precision_of(cfg) == "no" else ""
+    auto = [] if cfg.auto_batch_size else ["auto_batch_size=true (which finds it)"]
+    bf16 = ["precision=bf16"] if distributed.precision_of(cfg) == "no" else []
     cause = f" ({str(error).splitlines()[0][:160]})"
     if in_evaluation(error):
         where = "the validation before step 1" if step == 1 else f"an evaluation after step {step - 1}"
-        size = f"eval_batch_size={smaller_batch(cfg.eval_batch_size)}, " if cfg.eval_batch_size > 1 else ""
-        return (f"{where} ran out of memory with eval_batch_size={cfg.eval_batch_size} per process: try "
-                f"{size}{auto}".rstrip(", ") + bf16 + cause)
+        smaller = [f"eval_batch_size={smaller_batch(cfg.eval_batch_size)}"] if cfg.eval_batch_size > 1 else []
+        tries = [*smaller, *auto, *bf16]
+        return (f"{where} ran out of memory with eval_batch_size={cfg.eval_batch_size} per process"
+                + (f": try {', '.join(tries)}" if tries else "") + cause)
     size = smaller_batch(cfg.batch_size) if cfg.batch_size > 1 else None
-    smaller = f"batch_size={size} grad_accum={cfg.grad_accum * cfg.batch_size // size} (the same global batch), " \
-        if size else ""
+    smaller = [f"batch_size={size} grad_accum={cfg.grad_accum * cfg.batch_size // size} (the same global batch)"] \
+        if size else []
+    tries = [*smaller, *auto, "activation_checkpointing=true", *bf16]
     return (f"step {step} ran out of memory with batch_size={cfg.batch_size} per process (eval_batch_size="
-            f"{cfg.eval_batch_size}): try {smaller}{auto}activation_checkpointing=true" + bf16 + cause)
+            f"{cfg.eval_batch_size}): try {', '.join(tries)}" + cause)
 
 
 def in_evaluation(error):
